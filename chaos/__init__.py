@@ -1,0 +1,1 @@
+"""Fault injection, seeded scenarios and invariant checks."""
