@@ -1,0 +1,39 @@
+"""Errors of the elastic runtime: one base class, one subclass per failure kind."""
+
+from __future__ import annotations
+
+
+class ElasticError(Exception):
+    """Base of every error raised by the ``elastic`` package."""
+
+
+class ConfigError(ElasticError, ValueError):
+    """A setting or argument is invalid; the message names it and the bad value."""
+
+
+class EtcdError(ElasticError):
+    """etcd could not be started, reached or used."""
+
+
+class EtcdUnavailableError(EtcdError):
+    """etcd did not answer within the stated bound."""
+
+
+class SessionLostError(ElasticError):
+    """The member's lease expired or could not be kept alive: its keys are gone."""
+
+
+class RendezvousError(ElasticError):
+    """A World could not be formed."""
+
+
+class RendezvousTimeoutError(RendezvousError):
+    """No World including this member formed within the timeout."""
+
+
+class StaleGenerationError(ElasticError):
+    """An operation was fenced by a generation that is no longer current."""
+
+
+class WorkerGroupError(ElasticError):
+    """A collective or the process group of a generation failed."""

