@@ -6,6 +6,8 @@
     {prefix}/{job}/ctl/world      the current World (JSON), written with ctl/gen
     {prefix}/{job}/ctl/round     the generation being gathered (> gen while a re-form is due)
     {prefix}/{job}/ctl/leader     id of the member that forms Worlds, under its lease
+    {prefix}/{job}/ctl/stop       set by a launcher: stop the job after a final checkpoint
+    {prefix}/{job}/ctl/done       set by rank 0 when training finished
     {prefix}/{job}/commits/{step} checkpoint commits recorded under the generation fence
 
 Everything a member must follow (``ctl/``) is a handful of keys, so watching it
@@ -79,6 +81,14 @@ class Keyspace:
     @property
     def leader(self) -> str:
         return self.ctl + "leader"
+
+    @property
+    def stop(self) -> str:
+        return self.ctl + "stop"
+
+    @property
+    def done(self) -> str:
+        return self.ctl + "done"
 
     @property
     def commits(self) -> str:
