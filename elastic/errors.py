@@ -37,3 +37,11 @@ class StaleGenerationError(ElasticError):
 
 class WorkerGroupError(ElasticError):
     """A collective or the process group of a generation failed."""
+
+
+class JobEnded(ElasticError):
+    """The job finished or was stopped while this member waited; ``reason`` says which."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"job {reason}")
+        self.reason = reason

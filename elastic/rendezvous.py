@@ -36,6 +36,7 @@ from typing import Any
 from .errors import (
     ConfigError,
     EtcdUnavailableError,
+    JobEnded,
     RendezvousTimeoutError,
     SessionLostError,
 )
@@ -171,6 +172,10 @@ class Rendezvous:
         snap = self.ctl.snapshot()
         return max(_int(snap.get(self.keys.round)), _int(snap.get(self.keys.gen))) > generation
 
+    def job_flag(self, name: str) -> bool:
+        """Whether ``ctl/stop`` or ``ctl/done`` is set (a local read)."""
+        return self.ctl.get(getattr(self.keys, name)) is not None
+
     def request_reform(self, generation: int) -> bool:
         """Ask for World ``generation + 1`` (after a failed collective, say)."""
         tx = self.client.transactions
@@ -186,15 +191,20 @@ class Rendezvous:
             what="announcing readiness", timeout=self.config.op_timeout,
         )
 
-        def mine(snap: dict[str, KeyValue]) -> World | None:
+        def mine(snap: dict[str, KeyValue]) -> World | str | None:
             if self.session.lost.is_set() or self._closed.is_set():
                 return None
+            for reason, key in (("finished", self.keys.done), ("stopped", self.keys.stop)):
+                if key in snap:
+                    return reason
             world = read_world(snap, self.keys)
             if world is not None and world.generation > after and self.id in world.ids:
                 return world
             return None
 
         world = self.ctl.wait_for(mine, timeout, wake=self.session.lost)
+        if isinstance(world, str):
+            raise JobEnded(world)
         if world is not None:
             return world
         self.session.check()
