@@ -60,6 +60,9 @@ class RendezvousConfig:
 
     min_workers: int = 1
     max_workers: int = 1 << 16
+    # The first World waits (up to last_call_s) for this many members, so a
+    # job started with N workers does not begin with whoever came first.
+    initial_workers: int = 0
     settle_s: float = 0.3
     last_call_s: float = 60.0
     lease_ttl: float = 5.0
@@ -72,6 +75,11 @@ class RendezvousConfig:
         if not isinstance(self.max_workers, int) or self.max_workers < self.min_workers:
             raise ConfigError(
                 f"max_workers ({self.max_workers!r}) must be >= min_workers ({self.min_workers})"
+            )
+        if self.initial_workers < 0 or self.initial_workers > self.max_workers:
+            raise ConfigError(
+                f"initial_workers ({self.initial_workers}) must be between 0 and "
+                f"max_workers ({self.max_workers})"
             )
         if self.settle_s < 0:
             raise ConfigError(f"settle_s must be >= 0, got {self.settle_s}")
@@ -305,6 +313,7 @@ class Coordinator:
         self._gather_gen = -1
         self._gather_since = 0.0
         self._bumped = -1
+        self._first_ready_at: float | None = None
         self.worlds_formed = 0
 
     def stop(self) -> None:
@@ -380,7 +389,17 @@ class Coordinator:
 
         if world is None:
             if len(ready_joiners) < cfg.min_workers:
+                self._first_ready_at = None
                 return None
+            if self._first_ready_at is None:
+                self._first_ready_at = now
+            want = max(cfg.min_workers, cfg.initial_workers)
+            if len(ready_joiners) < want:
+                left = self._first_ready_at + cfg.last_call_s - now
+                if left > 0:
+                    return left
+                log.warning("forming the first World with %d of %d initial workers after %.1fs",
+                            len(ready_joiners), want, cfg.last_call_s)
             if settle_left > 0:
                 return settle_left
             return self._form(gen, ready_joiners[: cfg.max_workers], live)
