@@ -294,6 +294,8 @@ class PrefixMirror:
         self._closed = False
         self._needs_relist = False
         self._resubscribe = threading.Event()
+        self._closing = threading.Event()  # interrupts reconnect backoff
+        self._live_epoch = -1  # epoch of the adopted stream; only its end counts
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------
@@ -312,6 +314,7 @@ class PrefixMirror:
             self._closed = True
             self._epoch += 1
             self._cond.notify_all()
+        self._closing.set()
         self._resubscribe.set()
         if self._stream is not None:
             self._stream.cancel()
@@ -407,17 +410,25 @@ class PrefixMirror:
             )
             try:
                 stream.wait_created(self.op_timeout)
+                with self._cond:
+                    # Adopt the stream only if it is still open: the end of a
+                    # stream that was never adopted is reported here, by
+                    # raising, and not again by _ended (which would trigger a
+                    # second subscribe and leak this stream).
+                    if stream._error is not None:
+                        raise stream._error
+                    self._live_epoch = epoch
+                    self._stream = stream
             except _Compacted:
                 # Our resume point is gone: list afresh and report the diff.
                 self.resyncs += 1
                 self._relist()
                 continue
-            self._stream = stream
             return
 
     def _ended(self, epoch: int, error: BaseException | None) -> None:
         with self._cond:
-            if epoch != self._epoch or self._closed:
+            if epoch != self._epoch or epoch != self._live_epoch or self._closed:
                 return
             self._epoch += 1  # anything more from the dead stream is ignored
             if isinstance(error, _Compacted):
@@ -475,7 +486,9 @@ class PrefixMirror:
                         log.error("giving up on watch of %s: %r", self.prefix, exc)
                         return
                     # Backoff between reconnect attempts, bounded by outage_timeout.
-                    self._resubscribe.wait(delay)
+                    # Not on _resubscribe: it may be set again by a failed
+                    # attempt, which made this loop spin (2,600 tries in 3 s).
+                    self._closing.wait(delay)
                     delay = min(delay * 2, 1.0)
 
     def _emit(self, events: list[MirrorEvent]) -> None:
