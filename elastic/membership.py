@@ -59,6 +59,12 @@ class Session:
         lease = retry_call(lambda: client.lease(self.ttl), what="granting a lease",
                            timeout=op_timeout)
         self.lease_id: int = lease.id
+        # etcd raises TTLs below its minimum (2 s with default election
+        # settings): judge silence by the TTL the lease really has.
+        if lease.ttl and int(lease.ttl) > self.ttl:
+            self.ttl = int(lease.ttl)
+            if keepalive_interval is None:
+                self.keepalive_interval = max(0.2, self.ttl / 4)
         self._last_ok = time.monotonic()
         self._thread = threading.Thread(
             target=self._keepalive, name=f"lease-{self.lease_id:x}", daemon=True
