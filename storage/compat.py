@@ -1,0 +1,79 @@
+"""Check that a loaded state fits a target (a model, an optimizer, any state dict)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from storage.errors import StateMismatchError
+from storage.serialize import format_path
+
+_MAX_LISTED = 20
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _compare(target: Any, loaded: Any, path: tuple[Any, ...], strict: bool, out: list[str]) -> None:
+    where = format_path(path)
+    if isinstance(target, torch.Tensor):
+        if not isinstance(loaded, torch.Tensor):
+            out.append(f"{where}: target is a tensor, checkpoint has {type(loaded).__name__}")
+        elif _shape(loaded) != _shape(target):
+            out.append(
+                f"{where}: shape {list(loaded.shape)} in checkpoint, {list(target.shape)} in target"
+            )
+        elif loaded.dtype != target.dtype:
+            out.append(f"{where}: dtype {loaded.dtype} in checkpoint, {target.dtype} in target")
+        return
+    if isinstance(target, Mapping):
+        if not isinstance(loaded, Mapping):
+            out.append(f"{where}: target is a dict, checkpoint has {type(loaded).__name__}")
+            return
+        if strict:
+            out.extend(
+                f"{format_path((*path, k))}: missing from checkpoint"
+                for k in target
+                if k not in loaded
+            )
+            out.extend(
+                f"{format_path((*path, k))}: in checkpoint but not in target"
+                for k in loaded
+                if k not in target
+            )
+        for key in target:
+            if key in loaded:
+                _compare(target[key], loaded[key], (*path, key), strict, out)
+        return
+    if isinstance(target, (list, tuple)):
+        if not isinstance(loaded, (list, tuple)):
+            out.append(f"{where}: target is a sequence, checkpoint has {type(loaded).__name__}")
+        elif len(loaded) != len(target):
+            out.append(f"{where}: {len(loaded)} items in checkpoint, {len(target)} in target")
+        else:
+            for i, (t, v) in enumerate(zip(target, loaded, strict=True)):
+                _compare(t, v, (*path, i), strict, out)
+
+
+def check_compatible(target: Any, loaded: Any, *, strict: bool = True) -> None:
+    """Raise StateMismatchError naming every tensor whose shape or dtype differs and
+    (with `strict`) every key present on one side only.  `target` may be a module or
+    optimizer (its `state_dict()` is used) or a state dict; plain values may differ."""
+    if not isinstance(target, (Mapping, list, tuple, torch.Tensor)) and callable(
+        getattr(target, "state_dict", None)
+    ):
+        target = target.state_dict()
+    problems: list[str] = []
+    _compare(target, loaded, (), strict, problems)
+    if problems:
+        shown = problems[:_MAX_LISTED]
+        more = len(problems) - len(shown)
+        suffix = f"; and {more} more" if more else ""
+        raise StateMismatchError(
+            f"checkpoint does not fit the target ({len(problems)} problem(s)): "
+            + "; ".join(shown)
+            + suffix
+        )

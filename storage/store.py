@@ -1,0 +1,776 @@
+"""CheckpointStore: save / save_async / load / list / verify / prune / gc on any fsspec URL.
+
+Commit protocol (one step, W ranks, generation G):
+
+1. Every rank writes its share of the replicated state and its own per-rank
+   state to shard files under `step-N/gG/r<rank>-<random>/`, checksumming while
+   writing; on local disk the files and their directories are fsynced.
+2. Ranks other than 0 then put a part record `step-N/gG/part-<rank>.json`
+   listing their files, sizes, checksums and tensor pieces, and return.
+3. Rank 0 (the committer) polls storage until all W-1 part records exist (or
+   its timeout expires: nothing is committed and the error names the missing
+   ranks), calls `fence(step)` exactly once, and if the fence says generation G
+   is still current writes `step-N/manifest.json` with one create-only put.
+
+A checkpoint exists exactly when its manifest does.  No collective is used, so
+saves can run on background threads while training owns the process group.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import torch
+from fsspec import AbstractFileSystem
+
+from storage import layout
+from storage.checksum import ALGORITHMS
+from storage.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    FenceError,
+    InvalidArgumentError,
+    MissingPartsError,
+    SaveTimeoutError,
+    StaleWriterError,
+    StateMismatchError,
+    StorageError,
+)
+from storage.fsio import StorageIO
+from storage.handle import SaveHandle
+from storage.info import CheckpointInfo, LoadedCheckpoint, StepReport, VerifyReport
+from storage.manifest import (
+    FileEntry,
+    Manifest,
+    PartRecord,
+    TensorEntry,
+    decode_manifest,
+    decode_part,
+    encode_manifest,
+    encode_part,
+)
+from storage.reader import FileProblem, allocate, read_files
+from storage.retention import leftover_is_garbage, steps_to_keep
+from storage.retry import RetryPolicy
+from storage.serialize import decode_tree
+from storage.writer import PreparedSave, prepare, write_part
+
+log = logging.getLogger(__name__)
+
+Fence = Callable[[int], bool]
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Tuning knobs; the defaults suit local disk and S3 alike.
+
+    max_file_bytes: largest shard file; a rank's share is split into files of this
+        size at most, written in parallel by `io_threads` threads.
+    chunk_bytes: size of each write/read call.
+    checksum: "crc32" (default, fast) or "sha256".
+    gc_grace_s: uncommitted files untouched this long are treated as abandoned.
+    poll_initial_s / poll_max_s: backoff of the committer polling for part records.
+    """
+
+    max_file_bytes: int = 256 * 2**20
+    io_threads: int = 4
+    chunk_bytes: int = 8 * 2**20
+    checksum: str = "crc32"
+    gc_grace_s: float = 3600.0
+    poll_initial_s: float = 0.02
+    poll_max_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_file_bytes", "io_threads", "chunk_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"StoreConfig.{name} must be an int >= 1, got {value!r}")
+        for name in ("gc_grace_s", "poll_initial_s", "poll_max_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise InvalidArgumentError(
+                    f"StoreConfig.{name} must be a number > 0, got {value!r}"
+                )
+        if self.checksum not in ALGORITHMS:
+            raise InvalidArgumentError(
+                f"StoreConfig.checksum must be one of {ALGORITHMS}, got {self.checksum!r}"
+            )
+
+
+def _check_timeout(timeout: float | None) -> float:
+    if timeout is None or isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise InvalidArgumentError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    if timeout <= 0:
+        raise InvalidArgumentError(f"timeout must be > 0 seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _mtime(info: Mapping[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+    return None
+
+
+class CheckpointStore:
+    """Checkpoints of one training run under one fsspec URL."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        fs: AbstractFileSystem | None = None,
+        retry: RetryPolicy | None = None,
+        config: StoreConfig | None = None,
+    ) -> None:
+        self._io = StorageIO(url, retry or RetryPolicy(), storage_options=storage_options, fs=fs)
+        self.config = config or StoreConfig()
+        self._lock = threading.Lock()
+        self._manifests: dict[int, Manifest] = {}  # committed manifests never change
+        self._verified: set[int] = set()
+        self._inflight: set[int] = set()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: SaveHandle | None = None
+
+    @property
+    def url(self) -> str:
+        return self._io.url
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({self.url!r})"
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ saving
+
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        generation: int = 0,
+        fence: Fence | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        per_rank_state: Mapping[str, Any] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> CheckpointInfo:
+        """Save synchronously; returns once committed (rank 0) or once this rank's part
+        is durable (other ranks, `committed=False`).
+
+        Every rank of a W-rank job calls this with the same replicated `state` and
+        its own `per_rank_state`; each writes 1/W of the replicated bytes.  `fence(step)`
+        is called once, on rank 0, right before the commit: False raises
+        StaleWriterError and removes this generation's files.  `timeout` bounds
+        waiting for a previous async save and, on rank 0, for the other ranks' parts.
+        """
+        timeout = _check_timeout(timeout)
+        self._finish_pending(timeout)
+        prepared = prepare(
+            step,
+            state,
+            generation=generation,
+            rank=rank,
+            world_size=world_size,
+            per_rank_state=per_rank_state,
+            metadata=metadata,
+            copy=False,
+        )
+        return self._persist(prepared, fence, timeout)
+
+    def save_async(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        generation: int = 0,
+        fence: Fence | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        per_rank_state: Mapping[str, Any] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> SaveHandle:
+        """Like `save`, but only the CPU snapshot happens on the calling thread.
+
+        The snapshot copies just the bytes this rank writes, so the caller may change
+        `state` as soon as this returns.  At most one save is in flight: this first
+        waits (up to `timeout`) for the previous one, and raises its error if it failed
+        and nobody saw the error through `SaveHandle.wait`.
+        """
+        timeout = _check_timeout(timeout)
+        self._finish_pending(timeout)
+        prepared = prepare(
+            step,
+            state,
+            generation=generation,
+            rank=rank,
+            world_size=world_size,
+            per_rank_state=per_rank_state,
+            metadata=metadata,
+            copy=True,
+        )
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="ckpt-save"
+            )
+        future = self._executor.submit(self._persist_logged, prepared, fence, timeout)
+        handle = SaveHandle(step, future)
+        self._pending = handle
+        return handle
+
+    def wait(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Wait for the in-flight asynchronous save, raising its error if unseen."""
+        self._finish_pending(_check_timeout(timeout))
+
+    def close(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Finish the in-flight save (raising its error) and stop the background thread."""
+        try:
+            self.wait(timeout)
+        finally:
+            if self._executor is not None and (self._pending is None or self._pending.done()):
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def _finish_pending(self, timeout: float) -> None:
+        handle = self._pending
+        if handle is None:
+            return
+        if not handle.done():
+            concurrent.futures.wait([handle._future], timeout)
+            if not handle.done():
+                raise SaveTimeoutError(
+                    f"the previous asynchronous save (step {handle.step}) is still running "
+                    f"after {timeout}s; at most one save may be in flight"
+                )
+        self._pending = None
+        error = handle.unreported_error()
+        if error is not None:
+            raise error
+
+    def _persist_logged(
+        self, prepared: PreparedSave, fence: Fence | None, timeout: float
+    ) -> CheckpointInfo:
+        try:
+            return self._persist(prepared, fence, timeout)
+        except BaseException as exc:
+            log.error(
+                "background save of step %d to %s failed: %s: %s",
+                prepared.step,
+                self.url,
+                type(exc).__name__,
+                exc,
+            )
+            raise
+
+    def _persist(
+        self, prepared: PreparedSave, fence: Fence | None, timeout: float
+    ) -> CheckpointInfo:
+        deadline = time.monotonic() + timeout
+        step_rel = layout.step_dir(prepared.step)
+        with self._lock:
+            self._inflight.add(prepared.step)
+        try:
+            if self._io.exists(layout.join(step_rel, layout.MANIFEST)):
+                raise CheckpointExistsError(
+                    f"step {prepared.step} is already committed under {self.url}; "
+                    "a committed checkpoint is never overwritten"
+                )
+            part = write_part(
+                self._io,
+                prepared,
+                algorithm=self.config.checksum,
+                max_file_bytes=self.config.max_file_bytes,
+                chunk_bytes=self.config.chunk_bytes,
+                io_threads=self.config.io_threads,
+            )
+            if prepared.rank != 0:
+                record = layout.join(
+                    step_rel, layout.part_record(prepared.generation, prepared.rank)
+                )
+                self._io.put(record, encode_part(part), create_only=False)
+                return CheckpointInfo(
+                    step=prepared.step,
+                    generation=prepared.generation,
+                    world_size=prepared.world_size,
+                    url=self._io.display(step_rel),
+                    created=time.time(),
+                    num_files=len(part.files),
+                    total_bytes=sum(f.size for f in part.files),
+                    metadata=dict(prepared.metadata),
+                    committed=False,
+                )
+            parts = {0: part}
+            parts.update(self._wait_for_parts(prepared, deadline, timeout))
+            manifest = self._build_manifest(prepared, parts)
+            return self._commit(manifest, fence)
+        finally:
+            with self._lock:
+                self._inflight.discard(prepared.step)
+
+    def _wait_for_parts(
+        self, prepared: PreparedSave, deadline: float, timeout: float
+    ) -> dict[int, PartRecord]:
+        step_rel = layout.step_dir(prepared.step)
+        missing = set(range(1, prepared.world_size))
+        found: dict[int, PartRecord] = {}
+        rejected: dict[int, str] = {}
+        backoff = self.config.poll_initial_s
+        while True:
+            for rank in sorted(missing):
+                rel = layout.join(step_rel, layout.part_record(prepared.generation, rank))
+                try:
+                    record = decode_part(self._io.read_bytes(rel), self._io.display(rel))
+                except FileNotFoundError:
+                    continue
+                except CorruptCheckpointError as exc:
+                    rejected[rank] = str(exc)
+                    continue
+                if (record.step, record.generation, record.rank, record.world_size) != (
+                    prepared.step,
+                    prepared.generation,
+                    rank,
+                    prepared.world_size,
+                ) or record.plan_id != prepared.plan_id:
+                    # Perhaps left by an earlier attempt; the current one may still replace it.
+                    rejected[rank] = "part record describes a different state layout or world"
+                    continue
+                found[rank] = record
+                missing.discard(rank)
+                rejected.pop(rank, None)
+            if not missing:
+                return found
+            left = deadline - time.monotonic()
+            if left <= 0:
+                detail = "".join(f"; rank {r}: {why}" for r, why in sorted(rejected.items()))
+                raise MissingPartsError(
+                    f"step {prepared.step}, generation {prepared.generation}: no usable part from "
+                    f"rank(s) {sorted(missing)} of world size {prepared.world_size} after "
+                    f"{timeout:g}s (a rank died or is too slow){detail}; nothing was committed"
+                )
+            time.sleep(min(backoff, left))
+            backoff = min(backoff * 2, self.config.poll_max_s)
+
+    def _build_manifest(self, prepared: PreparedSave, parts: dict[int, PartRecord]) -> Manifest:
+        files: list[FileEntry] = []
+        tensors: dict[str, TensorEntry] = {}
+        for rank in sorted(parts):
+            files.extend(parts[rank].files)
+            tensors.update(parts[rank].per_rank_tensors)
+        for tid, spec in prepared.specs.items():
+            locations = sorted(
+                (loc for rank in sorted(parts) for loc in parts[rank].locations.get(tid, ())),
+                key=lambda loc: loc.start,
+            )
+            entry = TensorEntry(spec.dtype, spec.shape, tuple(locations))
+            if entry.stored_bytes != spec.nbytes:
+                raise StorageError(
+                    f"internal error: the parts of step {prepared.step} hold "
+                    f"{entry.stored_bytes} of the {spec.nbytes} bytes of tensor {tid}"
+                )
+            tensors[tid] = entry
+        return Manifest(
+            step=prepared.step,
+            generation=prepared.generation,
+            world_size=prepared.world_size,
+            plan_id=prepared.plan_id,
+            commit_id=uuid.uuid4().hex,
+            files=tuple(files),
+            tensors=tensors,
+            state=prepared.state,
+            per_rank={rank: parts[rank].per_rank_state for rank in sorted(parts)},
+            metadata=prepared.metadata,
+        )
+
+    def _commit(self, manifest: Manifest, fence: Fence | None) -> CheckpointInfo:
+        step, generation = manifest.step, manifest.generation
+        step_rel = layout.step_dir(step)
+        if fence is not None:
+            try:
+                current = fence(step)
+            except Exception as exc:
+                raise FenceError(
+                    f"fence for step {step} (generation {generation}) raised "
+                    f"{type(exc).__name__}: {exc}; nothing was committed"
+                ) from exc
+            if not isinstance(current, bool):
+                raise FenceError(
+                    f"fence for step {step} returned {current!r}, expected True or False; "
+                    "nothing was committed"
+                )
+            if not current:
+                self._discard_generation(step, generation)
+                raise StaleWriterError(
+                    f"generation {generation} is no longer current: commit of step {step} "
+                    f"to {self.url} refused and its files removed"
+                )
+        rel = layout.join(step_rel, layout.MANIFEST)
+        try:
+            self._io.put(rel, encode_manifest(manifest), create_only=True)
+        except FileExistsError:
+            # A retried put whose first attempt landed finds its own manifest.
+            existing = self._read_manifest(step)
+            if existing.commit_id != manifest.commit_id:
+                raise CheckpointExistsError(
+                    f"step {step} was committed under {self.url} by generation "
+                    f"{existing.generation} while this save ran; not overwritten"
+                ) from None
+        with self._lock:
+            self._manifests[step] = manifest
+        log.info("committed step %d (generation %d) to %s", step, generation, self.url)
+        return CheckpointInfo.from_manifest(manifest, self._io.display(step_rel))
+
+    def _discard_generation(self, step: int, generation: int) -> None:
+        rel = layout.join(layout.step_dir(step), layout.generation_dir(generation))
+        try:
+            self._io.remove(rel, recursive=True)
+        except StorageError as exc:
+            log.warning("could not remove the files of refused step %d at %s: %s", step, rel, exc)
+
+    # ----------------------------------------------------------------- reading
+
+    def _step_numbers(self) -> list[int]:
+        """Steps that have a directory (committed or not), ascending."""
+        steps = (layout.parse_step_dir(e["name"]) for e in self._io.ls(""))
+        return sorted(s for s in steps if s is not None)
+
+    def _read_manifest(self, step: int) -> Manifest:
+        """The manifest of `step` read from storage; FileNotFoundError if uncommitted."""
+        rel = layout.join(layout.step_dir(step), layout.MANIFEST)
+        manifest = decode_manifest(self._io.read_bytes(rel), self._io.display(rel))
+        if manifest.step != step:
+            raise CorruptCheckpointError(
+                f"{self._io.display(rel)}: manifest is for step {manifest.step}, not {step}"
+            )
+        return manifest
+
+    def _manifest(self, step: int) -> Manifest:
+        with self._lock:
+            cached = self._manifests.get(step)
+        if cached is not None:
+            return cached
+        manifest = self._read_manifest(step)
+        with self._lock:
+            self._manifests[step] = manifest
+        return manifest
+
+    def _scan(self) -> list[tuple[int, Manifest | CorruptCheckpointError]]:
+        """(step, manifest or why it is unreadable) for every step with a manifest file."""
+        out: list[tuple[int, Manifest | CorruptCheckpointError]] = []
+        for step in self._step_numbers():
+            try:
+                out.append((step, self._manifest(step)))
+            except FileNotFoundError:
+                continue
+            except CorruptCheckpointError as exc:
+                out.append((step, exc))
+        return out
+
+    def list(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, ascending by step (a step whose manifest is unreadable is
+        left out with a warning; `verify` reports it)."""
+        infos = []
+        for step, manifest in self._scan():
+            if isinstance(manifest, CorruptCheckpointError):
+                log.warning("step %d under %s is not listed: %s", step, self.url, manifest)
+                continue
+            infos.append(
+                CheckpointInfo.from_manifest(manifest, self._io.display(layout.step_dir(step)))
+            )
+        return infos
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint (its manifest readable; data not verified)."""
+        for step in reversed(self._step_numbers()):
+            try:
+                manifest = self._manifest(step)
+            except FileNotFoundError:
+                continue
+            except CorruptCheckpointError as exc:
+                log.warning("step %d under %s skipped: %s", step, self.url, exc)
+                continue
+            return CheckpointInfo.from_manifest(manifest, self._io.display(layout.step_dir(step)))
+        return None
+
+    def _not_found(self, step: int) -> CheckpointNotFoundError:
+        available = [info.step for info in self.list()]
+        listing = ", ".join(map(str, available)) if available else "none"
+        return CheckpointNotFoundError(
+            f"step {step} has no committed checkpoint under {self.url}; available steps: {listing}"
+        )
+
+    def _empty(self) -> CheckpointNotFoundError:
+        return CheckpointNotFoundError(f"no committed checkpoint under {self.url} (empty location)")
+
+    def load(
+        self, step: int | None = None, *, rank: int | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """(step, state) of the newest checkpoint that verifies, or of `step`.
+
+        With `rank`, that rank's saved per-rank state is merged into the returned
+        dict (an error if the checkpoint has none for it; use `load_checkpoint` to
+        choose among the saved ranks after a change of world size).
+        """
+        loaded = self.load_checkpoint(step)
+        state = dict(loaded.state)
+        if rank is not None:
+            own = loaded.per_rank.get(rank)
+            if own is None:
+                raise StateMismatchError(
+                    f"step {loaded.step} was saved by {loaded.world_size} rank(s); there is no "
+                    f"per-rank state for rank {rank} (use load_checkpoint() and choose)"
+                )
+            clash = sorted(set(own) & set(state))
+            if clash:
+                raise StateMismatchError(
+                    f"per-rank keys {clash} of rank {rank} clash with replicated keys"
+                )
+            state.update(own)
+        return loaded.step, state
+
+    def load_checkpoint(self, step: int | None = None) -> LoadedCheckpoint:
+        """The newest checkpoint whose files all exist and match their checksums, falling
+        back to older ones (with a warning) — or exactly `step`, which must verify."""
+        if step is not None:
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise InvalidArgumentError(f"step must be an int >= 0, got {step!r}")
+            try:
+                manifest = self._manifest(step)
+            except FileNotFoundError:
+                raise self._not_found(step) from None
+            return self._load_manifest(manifest)
+        candidates = list(reversed(self._step_numbers()))
+        failures: list[str] = []
+        for candidate in candidates:
+            try:
+                loaded = self._load_manifest(self._manifest(candidate))
+            except FileNotFoundError:
+                continue  # never committed (in flight or abandoned): not a fallback
+            except CorruptCheckpointError as exc:
+                log.warning(
+                    "checkpoint step %d under %s failed verification, falling back to the "
+                    "previous one: %s",
+                    candidate,
+                    self.url,
+                    exc,
+                )
+                failures.append(str(exc))
+                continue
+            if failures:
+                log.warning(
+                    "loaded step %d under %s after %d newer checkpoint(s) failed verification",
+                    loaded.step,
+                    self.url,
+                    len(failures),
+                )
+            return loaded
+        if failures:
+            raise CorruptCheckpointError(
+                f"no checkpoint under {self.url} verifies: " + " | ".join(failures)
+            )
+        raise self._empty()
+
+    def _load_manifest(self, manifest: Manifest) -> LoadedCheckpoint:
+        dest = allocate(dict(manifest.tensors))
+        problems = read_files(
+            self._io,
+            manifest,
+            dest,
+            chunk_bytes=self.config.chunk_bytes,
+            io_threads=self.config.io_threads,
+        )
+        if problems:
+            raise CorruptCheckpointError("; ".join(map(str, problems)))
+        with self._lock:
+            self._verified.add(manifest.step)
+
+        def tensor(tid: str) -> torch.Tensor:
+            return dest[tid]
+
+        return LoadedCheckpoint(
+            step=manifest.step,
+            state=decode_tree(manifest.state, tensor),
+            per_rank={rank: decode_tree(tree, tensor) for rank, tree in manifest.per_rank.items()},
+            generation=manifest.generation,
+            world_size=manifest.world_size,
+            metadata=dict(manifest.metadata),
+        )
+
+    # --------------------------------------------------------------- verifying
+
+    def verify(self, step: int | None = None) -> VerifyReport:
+        """Re-read every file of `step` (default: every committed step) and check it
+        against the manifest; the report names each bad file and why."""
+        if step is not None:
+            steps = [step]
+            try:
+                self._read_manifest(step)
+            except FileNotFoundError:
+                raise self._not_found(step) from None
+            except CorruptCheckpointError:
+                pass  # reported below
+        else:
+            steps = self._step_numbers()
+        reports = []
+        for s in steps:
+            report = self._verify_step(s)
+            if report is not None:
+                reports.append(report)
+        if not reports:
+            raise self._empty()
+        return VerifyReport(self.url, tuple(reports))
+
+    def _verify_step(self, step: int) -> StepReport | None:
+        """None when `step` is not committed."""
+        rel = layout.join(layout.step_dir(step), layout.MANIFEST)
+        try:
+            manifest = self._read_manifest(step)  # re-read: the stored copy is what counts
+        except FileNotFoundError:
+            return None
+        except CorruptCheckpointError as exc:
+            return StepReport(
+                step, (FileProblem(step, self._io.display(rel), "manifest", str(exc)),)
+            )
+        problems = read_files(
+            self._io,
+            manifest,
+            None,
+            chunk_bytes=self.config.chunk_bytes,
+            io_threads=self.config.io_threads,
+        )
+        with self._lock:
+            if problems:
+                self._verified.discard(step)
+            else:
+                self._verified.add(step)
+        return StepReport(step, tuple(problems))
+
+    # --------------------------------------------------------------- retention
+
+    def prune(
+        self, keep_last: int, keep_every: int | None = None, *, verify: bool = True
+    ) -> list[int]:
+        """Delete committed checkpoints except the last `keep_last`, every `keep_every`-th
+        step, and the newest one that verifies (checked with a full read unless
+        `verify=False` or already verified by this store).  Returns the deleted steps."""
+        scanned = self._scan()
+        protect = None
+        for step, manifest in reversed(scanned):
+            if isinstance(manifest, CorruptCheckpointError):
+                continue
+            if not verify or step in self._verified:
+                protect = step
+                break
+            report = self._verify_step(step)
+            if report is not None and report.ok:
+                protect = step
+                break
+        keep = steps_to_keep((s for s, _ in scanned), keep_last, keep_every, protect)
+        deleted = []
+        for step, _ in scanned:
+            if step not in keep:
+                self._delete_step(step)
+                deleted.append(step)
+        if deleted:
+            log.info("pruned steps %s from %s", deleted, self.url)
+        return deleted
+
+    def _delete_step(self, step: int) -> None:
+        step_rel = layout.step_dir(step)
+        # Uncommit first: a crash after this leaves garbage for gc, never a torn checkpoint.
+        self._io.remove(layout.join(step_rel, layout.MANIFEST))
+        with self._lock:
+            self._manifests.pop(step, None)
+            self._verified.discard(step)
+        self._io.remove(step_rel, recursive=True)
+
+    def gc(self, grace_s: float | None = None) -> list[str]:
+        """Delete what no checkpoint references and no live writer can still commit.
+
+        In a committed step: every file its manifest does not list (other writers'
+        shards, part records, temp files).  In an uncommitted step: the files of a
+        generation older than the newest commit's, of a step older than the newest
+        committed step, or untouched for `grace_s` (default `config.gc_grace_s`).
+        A step whose manifest is unreadable is left for `prune`/an operator, and a
+        save in flight in this store is never touched.  Returns the removed paths.
+        """
+        grace = self.config.gc_grace_s if grace_s is None else grace_s
+        now = time.time()
+        scanned = dict(self._scan())
+        committed = {s: m for s, m in scanned.items() if isinstance(m, Manifest)}
+        newest_step = max(committed, default=None)
+        newest_generation = max((m.generation for m in committed.values()), default=None)
+        with self._lock:
+            busy = set(self._inflight)
+        if self._pending is not None and not self._pending.done():
+            busy.add(self._pending.step)
+        removed: list[str] = []
+        for step in self._step_numbers():
+            if step in busy or isinstance(scanned.get(step), CorruptCheckpointError):
+                continue
+            step_rel = layout.step_dir(step)
+            files = self._io.find(step_rel)
+            manifest = committed.get(step)
+            if manifest is not None:
+                keep = {layout.MANIFEST} | {f.path for f in manifest.files}
+                doomed = [rel for rel in files if rel not in keep]
+            else:
+                doomed = self._abandoned(step, files, now, grace, newest_step, newest_generation)
+            paths = [layout.join(step_rel, rel) for rel in sorted(doomed)]
+            self._io.remove_many(paths)
+            removed.extend(paths)
+            if manifest is not None or (newest_step is not None and step < newest_step):
+                self._io.remove_empty_dirs(step_rel, keep_top=manifest is not None)
+        if removed:
+            log.info("gc removed %d leftover file(s) under %s", len(removed), self.url)
+        return removed
+
+    @staticmethod
+    def _abandoned(
+        step: int,
+        files: dict[str, dict[str, Any]],
+        now: float,
+        grace_s: float,
+        newest_step: int | None,
+        newest_generation: int | None,
+    ) -> list[str]:
+        """The files of an uncommitted step that belong to writers that cannot commit."""
+        by_generation: dict[int | None, list[str]] = {}
+        for rel in files:
+            by_generation.setdefault(layout.parse_generation_dir(rel.split("/", 1)[0]), []).append(
+                rel
+            )
+        doomed: list[str] = []
+        for generation, rels in by_generation.items():
+            mtimes = [_mtime(files[rel]) for rel in rels]
+            newest_mtime = None if None in mtimes else max(m for m in mtimes if m is not None)
+            if leftover_is_garbage(
+                step=step,
+                generation=generation,
+                newest_mtime=newest_mtime,
+                now=now,
+                grace_s=grace_s,
+                newest_step=newest_step,
+                newest_generation=newest_generation,
+            ):
+                doomed.extend(rels)
+        return doomed
