@@ -1,1 +1,32 @@
-"""Fault-tolerant elastic training runtime."""
+"""Fault-tolerant elastic training runtime for PyTorch.
+
+The training API (``Trainer``) imports torch; the CLI and the coordination
+modules do not, so they are loaded lazily here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ElasticSampler",
+    "FitResult",
+    "RuntimeConfig",
+    "Trainer",
+]
+
+_LAZY = {
+    "Trainer": ("elastic.runtime", "Trainer"),
+    "FitResult": ("elastic.runtime", "FitResult"),
+    "RuntimeConfig": ("elastic.config", "RuntimeConfig"),
+    "ElasticSampler": ("elastic.sampler", "ElasticSampler"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'elastic' has no attribute {name!r}")

@@ -1,11 +1,445 @@
-"""`elastic run`: spawns and supervises local workers (being built)."""
+"""`elastic run`: spawns and supervises local workers.
+
+Elastic mode (default): each worker is a member of the job; a worker that
+crashes has its lease revoked at once (so survivors re-form without waiting
+for the TTL) and is replaced by a new member, up to ``--max-restarts``. A
+second ``elastic run --job J --etcd URL`` adds workers to a running job.
+SIGINT/SIGTERM to the launcher stop the whole job after a final checkpoint.
+
+``--torchrun-compat``: for unmodified torchrun scripts (RANK, WORLD_SIZE,
+MASTER_ADDR, ... and ``init_process_group()``): on any failure all local
+workers are restarted, as torchrun does, each time on a fresh master port.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from .config import RuntimeConfig
+from .errors import ConfigError, ElasticError
+from .etcd import EmbeddedEtcd, connect, free_port, retry_call
+from .events import EventLog
+from .keys import Keyspace, validate_name
+from .runtime import EXIT_STOPPED
+
+EXIT_TRAINING_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class _Worker:
+    member_id: str
+    local_rank: int
+    proc: subprocess.Popen
+    started: float = field(default_factory=time.monotonic)
 
 
 def add_run_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a training script on elastic workers")
-    p.add_argument("script")
-    p.set_defaults(func=lambda args: 2)
+    from .cli import add_etcd_options
+
+    p = sub.add_parser(
+        "run", help="run a training script on elastic workers",
+        description="Run SCRIPT on N local workers that survive failures and joins.",
+    )
+    p.add_argument("-n", "--nproc", type=int, default=1, metavar="N",
+                   help="local workers to start (default 1)")
+    p.add_argument("--job", default=None, help="job id (default: a new random one)")
+    p.add_argument("--min-workers", type=int, default=1,
+                   help="keep training while at least this many workers live (default 1)")
+    p.add_argument("--max-workers", type=int, default=None,
+                   help="at most this many train; extras wait as standbys (default: no cap)")
+    p.add_argument("--checkpoint", default=None, metavar="URL",
+                   help="checkpoint location (any fsspec URL)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="checkpoint every STEPS steps (default: only at the end)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --checkpoint")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="replace crashed local workers this many times in all (default 3)")
+    p.add_argument("--lease-ttl", type=float, default=5.0, metavar="S",
+                   help="a frozen worker is evicted after S seconds (default 5)")
+    p.add_argument("--collective-timeout", type=float, default=30.0, metavar="S",
+                   help="a collective hung for S seconds counts as failed (default 30)")
+    p.add_argument("--settle", type=float, default=0.3, metavar="S",
+                   help="wait S quiet seconds after a join before re-forming (default 0.3)")
+    p.add_argument("--join-timeout", type=float, default=600.0, metavar="S",
+                   help="give up when no World forms within S seconds (default 600)")
+    p.add_argument("--event-log", default=None, metavar="PATH",
+                   help="JSONL event log (default ./elastic-JOB.events.jsonl)")
+    p.add_argument("--ledger-dir", default=None, metavar="DIR",
+                   help="write a per-worker sample ledger here (for exactly-once checks)")
+    p.add_argument("--host", default=None,
+                   help="address other machines reach this one at (default 127.0.0.1 with "
+                        "the embedded etcd, else this host's name)")
+    p.add_argument("--torchrun-compat", action="store_true",
+                   help="run an unmodified torchrun script; restart all workers on failure")
+    p.add_argument("--stop-grace", type=float, default=120.0, metavar="S",
+                   help="after SIGINT/SIGTERM wait S seconds for the final checkpoint "
+                        "(default 120)")
+    add_etcd_options(p, required=False)
+    p.add_argument("script", help="training script")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments of the script")
+    p.set_defaults(func=run_command)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if not os.path.isfile(args.script):
+        raise ConfigError(f"training script {args.script!r} does not exist")
+    if args.nproc < 1:
+        raise ConfigError(f"-n/--nproc must be >= 1, got {args.nproc}")
+    if args.min_workers < 1:
+        raise ConfigError(f"--min-workers must be >= 1, got {args.min_workers}")
+    if args.max_workers is not None and args.max_workers < args.min_workers:
+        raise ConfigError(
+            f"--min-workers ({args.min_workers}) is above --max-workers ({args.max_workers})"
+        )
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if args.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.resume and not args.checkpoint:
+        raise ConfigError("--resume needs --checkpoint URL")
+    for name in ("lease_ttl", "collective_timeout", "join_timeout", "stop_grace"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+    if args.job is not None:
+        validate_name("job id", args.job)
+
+
+def _check_checkpoint(args: argparse.Namespace, joining: bool) -> None:
+    """Refuse to silently start over on, or resume from nothing in, a location."""
+    if not args.checkpoint or joining:
+        return
+    from storage import CheckpointStore, StorageError
+
+    try:
+        latest = CheckpointStore(args.checkpoint).latest()
+    except StorageError as exc:
+        raise ConfigError(f"checkpoint location {args.checkpoint!r}: {exc}") from exc
+    if args.resume and latest is None:
+        raise ConfigError(
+            f"--resume: no committed checkpoint in {args.checkpoint!r} (empty location)"
+        )
+    if not args.resume and latest is not None:
+        raise ConfigError(
+            f"{args.checkpoint!r} already holds checkpoints (newest step {latest.step}); "
+            "pass --resume to continue from it, or use an empty location"
+        )
+
+
+def _safe_host() -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:24].strip("-.")
+    return name or "host"
+
+
+def run_command(args: argparse.Namespace) -> int:
+    _validate(args)
+    if args.torchrun_compat:
+        return _run_torchrun_compat(args)
+    return ElasticLauncher(args).run()
+
+
+class ElasticLauncher:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.job = args.job or f"job-{uuid.uuid4().hex[:8]}"
+        self.etcd_server: EmbeddedEtcd | None = None
+        self.workers: dict[str, _Worker] = {}
+        self.exits: queue.Queue = queue.Queue()
+        self.restarts = 0
+        self.stop_requested: int | None = None
+        self.launch_id = f"{_safe_host()}-{os.getpid()}"
+
+    def run(self) -> int:
+        args = self.args
+        try:
+            etcd_url = args.etcd
+            if etcd_url is None:
+                self.etcd_server = EmbeddedEtcd().start()
+                etcd_url = self.etcd_server.url
+            from .cli import etcd_config
+
+            args.etcd = etcd_url
+            self.client = connect(etcd_config(args))
+            self.keys = Keyspace(self.job, args.etcd_prefix)
+            joining = self._job_running()
+            _check_checkpoint(args, joining)
+            self.base_config = self._runtime_config(etcd_url, joining)
+            self.events = EventLog(self.base_config.event_log, source=f"launcher-{os.getpid()}",
+                                   console=True)
+            self.events.emit(
+                "launch",
+                f"job {self.job} on etcd {etcd_url}: starting {args.nproc} worker(s)"
+                + (" (joining a running job)" if joining else "")
+                + f"; add workers with: elastic run --job {self.job} --etcd {etcd_url} -n 1 "
+                + args.script + f"; events in {self.base_config.event_log}",
+                job=self.job, etcd=etcd_url, nproc=args.nproc, joining=joining,
+            )
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._on_signal)
+            for i in range(args.nproc):
+                self._spawn(i, f"{self.launch_id}-{i}")
+            return self._supervise()
+        finally:
+            self._shutdown()
+
+    # -- setup -----------------------------------------------------------------
+
+    def _job_running(self) -> bool:
+        gen = self.client.get(self.keys.gen)[0]
+        done = self.client.get(self.keys.done)[0]
+        if done is not None:
+            raise ConfigError(
+                f"job {self.job} already finished (at step {done.decode()}); use a new --job"
+            )
+        return gen is not None
+
+    def _runtime_config(self, etcd_url: str, joining: bool) -> RuntimeConfig:
+        args = self.args
+        host = args.host or ("127.0.0.1" if self.etcd_server else socket.getfqdn())
+        # The first launcher records the job's bounds; joiners adopt them so any
+        # member that becomes leader applies the same rules.
+        job_conf = {"min_workers": args.min_workers,
+                    "max_workers": args.max_workers or (1 << 16)}
+        tx = self.client.transactions
+        key = self.keys.ctl + "config"
+        ok, resp = retry_call(lambda: self.client.transaction(
+            compare=[tx.version(key) == 0],
+            success=[tx.put(key, json.dumps(job_conf))],
+            failure=[tx.get(key)],
+        ), what="reading the job's settings", timeout=args.etcd_timeout)
+        if not ok:
+            job_conf = json.loads(resp[0][0][0])
+        return RuntimeConfig(
+            job=self.job,
+            etcd=etcd_url,
+            member_id=f"{self.launch_id}-0",
+            min_workers=job_conf["min_workers"],
+            max_workers=job_conf["max_workers"],
+            initial_workers=0 if joining else args.nproc,
+            lease_ttl=args.lease_ttl,
+            settle_s=args.settle,
+            collective_timeout=args.collective_timeout,
+            join_timeout=args.join_timeout,
+            checkpoint=args.checkpoint,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            event_log=os.path.abspath(args.event_log or f"elastic-{self.job}.events.jsonl"),
+            ledger_dir=os.path.abspath(args.ledger_dir) if args.ledger_dir else None,
+            advertise_host=host,
+            etcd_prefix=args.etcd_prefix,
+            etcd_user=args.etcd_user,
+            etcd_password=args.etcd_password,
+            etcd_ca=args.etcd_ca,
+            etcd_cert=args.etcd_cert,
+            etcd_key=args.etcd_key,
+            etcd_timeout=args.etcd_timeout,
+        )
+
+    # -- workers ---------------------------------------------------------------
+
+    def _spawn(self, local_rank: int, member_id: str) -> None:
+        from dataclasses import replace
+
+        cfg = replace(self.base_config, member_id=member_id)
+        env = dict(os.environ)
+        env.update(cfg.to_env())
+        env["LOCAL_RANK"] = str(local_rank)
+        env["PYTHONUNBUFFERED"] = "1"
+        # A new session: a terminal Ctrl-C reaches only the launcher, which then
+        # stops the job in order (final checkpoint) instead of killing workers.
+        proc = subprocess.Popen(
+            [sys.executable, self.args.script, *self.args.script_args],
+            env=env, start_new_session=True,
+        )
+        worker = _Worker(member_id, local_rank, proc)
+        self.workers[member_id] = worker
+        threading.Thread(target=lambda: self.exits.put((worker, proc.wait())),
+                         daemon=True).start()
+        self.events.emit("spawn", f"started worker {member_id} (pid {proc.pid})",
+                         member=member_id, pid=proc.pid)
+
+    def _revoke(self, member_id: str) -> None:
+        """Remove a dead worker's keys now instead of after its lease TTL."""
+        try:
+            raw = self.client.get(self.keys.root + f"leases/{member_id}")[0]
+            if raw is not None:
+                self.client.revoke_lease(int(raw))
+        except Exception as exc:  # the TTL still removes it
+            self.events.emit("revoke_failed", f"could not revoke {member_id}: {exc}",
+                             member=member_id, error=str(exc))
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.stop_requested is None:
+            self.stop_requested = signum
+            threading.Thread(target=self._request_stop, daemon=True).start()
+
+    def _request_stop(self) -> None:
+        self.events.emit("stop", f"stopping job {self.job} after a final checkpoint",
+                         signal=self.stop_requested)
+        try:
+            retry_call(lambda: self.client.put(self.keys.stop, "1"),
+                       what="requesting a stop", timeout=self.args.etcd_timeout)
+        except ElasticError as exc:
+            self.events.emit("stop_failed", f"could not request a stop: {exc}")
+            for w in self.workers.values():
+                _signal(w.proc, signal.SIGTERM)
+
+    def _supervise(self) -> int:
+        failed = False
+        stop_deadline: float | None = None
+        while any(w.proc.returncode is None for w in self.workers.values()):
+            if self.stop_requested is not None and stop_deadline is None:
+                stop_deadline = time.monotonic() + self.args.stop_grace
+            if stop_deadline is not None and time.monotonic() > stop_deadline:
+                self.events.emit("stop_timeout", "workers did not stop in time: killing them")
+                for w in self.workers.values():
+                    _signal(w.proc, signal.SIGKILL)
+                stop_deadline = float("inf")
+            try:
+                worker, rc = self.exits.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self.events.emit("exit", f"worker {worker.member_id} exited with {rc}",
+                             member=worker.member_id, rc=rc)
+            if rc in (0, EXIT_STOPPED):
+                continue
+            self._revoke(worker.member_id)
+            if self.stop_requested is not None or self._job_done():
+                continue
+            if self.restarts >= self.args.max_restarts:
+                self.events.emit("give_up", f"worker {worker.member_id} failed; no restarts "
+                                 f"left ({self.args.max_restarts} used)", member=worker.member_id)
+                failed = True
+                continue
+            self.restarts += 1
+            self._spawn(worker.local_rank,
+                        f"{self.launch_id}-{worker.local_rank}-r{self.restarts}")
+        if self._job_done():
+            self.events.emit("done", f"job {self.job} finished")
+            return 0
+        if self.stop_requested is not None:
+            return EXIT_INTERRUPTED
+        if failed:
+            return EXIT_TRAINING_FAILED
+        # Our workers left or were stopped while the job goes on elsewhere.
+        return EXIT_STOPPED
+
+    def _job_done(self) -> bool:
+        try:
+            return self.client.get(self.keys.done)[0] is not None
+        except Exception:
+            return False
+
+    def _shutdown(self) -> None:
+        for w in self.workers.values():
+            _signal(w.proc, signal.SIGKILL)
+            try:
+                w.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+        if self.etcd_server is not None:
+            self.etcd_server.stop()
+        events = getattr(self, "events", None)
+        if events is not None:
+            events.close()
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    if proc.returncode is None:
+        try:
+            os.kill(proc.pid, signal.SIGCONT)  # a frozen worker must see the next signal
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+# -- torchrun compatibility -------------------------------------------------------
+
+
+def _run_torchrun_compat(args: argparse.Namespace) -> int:
+    """Run an unmodified torchrun script: restart every worker on any failure."""
+    job = args.job or f"job-{uuid.uuid4().hex[:8]}"
+    events = EventLog(os.path.abspath(args.event_log or f"elastic-{job}.events.jsonl"),
+                      source=f"launcher-{os.getpid()}", console=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    n = args.nproc
+    procs: list[subprocess.Popen] = []
+    try:
+        for attempt in range(args.max_restarts + 1):
+            # A fresh port per attempt: a restarted group must never meet a
+            # store left over from the failed one.
+            port = free_port()
+            exits: queue.Queue = queue.Queue()
+            procs = []
+            for rank in range(n):
+                env = dict(os.environ)
+                env.update({
+                    "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
+                    "LOCAL_WORLD_SIZE": str(n), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                    "TORCHELASTIC_RESTART_COUNT": str(attempt),
+                    "TORCHELASTIC_MAX_RESTARTS": str(args.max_restarts),
+                    "TORCHELASTIC_RUN_ID": job, "PYTHONUNBUFFERED": "1",
+                })
+                proc = subprocess.Popen([sys.executable, args.script, *args.script_args],
+                                        env=env, start_new_session=True)
+                procs.append(proc)
+                threading.Thread(target=lambda p=proc, r=rank, q=exits: q.put((r, p.wait())),
+                                 daemon=True).start()
+            events.emit("spawn", f"attempt {attempt}: started {n} worker(s) on port {port}",
+                        attempt=attempt, port=port)
+            failed_rank = None
+            finished = 0
+            while finished < n and failed_rank is None:
+                if stop.is_set():
+                    return EXIT_INTERRUPTED
+                try:
+                    rank, rc = exits.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if rc == 0:
+                    finished += 1
+                else:
+                    failed_rank = rank
+                    events.emit("exit", f"rank {rank} exited with {rc}: restarting all workers",
+                                rank=rank, rc=rc, attempt=attempt)
+            if failed_rank is None:
+                events.emit("done", "all workers finished")
+                return 0
+            _stop_all(procs)
+        events.emit("give_up", f"no restarts left ({args.max_restarts})")
+        return EXIT_TRAINING_FAILED
+    finally:
+        _stop_all(procs)
+        events.close()
+
+
+def _stop_all(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    for p in procs:
+        _signal(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal(p, signal.SIGKILL)
+            p.wait(timeout=10)
+

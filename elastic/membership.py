@@ -85,7 +85,8 @@ class Session:
             return
         self.lost_reason = reason
         self.lost.set()
-        log.warning("session lease %x lost: %s", self.lease_id, reason)
+        (log.info if reason == "closed" else log.warning)(
+            "session lease %x lost: %s", self.lease_id, reason)
         for cb in list(self._callbacks):
             try:
                 cb(reason)

@@ -1,0 +1,143 @@
+"""One torch.distributed process group per generation, re-formed in-process.
+
+Every worker hosts a TCPStore server for its whole life and publishes its
+address in its member record; a generation uses the store of its rank 0 under
+the prefix ``{job}/g{generation}/``. So the store never lives only in a process
+that may already be dead (a new rank 0 brings a live store), and no key of a
+dead generation can be read by a new one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from .errors import WorkerGroupError
+from .world import World
+
+log = logging.getLogger(__name__)
+
+
+class StoreHost:
+    """This process's TCPStore server (port chosen by the OS)."""
+
+    def __init__(self, advertise_host: str = "127.0.0.1", timeout: float = 30.0) -> None:
+        self.host = advertise_host
+        self.store = dist.TCPStore(
+            "0.0.0.0", 0, is_master=True, wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        self.port = self.store.port
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def default_backend() -> str:
+    # gloo carries the CPU control and state traffic; NCCL the CUDA tensors.
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+class WorkerGroup:
+    """The process group of one generation, as seen by one rank."""
+
+    def __init__(self, world: World, rank: int, store_host: StoreHost, *,
+                 timeout: float, backend: str | None = None) -> None:
+        self.world = world
+        self.rank = rank
+        self.size = world.size
+        self.timeout = timeout
+        self.backend = backend or default_backend()
+        self._client_store: dist.TCPStore | None = None
+        self._store_host = store_host
+        self.closed = False
+
+    @property
+    def generation(self) -> int:
+        return self.world.generation
+
+    def form(self) -> WorkerGroup:
+        if dist.is_initialized():
+            raise WorkerGroupError("a process group is still active; close it first")
+        td = datetime.timedelta(seconds=self.timeout)
+        try:
+            if self.rank == 0:
+                base = self._store_host.store
+            else:
+                host, _, port = self.world.members[0].store.rpartition(":")
+                base = dist.TCPStore(host, int(port), is_master=False,
+                                     wait_for_workers=False, timeout=td)
+                self._client_store = base
+            store = dist.PrefixStore(self.world.store_prefix, base)
+            dist.init_process_group(
+                self.backend, store=store, rank=self.rank, world_size=self.size, timeout=td
+            )
+        except (RuntimeError, ValueError, OSError) as exc:
+            self.close()
+            raise WorkerGroupError(
+                f"forming generation {self.generation} (rank {self.rank}/{self.size}) "
+                f"failed: {exc}"
+            ) from exc
+        return self
+
+    def close(self) -> None:
+        """Tear the group down; on NCCL abort the communicators so nothing hangs."""
+        if self.closed:
+            return
+        self.closed = True
+        if dist.is_initialized():
+            try:
+                if torch.cuda.is_available():
+                    dist.distributed_c10d._abort_process_group()
+                else:
+                    dist.destroy_process_group()
+            except Exception as exc:  # the group is gone either way
+                log.debug("tearing down generation %d: %r", self.generation, exc)
+        self._client_store = None
+
+    # -- collectives, with failures turned into one error type ---------------
+
+    def _run(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise WorkerGroupError(
+                f"{what} failed in generation {self.generation} (rank {self.rank}): {exc}"
+            ) from exc
+
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+        self._run("all_reduce", dist.all_reduce, tensor, op=op)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        self._run("broadcast", dist.broadcast, tensor, src=src)
+
+    def all_gather_int(self, value: int) -> list[int]:
+        t = torch.tensor([value], dtype=torch.int64)
+        out = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        self._run("all_gather", dist.all_gather, out, t)
+        return [int(x.item()) for x in out]
+
+    def broadcast_bytes(self, payload: bytes | None, src: int) -> bytes:
+        """Send ``payload`` from ``src`` to every rank (length first, then bytes)."""
+        n = torch.tensor([len(payload) if self.rank == src else 0], dtype=torch.int64)
+        self.broadcast(n, src)
+        if self.rank == src:
+            buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        else:
+            buf = torch.empty(int(n.item()), dtype=torch.uint8)
+        if buf.numel():
+            self.broadcast(buf, src)
+        return buf.numpy().tobytes()
+
+
+def local_device() -> torch.device:
+    if torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")

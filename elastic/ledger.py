@@ -1,0 +1,76 @@
+"""Sample ledger: which sample ids each rank trained on, per step and generation.
+
+Each member appends to its own JSONL file before the step's gradient
+all-reduce (so a rank that dies after contributing has logged). A step may be
+attempted more than once (rolled back and redone); its samples count from the
+newest generation that attempted it, which is the attempt whose update
+survived.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+
+class LedgerWriter:
+    def __init__(self, directory: str, member_id: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, f"ledger-{member_id}.jsonl")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def record(self, *, step: int, epoch: int, generation: int, rank: int,
+               world_size: int, ids: list[int]) -> None:
+        line = json.dumps({"step": step, "epoch": epoch, "gen": generation, "rank": rank,
+                           "world": world_size, "ids": ids})
+        os.write(self._fd, (line + "\n").encode())
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@dataclass(frozen=True)
+class LedgerReport:
+    steps: int
+    epochs: dict[int, int]  # epoch -> samples seen
+    missing: dict[int, list[int]]  # epoch -> ids never seen
+    duplicated: dict[int, list[int]]  # epoch -> ids seen more than once
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.duplicated
+
+
+def check_ledger(directory: str, dataset_size: int, epochs: list[int]) -> LedgerReport:
+    """Check exactly-once consumption for each of ``epochs``."""
+    attempts: dict[int, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for path in glob.glob(os.path.join(directory, "ledger-*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line of a killed writer
+                attempts[rec["step"]][rec["gen"]].append(rec)
+    seen: dict[int, list[int]] = defaultdict(list)
+    for _step, by_gen in attempts.items():
+        newest = by_gen[max(by_gen)]
+        for rec in newest:
+            seen[rec["epoch"]].extend(rec["ids"])
+    missing, duplicated, counts = {}, {}, {}
+    for epoch in epochs:
+        ids = seen.get(epoch, [])
+        counts[epoch] = len(ids)
+        tally: dict[int, int] = defaultdict(int)
+        for i in ids:
+            tally[i] += 1
+        miss = [i for i in range(dataset_size) if tally.get(i, 0) == 0]
+        dup = sorted(i for i, c in tally.items() if c > 1)
+        if miss:
+            missing[epoch] = miss
+        if dup:
+            duplicated[epoch] = dup
+    return LedgerReport(len(attempts), counts, missing, duplicated)

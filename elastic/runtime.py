@@ -1,0 +1,395 @@
+"""The worker's training loop: step boundaries, failures, re-formation, sync.
+
+Per step every rank computes the gradient of its share of the global batch,
+scaled by share/B, and one all-reduce sums gradients together with a few
+control flags (re-form due, stop requested, someone leaving). The update is
+applied only after that all-reduce succeeded, so a failed collective leaves the
+state at the last completed step: that is the rollback. Because the flags ride
+on the same all-reduce, every rank learns of a membership change after the
+same step and they all switch generation together.
+
+After a new World forms, ranks agree on the newest step any of them holds and
+one holder broadcasts it (joiners get state from peers). Storage is read only
+when no live rank has state: a whole-job restart with ``resume``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+
+from .config import RuntimeConfig
+from .errors import (
+    ConfigError,
+    ElasticError,
+    EtcdUnavailableError,
+    JobEnded,
+    SessionLostError,
+    WorkerGroupError,
+)
+from .etcd import EtcdConfig, connect, retry_call
+from .events import EventLog
+from .group import StoreHost, WorkerGroup, local_device
+from .keys import Keyspace
+from .ledger import LedgerWriter
+from .membership import Member
+from .rendezvous import Rendezvous, RendezvousConfig
+from .sampler import ElasticSampler
+from .state import TrainState
+
+log = logging.getLogger(__name__)
+
+# Exit codes of a worker process (the launcher reads them).
+EXIT_FINISHED = 0
+EXIT_LEFT = 0  # left gracefully on request; the job goes on without it
+EXIT_STOPPED = 3  # the job was stopped before training finished
+EXIT_FAILED = 1
+
+_FLAG_REFORM, _FLAG_STOP, _FLAG_LEAVE, _LOSS = range(4)
+_N_CONTROL = 4
+
+
+@dataclass(frozen=True)
+class FitResult:
+    outcome: str  # "finished", "stopped" or "left"
+    step: int
+    generation: int
+    loss: float | None
+
+    @property
+    def exit_code(self) -> int:
+        return {"finished": EXIT_FINISHED, "left": EXIT_LEFT}.get(self.outcome, EXIT_STOPPED)
+
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+class Trainer:
+    """Runs ``loss_fn`` over the dataset on whichever workers are alive.
+
+    ``loss_fn(model, batch)`` returns the mean loss over ``batch`` (the
+    runtime weights it by the batch's share of the global batch, so the
+    update does not depend on the number of workers).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dataset: Sequence[Any],
+        *,
+        loss_fn: LossFn,
+        global_batch_size: int,
+        epochs: int = 1,
+        max_steps: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        collate_fn: Callable[[list[Any]], Any] = default_collate,
+        config: RuntimeConfig | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {epochs}")
+        self.config = config or RuntimeConfig.from_env()
+        self.device = local_device()
+        self.model = model.to(self.device)
+        self.dataset = dataset
+        self.loss_fn = loss_fn
+        self.collate_fn = collate_fn
+        self.seed = seed
+        self.on_step = on_step
+        sampler = ElasticSampler(len(dataset), global_batch_size, seed=seed,
+                                 shuffle=shuffle, drop_last=drop_last)
+        self.total_steps = epochs * sampler.steps_per_epoch
+        if max_steps is not None:
+            self.total_steps = min(self.total_steps, max_steps)
+        self.state = TrainState(model=self.model, optimizer=optimizer, sampler=sampler)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._leave = threading.Event()
+        self._last_loss: float | None = None
+        self._store = None
+        self._pending_save = None
+
+    # -- setup / teardown ----------------------------------------------------
+
+    def _setup(self) -> None:
+        cfg = self.config
+        self.keys = Keyspace(cfg.job, cfg.etcd_prefix)
+        self.events = EventLog(cfg.event_log, source=cfg.member_id, console=True)
+        self.ledger = LedgerWriter(cfg.ledger_dir, cfg.member_id) if cfg.ledger_dir else None
+        self.client = connect(EtcdConfig.from_url(
+            cfg.etcd, user=cfg.etcd_user, password=cfg.etcd_password, ca_cert=cfg.etcd_ca,
+            cert_cert=cfg.etcd_cert, cert_key=cfg.etcd_key, connect_timeout=cfg.etcd_timeout,
+        ))
+        self.store_host = StoreHost(cfg.advertise_host, timeout=cfg.collective_timeout)
+        self.rdzv_config = RendezvousConfig(
+            min_workers=cfg.min_workers, max_workers=cfg.max_workers,
+            initial_workers=min(cfg.initial_workers, cfg.max_workers), settle_s=cfg.settle_s,
+            last_call_s=cfg.last_call_s, lease_ttl=cfg.lease_ttl,
+        )
+        self.rdzv = self._join()
+        if cfg.checkpoint:
+            from storage import CheckpointStore
+
+            self._store = CheckpointStore(cfg.checkpoint)
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM to one worker: leave the job at the next step boundary.
+            signal.signal(signal.SIGTERM, lambda *_: self._leave.set())
+
+    def _join(self) -> Rendezvous:
+        member = Member(self.config.member_id, address=self.config.advertise_host,
+                        store=self.store_host.address)
+        rdzv = Rendezvous(self.client, self.keys, member, self.rdzv_config).start()
+        # The launcher revokes this lease the moment it sees the process die,
+        # so survivors need not wait for the TTL.
+        retry_call(
+            lambda: self.client.put(self.keys.root + f"leases/{member.id}",
+                                    str(rdzv.session.lease_id), lease=rdzv.session.lease_id),
+            what="publishing the lease id", timeout=self.config.etcd_timeout,
+        )
+        return rdzv
+
+    def _teardown(self) -> None:
+        for closer in (
+            lambda: self._finish_pending_save(raise_errors=False),
+            lambda: self.rdzv.close(),
+            lambda: self.client.close(),
+            lambda: self.ledger and self.ledger.close(),
+            lambda: self.events.close(),
+        ):
+            try:
+                closer()
+            except Exception as exc:  # teardown must reach every resource
+                log.debug("teardown: %r", exc)
+
+    # -- the loop -------------------------------------------------------------
+
+    def fit(self) -> FitResult:
+        self._setup()
+        try:
+            return self._run()
+        finally:
+            self._teardown()
+
+    def _run(self) -> FitResult:
+        cfg = self.config
+        gen = 0
+        failed_at: float | None = None
+        while True:
+            try:
+                world = self.rdzv.next_world(after=gen, timeout=cfg.join_timeout)
+            except SessionLostError:
+                # A zombie (frozen past its TTL) or a long etcd outage: our keys
+                # are gone. Join again as a new member; peers hold the state.
+                self.events.emit("rejoin", f"{cfg.member_id}: lease lost, rejoining")
+                self.rdzv.close()
+                self.rdzv = self._join()
+                gen = 0
+                continue
+            except JobEnded as ended:
+                outcome = "finished" if ended.reason == "finished" else "stopped"
+                return FitResult(outcome, self.state.step, gen, self._last_loss)
+            rank = world.rank_of(cfg.member_id)
+            group = WorkerGroup(world, rank, self.store_host, timeout=cfg.collective_timeout)
+            t_form = time.monotonic()
+            try:
+                group.form()
+                restored = self._ensure_state(group)
+                src = self.state.sync(group)
+                gen = world.generation
+                if rank == 0:
+                    self.events.emit(
+                        "generation",
+                        f"generation {gen}: {world.size} worker(s) {list(world.ids)} at step "
+                        f"{self.state.step}" + (f", state from rank {src}" if src is not None
+                                                else "") + (", restored from checkpoint"
+                                                            if restored else ""),
+                        gen=gen, world=list(world.ids), step=self.state.step,
+                        form_s=round(time.monotonic() - t_form, 4), src=src,
+                    )
+                outcome = self._train(group, failed_at)
+                failed_at = None
+            except WorkerGroupError as exc:
+                failed_at = failed_at or time.monotonic()
+                gen = world.generation
+                self.events.emit("failure", f"rank {rank} of generation {gen}: {exc}",
+                                 gen=gen, rank=rank, step=self.state.step, error=str(exc))
+                try:
+                    self.rdzv.request_reform(gen)
+                except EtcdUnavailableError as etcd_exc:
+                    log.warning("could not request a re-form: %s", etcd_exc)
+                continue
+            finally:
+                group.close()
+            if outcome == "reform":
+                failed_at = time.monotonic()
+                continue
+            return FitResult(outcome, self.state.step, gen, self._last_loss)
+
+    def _ensure_state(self, group: WorkerGroup) -> bool:
+        """Give rank 0 state when nobody has any: restore or take the fresh init."""
+        has = group.all_gather_int(1 if self.state.has_state else 0)
+        if any(has):
+            return False
+        if group.rank != 0:
+            return False
+        cfg = self.config
+        # No live member has state: the job restarts as a whole. The launcher
+        # refuses a fresh run on a location that already holds checkpoints
+        # unless --resume was given, so a checkpoint found here is ours.
+        if self._store is not None and self._store.latest() is not None:
+            loaded = self._store.load_checkpoint()
+            self.state.load_checkpoint_dict(loaded.state)
+            self.events.emit("restore", f"restored step {loaded.step} from {cfg.checkpoint}",
+                             step=loaded.step)
+            return True
+        # A fresh start: rank 0's initial parameters are broadcast by sync().
+        self.state.has_state = True
+        self.state.step = 0
+        return False
+
+    def _train(self, group: WorkerGroup, failed_at: float | None) -> str:
+        state, sampler = self.state, self.state.sampler
+        rank, size, gen = group.rank, group.size, group.generation
+        while state.step < self.total_steps:
+            ids, b = sampler.share(rank, size)
+            torch.manual_seed(self.seed * 7919 + state.step * 104_729 + rank)
+            for p in self._params:
+                p.grad = None
+            local_loss = 0.0
+            if ids:
+                batch = _to_device(self.collate_fn([self.dataset[i] for i in ids]), self.device)
+                loss = self.loss_fn(self.model, batch)
+                (loss * (len(ids) / b)).backward()
+                local_loss = float(loss.detach()) * len(ids)
+            flat = self._pack(local_loss, gen)
+            if self.ledger is not None:
+                self.ledger.record(step=state.step, epoch=sampler.epoch, generation=gen,
+                                   rank=rank, world_size=size, ids=ids)
+            group.all_reduce(flat)  # raises WorkerGroupError: nothing applied
+            self._unpack(flat)
+            state.optimizer.step()
+            state.step += 1
+            sampler.advance()
+            control = flat[-_N_CONTROL:].tolist()
+            self._last_loss = control[_LOSS] / b
+            if rank == 0:
+                self.events.emit("step", None, step=state.step, gen=gen, world=size,
+                                 loss=self._last_loss)
+                if failed_at is not None:
+                    took = time.monotonic() - failed_at
+                    self.events.emit("recovered", f"recovered in {took:.3f}s at step "
+                                     f"{state.step} with {size} worker(s)",
+                                     seconds=round(took, 4), step=state.step, gen=gen)
+            failed_at = None
+            if self.on_step is not None:
+                self.on_step(state.step, self._last_loss)
+            if control[_FLAG_STOP] > 0:
+                self._checkpoint(group, final=True)
+                return "stopped"
+            if self._due(state.step):
+                self._checkpoint(group, final=False)
+            if control[_FLAG_LEAVE] > 0:
+                if self._leave.is_set():
+                    self.events.emit("leave", f"{self.config.member_id} left at step "
+                                     f"{state.step}", step=state.step, gen=gen)
+                    return "left"
+                return "reform"
+            if control[_FLAG_REFORM] > 0:
+                return "reform"
+        self._checkpoint(group, final=True)
+        if rank == 0:
+            retry_call(lambda: self.client.put(self.keys.done, str(state.step)),
+                       what="marking the job finished", timeout=self.config.etcd_timeout)
+            self.events.emit("finished", f"training finished at step {state.step}",
+                             step=state.step, gen=gen, loss=self._last_loss)
+        return "finished"
+
+    def _due(self, step: int) -> bool:
+        every = self.config.checkpoint_every
+        return self._store is not None and every > 0 and step % every == 0
+
+    # -- gradient + control packing --------------------------------------------
+
+    def _pack(self, local_loss: float, gen: int) -> torch.Tensor:
+        rdzv = self.rdzv
+        reform = rdzv.session.lost.is_set() or rdzv.reform_pending(gen)
+        control = torch.tensor(
+            [float(reform), float(rdzv.job_flag("stop")), float(self._leave.is_set()),
+             local_loss],
+            dtype=torch.float64,
+        )
+        grads = [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+            for p in self._params
+        ]
+        dtype = grads[0].dtype if grads else torch.float32
+        # The control values are small integers and one loss: exact in float32.
+        return torch.cat(grads + [control.to(device=self.device, dtype=dtype)])
+
+    def _unpack(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for p in self._params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p)  # flat is fresh every step
+            offset += n
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def _finish_pending_save(self, raise_errors: bool) -> None:
+        handle, self._pending_save = self._pending_save, None
+        if handle is None:
+            return
+        try:
+            handle.wait(timeout=self.config.checkpoint_timeout)
+        except Exception as exc:
+            self.events.emit("checkpoint_failed", f"checkpoint failed: {exc}", error=str(exc))
+            if raise_errors:
+                raise
+
+    def _checkpoint(self, group: WorkerGroup, final: bool) -> None:
+        if self._store is None:
+            return
+        step, gen = self.state.step, group.generation
+        fence = self.rdzv.commit_fence(gen) if group.rank == 0 else None
+        kwargs = dict(rank=group.rank, world_size=group.size, generation=gen, fence=fence,
+                      timeout=self.config.checkpoint_timeout)
+        self._finish_pending_save(raise_errors=False)
+        t0 = time.monotonic()
+        if final:
+            try:
+                info = self._store.save(step, self.state.checkpoint_dict(), **kwargs)
+            except Exception as exc:
+                self.events.emit("checkpoint_failed", f"final checkpoint at step {step} "
+                                 f"failed: {exc}", step=step, error=str(exc))
+                raise ElasticError(f"final checkpoint at step {step} failed: {exc}") from exc
+            if group.rank == 0:
+                self.events.emit("checkpoint", f"checkpoint step {step} committed "
+                                 f"({time.monotonic() - t0:.2f}s)", step=step, gen=gen,
+                                 final=True, info=str(info))
+        else:
+            self._pending_save = self._store.save_async(step, self.state.checkpoint_dict(),
+                                                        **kwargs)
+            if group.rank == 0:
+                self.events.emit("checkpoint", f"checkpoint step {step} started "
+                                 f"(blocked {time.monotonic() - t0:.3f}s)", step=step,
+                                 gen=gen, final=False)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
