@@ -193,7 +193,7 @@ class StorageIO:
 
         def run() -> T:
             if self.local:
-                self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+                self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             with self.fs.open(path, "wb") as f:
                 result = produce(f)
                 if self.local:

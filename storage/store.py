@@ -184,16 +184,8 @@ class CheckpointStore:
         waiting for a previous async save and, on rank 0, for the other ranks' parts.
         """
         timeout = _check_timeout(timeout)
-        self._finish_pending(timeout)
-        prepared = prepare(
-            step,
-            state,
-            generation=generation,
-            rank=rank,
-            world_size=world_size,
-            per_rank_state=per_rank_state,
-            metadata=metadata,
-            copy=False,
+        prepared = self._prepare(
+            step, state, generation, rank, world_size, per_rank_state, metadata, timeout, copy=False
         )
         return self._persist(prepared, fence, timeout)
 
@@ -218,16 +210,8 @@ class CheckpointStore:
         and nobody saw the error through `SaveHandle.wait`.
         """
         timeout = _check_timeout(timeout)
-        self._finish_pending(timeout)
-        prepared = prepare(
-            step,
-            state,
-            generation=generation,
-            rank=rank,
-            world_size=world_size,
-            per_rank_state=per_rank_state,
-            metadata=metadata,
-            copy=True,
+        prepared = self._prepare(
+            step, state, generation, rank, world_size, per_rank_state, metadata, timeout, copy=True
         )
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -237,6 +221,31 @@ class CheckpointStore:
         handle = SaveHandle(step, future)
         self._pending = handle
         return handle
+
+    def _prepare(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        generation: int,
+        rank: int,
+        world_size: int,
+        per_rank_state: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any] | None,
+        timeout: float,
+        *,
+        copy: bool,
+    ) -> PreparedSave:
+        self._finish_pending(timeout)
+        return prepare(
+            step,
+            state,
+            generation=generation,
+            rank=rank,
+            world_size=world_size,
+            per_rank_state=per_rank_state,
+            metadata=metadata,
+            copy=copy,
+        )
 
     def wait(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         """Wait for the in-flight asynchronous save, raising its error if unseen."""
