@@ -1,0 +1,1 @@
+"""Tests of the elastic runtime foundation: etcd, membership, rendezvous, status, CLI."""

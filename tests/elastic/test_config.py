@@ -1,0 +1,78 @@
+"""Validation of settings and records: every bad value is refused with a message naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+from elastic.errors import ConfigError
+from elastic.etcd import EtcdConfig
+from elastic.keys import Keyspace
+from elastic.membership import Member
+from elastic.rendezvous import RendezvousConfig
+from elastic.world import World, WorldMember
+
+
+def test_min_workers_above_max_workers_is_refused_naming_both() -> None:
+    with pytest.raises(ConfigError) as err:
+        RendezvousConfig(min_workers=4, max_workers=2)
+    assert "max_workers (2)" in str(err.value) and "min_workers (4)" in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"min_workers": 0}, "min_workers"),
+    ({"settle_s": -1.0}, "settle_s"),
+    ({"lease_ttl": 0.5}, "lease_ttl"),
+    ({"op_timeout": 0}, "op_timeout"),
+])
+def test_bad_rendezvous_settings_are_refused(kwargs: dict, named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        RendezvousConfig(**kwargs)
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("localhost:2379", "malformed URL"),
+    ("ftp://localhost:2379", "unsupported scheme"),
+    ("http://localhost", "malformed endpoint"),
+    ("http://localhost:99999", "invalid endpoint"),
+    ("http://a:1,,b:2", "malformed endpoint"),
+])
+def test_malformed_etcd_urls_are_refused(url: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment) as err:
+        EtcdConfig.from_url(url)
+    assert "etcd" in str(err.value)
+
+
+def test_etcd_url_with_several_endpoints_and_ipv6_parses() -> None:
+    cfg = EtcdConfig.from_url("https://a.example:2379,[::1]:2380/")
+    assert cfg.endpoints == (("a.example", 2379), ("::1", 2380))
+    assert cfg.secure and cfg.url == "https://a.example:2379,::1:2380"
+
+
+@pytest.mark.parametrize("job", ["", "has/slash", "-leading-dash", "x" * 64, "sp ace"])
+def test_invalid_job_ids_are_refused(job: str) -> None:
+    with pytest.raises(ConfigError, match="invalid job id"):
+        Keyspace(job)
+
+
+def test_invalid_member_id_is_refused() -> None:
+    with pytest.raises(ConfigError, match="invalid member id"):
+        Member("a/b")
+
+
+def test_keyspace_puts_every_key_under_the_job_root() -> None:
+    keys = Keyspace("job-1", prefix="/x/y")
+    assert keys.root == "/x/y/job-1/"
+    for key in (keys.member("m"), keys.ready_of("m"), keys.gen, keys.world, keys.round,
+                keys.leader, keys.commit(3)):
+        assert key.startswith(keys.root)
+    assert keys.commit(3) < keys.commit(10)  # zero-padded: lexical order is step order
+    with pytest.raises(ConfigError, match="prefix"):
+        Keyspace("job", prefix="no-slash")
+
+
+def test_world_round_trips_through_json_with_ranks_in_order() -> None:
+    world = World("j", 3, (WorldMember("b", "h:1", "h:2"), WorldMember("a")), 12.5)
+    back = World.from_json(world.to_json())
+    assert back == world
+    assert [back.rank_of(m) for m in ("b", "a", "zz")] == [0, 1, None]
+    assert back.store_prefix == "j/g3/"

@@ -1,0 +1,1 @@
+"""Helpers shared by the test suites: bounded waits, process hygiene, member processes."""
