@@ -78,6 +78,14 @@ class Trainer:
     ``loss_fn(model, batch)`` returns the mean loss over ``batch`` (the
     runtime weights it by the batch's share of the global batch, so the
     update does not depend on the number of workers).
+
+    ``grad_shards``: cut every global batch into this many fixed micro-batches
+    and sum their gradients exactly (in float64), so the update is bitwise the
+    same for any number of workers (up to ``grad_shards``). Without it each rank
+    takes one backward pass over its share and the float32 sum's rounding
+    depends on the world size: harmless for SGD (differences near 1e-7), but
+    adaptive optimizers such as Adam amplify it. Costs one backward pass per
+    micro-batch and a float64 all-reduce.
     """
 
     def __init__(
@@ -96,9 +104,16 @@ class Trainer:
         collate_fn: Callable[[list[Any]], Any] = default_collate,
         config: RuntimeConfig | None = None,
         on_step: Callable[[int, float], None] | None = None,
+        grad_shards: int | None = None,
     ) -> None:
         if epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {epochs}")
+        if grad_shards is not None and not 1 <= grad_shards <= global_batch_size:
+            raise ConfigError(
+                f"grad_shards must be between 1 and global_batch_size ({global_batch_size}), "
+                f"got {grad_shards}"
+            )
+        self.grad_shards = grad_shards
         self.config = config or RuntimeConfig.from_env()
         self.device = local_device()
         self.model = model.to(self.device)
@@ -261,17 +276,15 @@ class Trainer:
         state, sampler = self.state, self.state.sampler
         rank, size, gen = group.rank, group.size, group.generation
         while state.step < self.total_steps:
-            ids, b = sampler.share(rank, size)
+            if self.grad_shards:
+                parts, b = sampler.micro_shards(rank, size, self.grad_shards)
+            else:
+                share, b = sampler.share(rank, size)
+                parts = [share] if share else []
             torch.manual_seed(self.seed * 7919 + state.step * 104_729 + rank)
-            for p in self._params:
-                p.grad = None
-            local_loss = 0.0
-            if ids:
-                batch = _to_device(self.collate_fn([self.dataset[i] for i in ids]), self.device)
-                loss = self.loss_fn(self.model, batch)
-                (loss * (len(ids) / b)).backward()
-                local_loss = float(loss.detach()) * len(ids)
-            flat = self._pack(local_loss, gen)
+            ids = [i for part in parts for i in part]
+            flat, local_loss = self._local_gradient(parts, b)
+            flat = self._pack(flat, local_loss, gen)
             if self.ledger is not None:
                 self.ledger.record(step=state.step, epoch=sampler.epoch, generation=gen,
                                    rank=rank, world_size=size, ids=ids)
@@ -320,27 +333,52 @@ class Trainer:
 
     # -- gradient + control packing --------------------------------------------
 
-    def _pack(self, local_loss: float, gen: int) -> torch.Tensor:
+    def _flat_grads(self) -> torch.Tensor:
+        return torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+            for p in self._params
+        ])
+
+    def _local_gradient(self, parts: list[list[int]], b: int) -> tuple[torch.Tensor, float]:
+        """This rank's gradient contribution (already weighted by share / b)."""
+        total: torch.Tensor | None = None
+        local_loss = 0.0
+        exact = self.grad_shards is not None
+        for ids in parts:
+            for p in self._params:
+                p.grad = None
+            batch = _to_device(self.collate_fn([self.dataset[i] for i in ids]), self.device)
+            loss = self.loss_fn(self.model, batch)
+            (loss * (len(ids) / b)).backward()
+            local_loss += float(loss.detach()) * len(ids)
+            flat = self._flat_grads()
+            if exact:
+                # A sum of a few float32 values is exact in float64, so the
+                # order in which ranks and micro-batches are added is irrelevant.
+                flat = flat.double()
+            total = flat if total is None else total + flat
+        if total is None:
+            dtype = torch.float64 if exact else self._params[0].dtype
+            total = torch.zeros(sum(p.numel() for p in self._params), dtype=dtype,
+                                device=self.device)
+        return total, local_loss
+
+    def _pack(self, grads: torch.Tensor, local_loss: float, gen: int) -> torch.Tensor:
         rdzv = self.rdzv
         reform = rdzv.session.lost.is_set() or rdzv.reform_pending(gen)
         control = torch.tensor(
             [float(reform), float(rdzv.job_flag("stop")), float(self._leave.is_set()),
              local_loss],
-            dtype=torch.float64,
+            dtype=grads.dtype, device=grads.device,
         )
-        grads = [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-            for p in self._params
-        ]
-        dtype = grads[0].dtype if grads else torch.float32
-        # The control values are small integers and one loss: exact in float32.
-        return torch.cat(grads + [control.to(device=self.device, dtype=dtype)])
+        return torch.cat([grads, control])
 
     def _unpack(self, flat: torch.Tensor) -> None:
         offset = 0
         for p in self._params:
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p)  # flat is fresh every step
+            # flat is fresh every step, so a view is safe when dtypes match.
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
             offset += n
 
     # -- checkpoints --------------------------------------------------------------

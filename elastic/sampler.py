@@ -74,6 +74,21 @@ class ElasticSampler:
         lo, hi = rank * b // world_size, (rank + 1) * b // world_size
         return batch[lo:hi], b
 
+    def micro_shards(self, rank: int, world_size: int, shards: int) -> tuple[list[list[int]], int]:
+        """This rank's fixed micro-batches of the current step, and the step's size.
+
+        The global batch is cut into ``shards`` micro-batches independent of
+        the World; rank r takes a contiguous run of them. Summing per-micro-batch
+        gradients exactly makes the update independent of the world size.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        batch = self.global_batch()
+        b = len(batch)
+        cuts = [j * b // shards for j in range(shards + 1)]
+        lo, hi = rank * shards // world_size, (rank + 1) * shards // world_size
+        return [batch[cuts[j]:cuts[j + 1]] for j in range(lo, hi) if cuts[j + 1] > cuts[j]], b
+
     def advance(self) -> None:
         """Mark the current global batch consumed."""
         self.cursor += len(self.global_batch())
