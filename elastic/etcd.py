@@ -28,7 +28,7 @@ import grpc
 import tenacity
 from etcd3 import exceptions as etcd_exc
 
-from .errors import ConfigError, EtcdError, EtcdUnavailableError
+from .errors import ConfigError, EtcdError, EtcdUnavailableError, SessionLostError
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,27 @@ def _build_client(config: EtcdConfig) -> etcd3.MultiEndpointEtcd3Client:
     )
 
 
+def lease_gone(exc: BaseException) -> bool:
+    """True for etcd's answer to a request naming a lease that expired or was revoked."""
+    code = getattr(exc, "code", None)
+    details = getattr(exc, "details", None)
+    return (isinstance(exc, grpc.RpcError) and callable(code)
+            and code() == grpc.StatusCode.NOT_FOUND
+            and callable(details) and "lease not found" in (details() or ""))
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_ERRORS) and not lease_gone(exc)
+
+
 def retry_call(fn: Callable[[], T], *, what: str, timeout: float, attempts: int = 50) -> T:
-    """Call ``fn``, retrying transient etcd errors for at most ``timeout`` seconds."""
+    """Call ``fn``, retrying transient etcd errors for at most ``timeout`` seconds.
+
+    A request naming a lease that is gone is not retried (it cannot succeed):
+    it raises :class:`SessionLostError` at once.
+    """
     retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
+        retry=tenacity.retry_if_exception(_transient),
         stop=tenacity.stop_after_delay(timeout) | tenacity.stop_after_attempt(attempts),
         wait=tenacity.wait_exponential(multiplier=0.05, max=1.0),
         reraise=False,
@@ -162,6 +179,12 @@ def retry_call(fn: Callable[[], T], *, what: str, timeout: float, attempts: int 
         raise EtcdUnavailableError(
             f"etcd: {what} failed for {timeout:.1f}s (bound): {cause!r}"
         ) from cause
+    except grpc.RpcError as exc:
+        if lease_gone(exc):
+            raise SessionLostError(
+                f"etcd: {what}: the lease is gone (expired or revoked)"
+            ) from exc
+        raise
 
 
 def connect(config: EtcdConfig | str) -> etcd3.MultiEndpointEtcd3Client:

@@ -123,6 +123,8 @@ class Session:
             try:
                 retry_call(lambda: self.client.revoke_lease(self.lease_id),
                            what="revoking the lease", timeout=timeout)
+            except SessionLostError:
+                pass  # expired already: nothing left to revoke
             except EtcdUnavailableError as exc:
                 log.warning("could not revoke lease %x (expires by ttl): %s", self.lease_id, exc)
             self._mark_lost("closed")
