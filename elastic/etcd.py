@@ -29,6 +29,7 @@ import tenacity
 from etcd3 import exceptions as etcd_exc
 
 from .errors import ConfigError, EtcdError, EtcdUnavailableError, SessionLostError
+from .procutil import die_with_parent as _pdeathsig
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,9 @@ class EmbeddedEtcd:
     start_attempts: int = 5
     client_port: int | None = None
     peer_port: int | None = None
+    # SIGKILL etcd when the thread that started it dies (Linux): set by the
+    # launcher so a killed launcher leaves no server behind.
+    die_with_parent: bool = False
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _owns_dir: bool = field(default=False, init=False, repr=False)
     _log_path: str | None = field(default=None, init=False, repr=False)
@@ -308,7 +312,8 @@ class EmbeddedEtcd:
             # New session: a Ctrl-C meant for the launcher must not kill etcd
             # before the workers have left cleanly.
             self.process = subprocess.Popen(
-                cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
+                cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_pdeathsig() if self.die_with_parent else None,
             )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:

@@ -32,6 +32,7 @@ from .errors import ConfigError, ElasticError
 from .etcd import EmbeddedEtcd, connect, free_port, retry_call
 from .events import EventLog
 from .keys import Keyspace, validate_name
+from .procutil import die_with_parent
 from .runtime import EXIT_STOPPED
 
 EXIT_TRAINING_FAILED = 1
@@ -167,7 +168,7 @@ class ElasticLauncher:
         try:
             etcd_url = args.etcd
             if etcd_url is None:
-                self.etcd_server = EmbeddedEtcd().start()
+                self.etcd_server = EmbeddedEtcd(die_with_parent=True).start()
                 etcd_url = self.etcd_server.url
             from .cli import etcd_config
 
@@ -262,7 +263,7 @@ class ElasticLauncher:
         # stops the job in order (final checkpoint) instead of killing workers.
         proc = subprocess.Popen(
             [sys.executable, self.args.script, *self.args.script_args],
-            env=env, start_new_session=True,
+            env=env, start_new_session=True, preexec_fn=die_with_parent(),
         )
         worker = _Worker(member_id, local_rank, proc)
         self.workers[member_id] = worker
@@ -400,7 +401,8 @@ def _run_torchrun_compat(args: argparse.Namespace) -> int:
                     "TORCHELASTIC_RUN_ID": job, "PYTHONUNBUFFERED": "1",
                 })
                 proc = subprocess.Popen([sys.executable, args.script, *args.script_args],
-                                        env=env, start_new_session=True)
+                                        env=env, start_new_session=True,
+                                        preexec_fn=die_with_parent())
                 procs.append(proc)
                 threading.Thread(target=lambda p=proc, r=rank, q=exits: q.put((r, p.wait())),
                                  daemon=True).start()
