@@ -58,4 +58,4 @@ def leftover_is_garbage(
         return True
     if newest_step is not None and step < newest_step:
         return True
-    return newest_mtime is not None and now - newest_mtime > grace_s
+    return newest_mtime is not None and now - newest_mtime >= grace_s

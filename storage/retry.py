@@ -113,8 +113,9 @@ class RetryPolicy:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.max_attempts)
             | tenacity.stop_after_delay(self.max_time_s),
-            wait=tenacity.wait_exponential_jitter(
-                initial=self.initial_backoff_s, max=self.max_backoff_s
+            # "Full jitter": concurrent ranks retrying the same store spread out.
+            wait=tenacity.wait_random_exponential(
+                multiplier=self.initial_backoff_s, max=self.max_backoff_s
             ),
             retry=tenacity.retry_if_exception(self.retry_on),
             before_sleep=self._log_retry(what),
