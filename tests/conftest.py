@@ -25,8 +25,7 @@ from elastic.etcd import EmbeddedEtcd, EtcdConfig, connect
 from elastic.keys import Keyspace
 from tests.helpers import procs
 
-HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
-MEMBER_SCRIPT = os.path.join(HELPERS, "member.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _job_seq = itertools.count()
 
 
@@ -45,15 +44,19 @@ def no_leftover_children(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
         pytest.fail(f"processes left behind by the test session (now ended): {described}")
 
 
-@pytest.fixture(scope="session")
-def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedEtcd]:
-    """A real etcd on free ports, shared by the session; stopped even on failure."""
-    server = EmbeddedEtcd(data_dir=str(tmp_path_factory.mktemp("etcd-session")))
+def _running_etcd(data_dir: str) -> Iterator[EmbeddedEtcd]:
+    server = EmbeddedEtcd(data_dir=data_dir)
     try:
         server.start()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedEtcd]:
+    """A real etcd on free ports, shared by the session; stopped even on failure."""
+    yield from _running_etcd(str(tmp_path_factory.mktemp("etcd-session")))
 
 
 @pytest.fixture
@@ -64,12 +67,7 @@ def etcd_url(etcd_server: EmbeddedEtcd) -> str:
 @pytest.fixture
 def fresh_etcd(tmp_path: Any) -> Iterator[EmbeddedEtcd]:
     """A private etcd for tests that kill, restart or compact it."""
-    server = EmbeddedEtcd(data_dir=str(tmp_path / "etcd"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from _running_etcd(str(tmp_path / "etcd"))
 
 
 @pytest.fixture
@@ -103,13 +101,13 @@ def client(etcd_url: str, make_client: Callable[[str], Any]) -> Any:
 
 
 class MemberProcess:
-    """A ``tests/helpers/member.py`` subprocess and the JSON lines it prints."""
+    """A ``tests.helpers.member`` subprocess and the JSON lines it prints."""
 
     def __init__(self, args: list[str], stderr_path: str) -> None:
         self.stderr_path = stderr_path
         with open(stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, MEMBER_SCRIPT, *args],
+                [sys.executable, "-m", "tests.helpers.member", *args], cwd=REPO,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
             )
         self.messages: queue.Queue[dict] = queue.Queue()
