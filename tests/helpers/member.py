@@ -4,8 +4,9 @@ Joins a job and follows its Worlds, printing one JSON line per event on stdout:
 ``{"event": "world", ...}`` for each World it holds, ``{"event": "lost", ...}``
 when it can no longer take part (its session was lost). Commands on stdin:
 
-    fence G      try a fenced transaction and a checkpoint commit with generation G;
-                 replies {"event": "fence", "txn": bool, "commit": bool, "lost": bool}
+    fence G S    with generation G, try a fenced transaction (writes probe_key, value
+                 "g{G}-s{S}") and a checkpoint commit of step S; replies
+                 {"event": "fence", "txn": bool, "commit": bool, "lost": bool}
     exit         leave the job and exit 0
 """
 
@@ -21,7 +22,6 @@ from elastic.keys import Keyspace
 from elastic.rendezvous import RendezvousConfig
 from tests.helpers.sim import SimMember
 
-FENCE_STEP = 7
 _out_lock = threading.Lock()
 
 
@@ -65,11 +65,11 @@ def main() -> int:
     for line in sys.stdin:
         cmd = line.split()
         if cmd[:1] == ["fence"]:
-            gen = int(cmd[1])
+            gen, step = int(cmd[1]), int(cmd[2])
             tx = client.transactions
-            txn = rdzv.fenced_txn(gen, [tx.put(probe_key(keys, args.id), f"gen {gen}")])
-            commit = rdzv.commit_fence(gen)(FENCE_STEP)
-            emit(event="fence", id=args.id, generation=gen, txn=txn, commit=commit,
+            txn = rdzv.fenced_txn(gen, [tx.put(probe_key(keys, args.id), f"g{gen}-s{step}")])
+            commit = rdzv.commit_fence(gen)(step)
+            emit(event="fence", id=args.id, generation=gen, step=step, txn=txn, commit=commit,
                  lost=rdzv.session.lost.is_set())
         elif cmd[:1] == ["exit"]:
             break
