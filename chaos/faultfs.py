@@ -1,7 +1,8 @@
 """FaultyFileSystem: wrap any fsspec filesystem and inject storage faults on purpose.
 
-Every I/O call through the wrapper (open, read, write, flush, close, cat, pipe,
-ls, info, exists, rm, mkdir, rmdir, mv, copy, link) is numbered from 1 and
+Every I/O call through the wrapper (open for reading, create = open for writing,
+read, write, flush, close, cat, pipe, ls, info, exists, rm, mkdir, rmdir, mv,
+copy, link) is numbered from 1 and
 recorded in `fs.log`, so a test can first count the calls of an operation and
 then replay it with a fault at each boundary in turn.
 
@@ -42,6 +43,7 @@ from fsspec.spec import AbstractBufferedFile
 OPS = frozenset(
     {
         "open",
+        "create",
         "read",
         "write",
         "flush",
@@ -61,9 +63,8 @@ OPS = frozenset(
 )
 DATA_READS = frozenset({"read", "cat"})
 DATA_WRITES = frozenset({"write", "pipe"})
-MUTATIONS = frozenset(
-    {"open", "write", "flush", "close", "pipe", "rm", "mkdir", "rmdir", "mv", "copy", "link"}
-)
+# Calls that change storage (a read-only location refuses these; reads' close is not one).
+MUTATIONS = frozenset({"create", "write", "pipe", "rm", "mkdir", "rmdir", "mv", "copy", "link"})
 ACTIONS = ("fail", "delay", "truncate", "bitflip", "crash")
 
 
@@ -318,7 +319,7 @@ class FaultyFileSystem(AbstractFileSystem):
         cache_options: Any = None,
         **kwargs: Any,
     ) -> FaultyFile:
-        self._gate("open", path)
+        self._gate("open" if set(mode) <= {"r", "b", "t"} else "create", path)
         inner = self.fs.open(
             path, mode, block_size=block_size, cache_options=cache_options, **kwargs
         )

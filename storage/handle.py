@@ -17,8 +17,12 @@ class SaveHandle:
     background save is never lost silently.
     """
 
-    def __init__(self, step: int, future: concurrent.futures.Future[CheckpointInfo]) -> None:
+    def __init__(
+        self, step: int, future: concurrent.futures.Future[CheckpointInfo], snapshot_bytes: int
+    ) -> None:
         self.step = step
+        # Tensor bytes copied for this save: this rank's share of the state, freed when done.
+        self.snapshot_bytes = snapshot_bytes
         self._future = future
         self._lock = threading.Lock()
         self._reported = False

@@ -218,7 +218,7 @@ class CheckpointStore:
                 max_workers=1, thread_name_prefix="ckpt-save"
             )
         future = self._executor.submit(self._persist_logged, prepared, fence, timeout)
-        handle = SaveHandle(step, future)
+        handle = SaveHandle(step, future, prepared.held_bytes)
         self._pending = handle
         return handle
 

@@ -45,7 +45,9 @@ def with_step_one(make: Callable[[], Location]) -> Location:
     return loc
 
 
-def faulty_store(loc: Location, plan: FaultPlan | None = None) -> tuple[CheckpointStore, FaultyFileSystem]:
+def faulty_store(
+    loc: Location, plan: FaultPlan | None = None
+) -> tuple[CheckpointStore, FaultyFileSystem]:
     ffs = FaultyFileSystem(loc.fs, plan)
     return CheckpointStore(loc.url, fs=ffs, retry=FAST_RETRY, config=CONFIG), ffs
 
