@@ -133,6 +133,7 @@ class Trainer:
         self._last_loss: float | None = None
         self._store = None
         self._pending_save = None
+        self._pending_commits = False
 
     # -- setup / teardown ----------------------------------------------------
 
@@ -304,6 +305,8 @@ class Trainer:
                                      f"{state.step} with {size} worker(s)",
                                      seconds=round(took, 4), step=state.step, gen=gen)
             failed_at = None
+            if self._pending_save is not None and self._pending_save.done():
+                self._finish_pending_save(raise_errors=False)
             if self.on_step is not None:
                 self.on_step(state.step, self._last_loss)
             if control[_FLAG_STOP] > 0:
@@ -388,11 +391,15 @@ class Trainer:
         if handle is None:
             return
         try:
-            handle.wait(timeout=self.config.checkpoint_timeout)
+            info = handle.wait(timeout=self.config.checkpoint_timeout)
         except Exception as exc:
             self.events.emit("checkpoint_failed", f"checkpoint failed: {exc}", error=str(exc))
             if raise_errors:
                 raise
+            return
+        if self._pending_commits:
+            self.events.emit("checkpoint_committed", f"checkpoint step {info.step} committed",
+                             step=info.step)
 
     def _checkpoint(self, group: WorkerGroup, final: bool) -> None:
         if self._store is None:
@@ -417,6 +424,7 @@ class Trainer:
         else:
             self._pending_save = self._store.save_async(step, self.state.checkpoint_dict(),
                                                         **kwargs)
+            self._pending_commits = group.rank == 0
             if group.rank == 0:
                 self.events.emit("checkpoint", f"checkpoint step {step} started "
                                  f"(blocked {time.monotonic() - t0:.3f}s)", step=step,

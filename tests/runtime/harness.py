@@ -34,6 +34,7 @@ class Job:
                  script: str = CLASSIFIER, script_args: list[str] | None = None,
                  out: str = "final.pt", name: str = "launcher") -> None:
         self.dir = str(tmp_path)
+        os.makedirs(self.dir, exist_ok=True)
         self.job = job or f"t{uuid.uuid4().hex[:8]}"
         self.event_log = os.path.join(self.dir, f"{self.job}.events.jsonl")
         self.ledger_dir = os.path.join(self.dir, "ledger")

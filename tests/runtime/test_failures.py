@@ -20,6 +20,7 @@ from tests.helpers.wait import wait_until
 from .harness import Job, max_abs_diff, recovered_events
 
 TOLERANCE = 1e-5
+SLOW_ARGS = ["--max-steps", "96", "--epochs", "2", "--step-time", "0.2"]
 DATASET = 4096
 
 
@@ -74,9 +75,10 @@ def test_sigstopped_worker_is_evicted_and_run_matches_reference(
 
 def test_worker_joining_a_running_job_gets_state_from_peers(
         tmp_path, etcd_url, reference, jobs):
-    job = Job(tmp_path, nproc=2, etcd_url=etcd_url)
+    # Slower steps: the joiner's interpreter needs seconds to import torch.
+    job = Job(tmp_path, nproc=2, etcd_url=etcd_url, script_args=SLOW_ARGS)
     jobs.append(job)
-    job.wait_step(15)
+    job.wait_step(5)
     joiner = Job(tmp_path, nproc=1, etcd_url=etcd_url, job=job.job, name="joiner",
                  out="joiner.pt")
     jobs.append(joiner)
