@@ -435,8 +435,10 @@ class FaultyFile:
             except Exception:
                 pass  # best effort: the process is "dead"
             inner.closed = True
-        elif hasattr(inner, "f") and hasattr(inner.f, "close"):
-            inner.f.close()  # local file: the kernel keeps what was written so far
+        elif hasattr(getattr(inner, "f", None), "raw"):
+            # Local file: close the descriptor under the buffer.  Bytes that reached the
+            # kernel stay; bytes still in the process's buffer are lost, as in a real death.
+            inner.f.raw.close()
 
     @property
     def closed(self) -> bool:

@@ -146,7 +146,8 @@ def _tensors_only(node: Any) -> Any:
         return node
     if isinstance(node, Mapping):
         out = {k: _tensors_only(v) for k, v in node.items()}
-        return {k: v for k, v in out.items() if v is not None}
+        kept = {k: v for k, v in out.items() if v is not None}
+        return kept or None
     if isinstance(node, (list, tuple)):
         kept = [v for v in map(_tensors_only, node) if v is not None]
         return type(node)(kept) if kept else None
