@@ -1,0 +1,399 @@
+"""Named, seeded fault schedules.
+
+A scenario is a recipe: ``schedule(seed)`` draws every free choice (which
+rank, at which step, how long an outage lasts, which checkpoint a storage
+fault hits) from ``random.Random(f"{name}:{seed}")``, so the same name and
+seed always give the same schedule (``elastic chaos list --seed N`` prints
+it).  Timing of the processes themselves is not reproducible; the schedule
+says at which *step* or *event* a fault fires, not at which second.
+
+The training run every scenario shares (unless it says otherwise): the chaos
+workload, 760 samples, global batch 32, 2 epochs = 48 steps, a checkpoint
+every 10 steps, 3 workers, lease TTL 2 s, collective timeout 4 s.  (The
+interval does not divide the step count on purpose: ``checkpoint-on-last-step``
+covers the case where it does.)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from chaos.faults import (
+    JOIN,
+    KILL_ALL_RESUME,
+    KILL_ETCD,
+    KILL_WORKER,
+    ON_CHECKPOINT,
+    ON_FAILURE,
+    ON_FULL_WORLD,
+    ON_RENDEZVOUS,
+    PAUSE_ETCD,
+    PAUSE_WORKER,
+    RESTART_ETCD,
+    SLOW_RANK,
+    STEP_EXCEPTION,
+    FaultSpec,
+    StorageFault,
+    manifest_glob,
+    part_glob,
+    shard_glob,
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The maths of a run: what the reference is computed for (not timing, not W)."""
+
+    dataset_size: int = 760
+    batch_size: int = 32
+    epochs: int = 2
+    lr: float = 0.05
+    seed: int = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.dataset_size // self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def args(self) -> list[str]:
+        return ["--dataset-size", str(self.dataset_size), "--batch-size", str(self.batch_size),
+                "--epochs", str(self.epochs), "--lr", str(self.lr), "--seed", str(self.seed)]
+
+    @property
+    def key(self) -> str:
+        return (f"n{self.dataset_size}-b{self.batch_size}-e{self.epochs}-lr{self.lr:g}"
+                f"-s{self.seed}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What one (scenario, seed) does: faults in firing order, plus worker-side faults."""
+
+    faults: tuple[FaultSpec, ...] = ()
+    storage: tuple[StorageFault, ...] = ()
+    slow_step_s: float = 0.0
+    slow_steps: int = 0
+
+    @property
+    def corrupted_on_purpose(self) -> set[int]:
+        return {f.step for f in self.storage if f.corrupts and f.step is not None}
+
+    def describe(self) -> list[str]:
+        slow = ([f"slow rank: {self.slow_steps} step(s) {self.slow_step_s:g}s slower"]
+                if self.slow_steps else [])
+        return [f.describe() for f in self.faults] + [f.describe() for f in self.storage] + slow
+
+    def to_json(self) -> dict[str, Any]:
+        return {"faults": [f.to_json() for f in self.faults],
+                "storage": [f.to_json() for f in self.storage],
+                "slow_step_s": self.slow_step_s, "slow_steps": self.slow_steps}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The run a schedule is drawn for."""
+
+    workers: int
+    total_steps: int
+    checkpoint_every: int
+
+    @property
+    def checkpoints(self) -> list[int]:
+        """Periodic checkpoint steps (the final one excluded)."""
+        return list(range(self.checkpoint_every, self.total_steps, self.checkpoint_every))
+
+
+# Named expectations a scenario may add to the five invariants (see runner.py).
+EXPECT_NO_EVICTION = "no-eviction"  # one World for the whole run, no failed collective
+EXPECT_CHECKPOINT_FAILED = "checkpoint-failure-reported"  # the storage error surfaced
+EXPECT_ALL_COMMITTED = "all-checkpoints-committed"  # transient faults absorbed by retries
+EXPECT_STALE_REFUSED = "stale-commit-refused"  # a zombie's commit was refused
+EXPECT_DAMAGE_DETECTED = "damage-detected"  # an injected torn/flipped file fails verify
+EXPECT_JOINED = "joiners-trained"  # the World grew beyond the initial workers
+EXPECT_FAULTS_FIRED = "faults-fired"  # every scheduled fault fired (always checked)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    draw: Callable[[random.Random, Shape], Schedule]
+    workers: int = 3
+    step_time: float = 0.1
+    checkpoint_every: int = 10
+    train: TrainConfig = field(default_factory=TrainConfig)
+    bound_s: float = 120.0
+    settle_s: float = 0.5
+    expect: tuple[str, ...] = ()
+    smoke: bool = False
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.workers, self.train.total_steps, self.checkpoint_every)
+
+    def schedule(self, seed: int) -> Schedule:
+        return self.draw(random.Random(f"{self.name}:{seed}"), self.shape)
+
+
+# -- the recipes -----------------------------------------------------------------------
+
+
+def _mid(rng: random.Random, s: Shape, lo: float = 0.2, hi: float = 0.45) -> int:
+    """A step in the first half, late enough that training is under way."""
+    return rng.randint(max(2, int(s.total_steps * lo)), int(s.total_steps * hi))
+
+
+def _after_checkpoint(rng: random.Random, s: Shape, first: int = 0) -> tuple[int, int]:
+    """A checkpoint step (from the ``first``-th on) and a step a few steps after it."""
+    ckpt = rng.choice(s.checkpoints[first:-1])
+    return ckpt, ckpt + rng.randint(2, s.checkpoint_every - 3)
+
+
+def kill_worker(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec(KILL_WORKER, _mid(rng, s), rank=rng.randrange(s.workers)),))
+
+
+def kill_rank0(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec(KILL_WORKER, _mid(rng, s), rank=0),))
+
+
+def kill_two(rng: random.Random, s: Shape) -> Schedule:
+    step = _mid(rng, s)
+    a, b = rng.sample(range(s.workers), 2)
+    # Both ranks refer to the same World: the second kill follows within milliseconds.
+    return Schedule((FaultSpec(KILL_WORKER, step, rank=a),
+                     FaultSpec(KILL_WORKER, step, rank=b)))
+
+
+def kill_same_rank(rng: random.Random, s: Shape) -> Schedule:
+    rank = rng.randrange(1, s.workers)
+    first = rng.randint(3, 6)
+    again = FaultSpec(KILL_WORKER, 0, on=ON_FULL_WORLD, rank=rank)
+    return Schedule((FaultSpec(KILL_WORKER, first, rank=rank), again, again))
+
+
+def zombie(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec(PAUSE_WORKER, _mid(rng, s), rank=rng.randrange(1, s.workers),
+                               duration_s=30.0),))
+
+
+def zombie_rank0(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec(PAUSE_WORKER, _mid(rng, s), rank=0, duration_s=30.0),))
+
+
+def zombie_rank0_saving(rng: random.Random, s: Shape) -> Schedule:
+    ckpt = rng.choice(s.checkpoints[:-1])
+    # Hold rank 0's commit (reading the other ranks' part records) long enough
+    # for it to be frozen mid-save; it resumes after a newer World formed.
+    hold = StorageFault("delay", part_glob(ckpt), ops=("cat",), times=None,
+                        delay_s=1.5, step=ckpt)
+    return Schedule((FaultSpec(PAUSE_WORKER, ckpt, on=ON_CHECKPOINT, rank=0, delay_s=0.3,
+                               duration_s=30.0),), storage=(hold,))
+
+
+def step_exception(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec(STEP_EXCEPTION, _mid(rng, s), rank=rng.randrange(s.workers)),))
+
+
+def step_exception_twice(rng: random.Random, s: Shape) -> Schedule:
+    first = _mid(rng, s, 0.15, 0.3)
+    return Schedule((FaultSpec(STEP_EXCEPTION, first, rank=rng.randrange(s.workers)),
+                     FaultSpec(STEP_EXCEPTION, first + rng.randint(4, 10),
+                               rank=rng.randrange(s.workers - 1))))
+
+
+def slow_rank(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec(SLOW_RANK, _mid(rng, s), rank=rng.randrange(s.workers)),),
+                    slow_step_s=round(rng.uniform(1.5, 2.5), 2), slow_steps=rng.randint(3, 5))
+
+
+def etcd_kill(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec(KILL_ETCD, _mid(rng, s),
+                               duration_s=round(rng.uniform(0.5, 3.0), 2)),))
+
+
+def etcd_pause(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec(PAUSE_ETCD, _mid(rng, s),
+                               duration_s=round(rng.uniform(1.0, 4.0), 2)),))
+
+
+def etcd_kill_during_save(rng: random.Random, s: Shape) -> Schedule:
+    ckpt = rng.choice(s.checkpoints[:-1])
+    # Slow the shard writes so the commit (and its fenced etcd transaction)
+    # comes while etcd is down.
+    slow = StorageFault("delay", shard_glob(ckpt), ops=("write",), times=None, delay_s=0.5,
+                        step=ckpt)
+    return Schedule((FaultSpec(KILL_ETCD, ckpt, on=ON_CHECKPOINT,
+                               duration_s=round(rng.uniform(1.5, 3.0), 2)),), storage=(slow,))
+
+
+def etcd_outage_with_crash(rng: random.Random, s: Shape) -> Schedule:
+    step = _mid(rng, s)
+    return Schedule((FaultSpec(KILL_ETCD, step),
+                     FaultSpec(KILL_WORKER, step, rank=rng.randrange(s.workers),
+                               delay_s=round(rng.uniform(0.2, 1.0), 2)),
+                     FaultSpec(RESTART_ETCD, step, delay_s=round(rng.uniform(1.0, 3.0), 2))))
+
+
+def storage_transient(rng: random.Random, s: Shape) -> Schedule:
+    ckpt = rng.choice(s.checkpoints)
+    rank = rng.randrange(s.workers)
+    return Schedule(storage=(
+        StorageFault("fail", shard_glob(ckpt, rank), ops=("write",), times=rng.randint(1, 3),
+                     step=ckpt),
+        StorageFault("fail", manifest_glob(ckpt), ops=("open",), times=1, step=ckpt),
+        StorageFault("fail", part_glob(ckpt), ops=("cat",), times=rng.randint(1, 2), step=ckpt),
+    ))
+
+
+def storage_permanent(rng: random.Random, s: Shape) -> Schedule:
+    ckpt = rng.choice(s.checkpoints)
+    return Schedule(storage=(
+        StorageFault("fail", shard_glob(ckpt, 0), ops=("open",), times=None, step=ckpt,
+                     permanent=True),))
+
+
+def storage_latency(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule(storage=(
+        StorageFault("delay", "step-*/g*/r*/data-*", ops=("write",), times=None,
+                     delay_s=round(rng.uniform(0.3, 1.0), 2)),
+        StorageFault("delay", "step-*/*manifest.json", ops=("open",), times=None,
+                     delay_s=round(rng.uniform(0.1, 0.5), 2)),
+    ))
+
+
+def _damaged_then_resumed(action: str) -> Callable[[random.Random, Shape], Schedule]:
+    def draw(rng: random.Random, s: Shape) -> Schedule:
+        ckpt, kill_at = _after_checkpoint(rng, s, first=1)
+        damage = StorageFault(action, shard_glob(ckpt, rng.randrange(s.workers)),
+                              ops=("write",), times=1, keep=0.5, step=ckpt)
+        return Schedule((FaultSpec(KILL_ALL_RESUME, kill_at),), storage=(damage,))
+
+    return draw
+
+
+def join_burst(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec(JOIN, rng.randint(2, 6), count=2),))
+
+
+def kill_during_save(rng: random.Random, s: Shape) -> Schedule:
+    ckpt = rng.choice(s.checkpoints[:-1])
+    rank = rng.randrange(s.workers)
+    # A slow shard write keeps the victim inside its save when the kill lands.
+    slow = StorageFault("delay", shard_glob(ckpt, rank), ops=("write",), times=None,
+                        delay_s=1.5, step=ckpt)
+    return Schedule((FaultSpec(KILL_WORKER, ckpt, on=ON_CHECKPOINT, rank=rank, delay_s=0.4),),
+                    storage=(slow,))
+
+
+def kill_during_rendezvous(rng: random.Random, s: Shape) -> Schedule:
+    a, b = rng.sample(range(s.workers), 2)
+    # The first kill brings a replacement; the second lands while it waits in
+    # the settle window (or while a World is being gathered).
+    return Schedule((FaultSpec(KILL_WORKER, _mid(rng, s, 0.1, 0.2), rank=a),
+                     FaultSpec(KILL_WORKER, 0, on=ON_RENDEZVOUS, rank=b)))
+
+
+def kill_on_failure(rng: random.Random, s: Shape) -> Schedule:
+    a, b = rng.sample(range(s.workers), 2)
+    return Schedule((FaultSpec(STEP_EXCEPTION, _mid(rng, s), rank=a),
+                     FaultSpec(KILL_WORKER, 0, on=ON_FAILURE, rank=b)))
+
+
+def no_faults(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule()
+
+
+def kill_all_resume(rng: random.Random, s: Shape) -> Schedule:
+    _, kill_at = _after_checkpoint(rng, s)
+    return Schedule((FaultSpec(KILL_ALL_RESUME, kill_at),))
+
+
+def kill_all_resume_twice(rng: random.Random, s: Shape) -> Schedule:
+    first = rng.choice(s.checkpoints[:2]) + rng.randint(2, s.checkpoint_every - 3)
+    second = s.checkpoints[-2] + rng.randint(2, s.checkpoint_every - 3)
+    return Schedule((FaultSpec(KILL_ALL_RESUME, first), FaultSpec(KILL_ALL_RESUME, second)))
+
+
+def _scenarios() -> dict[str, Scenario]:
+    all_ = [
+        Scenario("kill-worker", "SIGKILL one worker (any rank) mid-run", kill_worker,
+                 smoke=True),
+        Scenario("kill-rank0", "SIGKILL rank 0 (leader, store host) mid-run", kill_rank0),
+        Scenario("kill-two-workers", "SIGKILL two of three workers at the same step", kill_two),
+        Scenario("kill-same-rank-repeatedly",
+                 "SIGKILL the same rank three times, each once the World is full again",
+                 kill_same_rank, step_time=0.45, bound_s=180.0),
+        Scenario("zombie-worker", "SIGSTOP a worker past its lease TTL, SIGCONT once evicted",
+                 zombie),
+        Scenario("zombie-rank0", "SIGSTOP rank 0 past its lease TTL, SIGCONT once evicted",
+                 zombie_rank0),
+        Scenario("zombie-rank0-during-save",
+                 "freeze rank 0 inside a checkpoint commit; it wakes up in a newer generation",
+                 zombie_rank0_saving, expect=(EXPECT_STALE_REFUSED,)),
+        Scenario("step-exception", "an exception raised inside one rank's training step",
+                 step_exception, smoke=True),
+        Scenario("step-exception-twice", "exceptions inside the step on two occasions",
+                 step_exception_twice),
+        Scenario("slow-rank", "one rank runs slower than its peers (below the collective "
+                 "timeout) for a few steps: it must not be evicted", slow_rank,
+                 expect=(EXPECT_NO_EVICTION,)),
+        Scenario("etcd-kill-restart", "SIGKILL etcd, restart it on its data dir after an outage",
+                 etcd_kill, smoke=True),
+        Scenario("etcd-pause", "SIGSTOP etcd for up to 4 s, then SIGCONT", etcd_pause),
+        Scenario("etcd-kill-during-save", "SIGKILL etcd while a checkpoint commits",
+                 etcd_kill_during_save),
+        Scenario("etcd-outage-with-crash",
+                 "a worker dies while etcd is down; etcd comes back, the job re-forms",
+                 etcd_outage_with_crash),
+        Scenario("storage-transient", "transient storage errors on shard, part-record and "
+                 "manifest I/O of one checkpoint: retried", storage_transient, smoke=True,
+                 expect=(EXPECT_ALL_COMMITTED,)),
+        Scenario("storage-permanent", "a permanent storage error on one checkpoint: reported, "
+                 "nothing torn, later checkpoints commit", storage_permanent,
+                 expect=(EXPECT_CHECKPOINT_FAILED,)),
+        Scenario("storage-latency", "slow shard writes and manifest commits on every checkpoint",
+                 storage_latency, expect=(EXPECT_ALL_COMMITTED,)),
+        Scenario("storage-torn-write", "a shard file is torn on write; every worker is then "
+                 "killed and the job resumed: the torn step must be skipped",
+                 _damaged_then_resumed("truncate"), expect=(EXPECT_DAMAGE_DETECTED,)),
+        Scenario("storage-bitflip", "one bit of a shard file flips on write; every worker is "
+                 "then killed and the job resumed: the bad step must be skipped",
+                 _damaged_then_resumed("bitflip"), expect=(EXPECT_DAMAGE_DETECTED,)),
+        Scenario("join-burst", "two workers join a running job at once", join_burst,
+                 workers=2, step_time=0.3, expect=(EXPECT_JOINED,), settle_s=1.0),
+        Scenario("kill-during-save", "SIGKILL a worker while it writes a checkpoint",
+                 kill_during_save),
+        Scenario("kill-during-rendezvous", "SIGKILL a worker while a World is being formed",
+                 kill_during_rendezvous, step_time=0.3, settle_s=1.5),
+        Scenario("kill-on-failure", "SIGKILL a survivor right after a peer failed",
+                 kill_on_failure),
+        Scenario("kill-all-resume", "SIGKILL the launcher and every worker, then --resume",
+                 kill_all_resume, smoke=True),
+        Scenario("checkpoint-on-last-step", "no fault: the periodic checkpoint falls on the "
+                 "last step, where the final checkpoint is taken too", no_faults,
+                 checkpoint_every=8, bound_s=90.0),
+        Scenario("kill-all-resume-twice", "kill everything and resume, two times",
+                 kill_all_resume_twice, bound_s=180.0),
+    ]
+    return {s.name: s for s in all_}
+
+
+SCENARIOS: dict[str, Scenario] = _scenarios()
+
+
+def get(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise KeyError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}") from None
+
+
+def smoke() -> list[Scenario]:
+    return [s for s in SCENARIOS.values() if s.smoke]
