@@ -259,6 +259,7 @@ class ElasticLauncher:
         env.update(cfg.to_env())
         env["LOCAL_RANK"] = str(local_rank)
         env["PYTHONUNBUFFERED"] = "1"
+        _share_cores(env, self.args.nproc)
         # A new session: a terminal Ctrl-C reaches only the launcher, which then
         # stops the job in order (final checkpoint) instead of killing workers.
         proc = subprocess.Popen(
@@ -361,6 +362,16 @@ class ElasticLauncher:
             events.close()
 
 
+def _share_cores(env: dict[str, str], nproc: int) -> None:
+    """Split the cores among local workers unless the user chose a thread count.
+
+    Each torch process otherwise starts one thread per core, and N workers on
+    one machine oversubscribe it N-fold (torchrun sets 1 for the same reason).
+    """
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+
+
 def _signal(proc: subprocess.Popen, sig: int) -> None:
     if proc.returncode is None:
         try:
@@ -400,6 +411,7 @@ def _run_torchrun_compat(args: argparse.Namespace) -> int:
                     "TORCHELASTIC_MAX_RESTARTS": str(args.max_restarts),
                     "TORCHELASTIC_RUN_ID": job, "PYTHONUNBUFFERED": "1",
                 })
+                _share_cores(env, n)
                 proc = subprocess.Popen([sys.executable, args.script, *args.script_args],
                                         env=env, start_new_session=True,
                                         preexec_fn=die_with_parent())

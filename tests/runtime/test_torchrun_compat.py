@@ -39,3 +39,13 @@ def test_restarts_are_bounded(tmp_path):
     proc = run(tmp_path, "--max-restarts", "0", env={"CRASH_ON_FIRST_ATTEMPT": "1"})
     assert proc.returncode == 1
     assert "no restarts left (0)" in proc.stderr
+
+
+def test_the_shipped_torchrun_example_runs_unchanged(tmp_path):
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(SCRIPT))),
+                           "examples", "torchrun_ddp.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "elastic.cli", "run", "--torchrun-compat", "-n", "2", example],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "world 2, restart 0, final loss" in proc.stdout

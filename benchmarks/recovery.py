@@ -1,0 +1,354 @@
+"""Recovery, join pause and steady-state step time: this runtime vs torchrun.
+
+    python benchmarks/recovery.py [--trials 5] [--quick] [--json out.json]
+
+One invocation, same machine, same model, same global batch and step time
+(benchmarks/bench_workload.py). Cases, each repeated --trials times (median
+reported):
+
+  elastic kill   : `elastic run -n 3`; SIGKILL one worker at step 30; seconds
+                   from the kill to the next completed step; steps redone.
+  elastic join   : `elastic run -n 3`; a 4th worker joins at step 30; the
+                   extra pause survivors see (gap between steps across the
+                   generation change minus the usual step interval).
+  torchrun kill  : `torch.distributed.run --rdzv-backend c10d --max-restarts 3`
+                   with the script checkpointing every 20 steps and resuming
+                   from it; default settings and with TORCH_GLOO_LAZY_INIT=1.
+                   A trial that shows no step within --give-up seconds of the
+                   kill counts as not recovered.
+  steady state   : median step interval over steps 20-120 with no failures,
+                   3 workers, no sleep (pure compute), vs plain DDP under
+                   torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from elastic.etcd import EmbeddedEtcd, free_port  # noqa: E402
+
+WORKLOAD = os.path.join(HERE, "bench_workload.py")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def wait_for(fn: Callable[[], Any], timeout: float, poll: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(poll)  # polling a log file; bounded by timeout
+    return None
+
+
+def descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            items = f.read().split(b"\0")
+    except OSError:
+        return {}
+    return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)
+
+
+class Group:
+    """Processes started by one trial; all are killed in ``close``."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.extra: set[int] = set()
+
+    def start(self, args: list[str], env: dict[str, str], log: str) -> subprocess.Popen:
+        with open(log, "ab") as f:
+            p = subprocess.Popen(args, env=env, stdout=f, stderr=f, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def close(self) -> None:
+        pids = set(self.extra)
+        for p in self.procs:
+            pids |= descendants(p.pid) | {p.pid}
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def elastic_cmd(job: str, etcd: str, events: str, n: int, steps: int, step_time: float,
+                extra: list[str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "elastic.cli", "run", "-n", str(n), "--job", job,
+            "--etcd", etcd, "--event-log", events, *(extra or []), WORKLOAD, "elastic",
+            "--steps", str(steps), "--step-time", str(step_time)]
+
+
+def steps_of(events: list[dict]) -> list[dict]:
+    return [e for e in events if e.get("event") == "step"]
+
+
+def trial_elastic_kill(tmp: str, etcd: str, step_time: float, give_up: float) -> dict:
+    job = f"bk{uuid.uuid4().hex[:6]}"
+    log = os.path.join(tmp, f"{job}.jsonl")
+    g = Group()
+    try:
+        g.start(elastic_cmd(job, etcd, log, 3, 2000, step_time, ["--max-restarts", "0"]),
+                dict(os.environ), os.path.join(tmp, f"{job}.out"))
+        if not wait_for(lambda: any(e["step"] >= 30 for e in steps_of(read_jsonl(log))), 180):
+            return {"recovered": False, "error": "never reached step 30"}
+        evs = read_jsonl(log)
+        gen_event = [e for e in evs if e["event"] == "generation"][-1]
+        victim = gen_event["world"][1]
+        pid = [e for e in evs if e["event"] == "spawn" and e["member"] == victim][-1]["pid"]
+        t_kill = time.time()
+        os.kill(pid, signal.SIGKILL)
+        after = wait_for(lambda: [e for e in steps_of(read_jsonl(log))
+                                  if e["gen"] > gen_event["gen"]], give_up)
+        if not after:
+            return {"recovered": False}
+        before = max(e["step"] for e in steps_of(read_jsonl(log)) if e["t"] <= t_kill)
+        return {"recovered": True, "seconds": after[0]["t"] - t_kill,
+                "redone": before - (after[0]["step"] - 1)}
+    finally:
+        g.close()
+
+
+def trial_elastic_join(tmp: str, etcd: str, step_time: float, give_up: float) -> dict:
+    job = f"bj{uuid.uuid4().hex[:6]}"
+    log = os.path.join(tmp, f"{job}.jsonl")
+    g = Group()
+    try:
+        g.start(elastic_cmd(job, etcd, log, 3, 2000, step_time), dict(os.environ),
+                os.path.join(tmp, f"{job}.out"))
+        if not wait_for(lambda: any(e["step"] >= 30 for e in steps_of(read_jsonl(log))), 180):
+            return {"joined": False, "error": "never reached step 30"}
+        g.start(elastic_cmd(job, etcd, log, 1, 2000, step_time), dict(os.environ),
+                os.path.join(tmp, f"{job}.join.out"))
+        grown = wait_for(lambda: [e for e in steps_of(read_jsonl(log)) if e["world"] == 4],
+                         give_up + 30)
+        if not grown:
+            return {"joined": False}
+        steps = steps_of(read_jsonl(log))
+        first = grown[0]
+        prev = max((e for e in steps if e["step"] == first["step"] - 1), key=lambda e: e["t"])
+        intervals = [b["t"] - a["t"] for a, b in zip(steps, steps[1:], strict=False)
+                     if a["gen"] == b["gen"] and b["step"] == a["step"] + 1]
+        usual = statistics.median(intervals)
+        gap = first["t"] - prev["t"]
+        return {"joined": True, "gap": gap, "usual": usual, "pause": max(0.0, gap - usual)}
+    finally:
+        g.close()
+
+
+def torchrun_cmd(job: str, port: int, steps: int, step_time: float, ckpt: str | None,
+                 n: int = 3) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc-per-node", str(n), "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", job, "--max-restarts", "3",
+           WORKLOAD, "ddp", "--steps", str(steps), "--step-time", str(step_time)]
+    if ckpt:
+        cmd += ["--ckpt", ckpt, "--ckpt-every", "20"]
+    return cmd
+
+
+def trial_torchrun_kill(tmp: str, step_time: float, give_up: float, lazy: bool) -> dict:
+    job = f"tk{uuid.uuid4().hex[:6]}"
+    log = os.path.join(tmp, f"{job}.jsonl")
+    env = dict(os.environ, BENCH_EVENTS=log)
+    if lazy:
+        env["TORCH_GLOO_LAZY_INIT"] = "1"
+    g = Group()
+    try:
+        agent = g.start(torchrun_cmd(job, free_port(), 2000, step_time,
+                                     os.path.join(tmp, f"{job}.pt")),
+                        env, os.path.join(tmp, f"{job}.out"))
+        if not wait_for(lambda: any(e["step"] >= 30 for e in steps_of(read_jsonl(log))), 180):
+            return {"recovered": False, "error": "never reached step 30"}
+        victims = [p for p in descendants(agent.pid)
+                   if environ_of(p).get("LOCAL_RANK") == "1"
+                   and environ_of(p).get("BENCH_EVENTS") == log]
+        if not victims:
+            return {"recovered": False, "error": "worker of local rank 1 not found"}
+        t_kill = time.time()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        after = wait_for(lambda: [e for e in steps_of(read_jsonl(log))
+                                  if e["attempt"] >= 1], give_up)
+        if not after:
+            return {"recovered": False}
+        before = max(e["step"] for e in steps_of(read_jsonl(log)) if e["t"] <= t_kill)
+        return {"recovered": True, "seconds": after[0]["t"] - t_kill,
+                "redone": before - (after[0]["step"] - 1)}
+    finally:
+        g.close()
+
+
+def steady_interval(log: str) -> float | None:
+    steps = [e for e in steps_of(read_jsonl(log)) if 20 <= e["step"] <= 120]
+    intervals = [b["t"] - a["t"] for a, b in zip(steps, steps[1:], strict=False)
+                 if b["step"] == a["step"] + 1]
+    return statistics.median(intervals) if intervals else None
+
+
+def trial_steady(tmp: str, etcd: str, hidden: int) -> dict:
+    out: dict[str, float | None] = {}
+    job = f"bs{uuid.uuid4().hex[:6]}"
+    log = os.path.join(tmp, f"{job}.jsonl")
+    g = Group()
+    try:
+        cmd = elastic_cmd(job, etcd, log, 3, 121, 0.0) + ["--hidden", str(hidden)]
+        p = g.start(cmd, dict(os.environ), os.path.join(tmp, f"{job}.out"))
+        p.wait(timeout=300)
+        out["elastic"] = steady_interval(log)
+    finally:
+        g.close()
+    job = f"ts{uuid.uuid4().hex[:6]}"
+    log = os.path.join(tmp, f"{job}.jsonl")
+    g = Group()
+    try:
+        cmd = torchrun_cmd(job, free_port(), 121, 0.0, None) + ["--hidden", str(hidden)]
+        env = dict(os.environ, BENCH_EVENTS=log, TORCH_GLOO_LAZY_INIT="1")
+        p = g.start(cmd, env, os.path.join(tmp, f"{job}.out"))
+        p.wait(timeout=300)
+        out["ddp"] = steady_interval(log)
+    finally:
+        g.close()
+    return out
+
+
+def med(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def fmt(x: float | None, unit: str = "s") -> str:
+    return "n/a" if x is None else f"{x:.3f} {unit}".strip()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="1 trial each, for a smoke check")
+    ap.add_argument("--step-time", type=float, default=0.05,
+                    help="seconds of simulated compute per step in the failure cases")
+    ap.add_argument("--hidden", type=int, default=512, help="MLP width for the steady case")
+    ap.add_argument("--give-up", type=float, default=30.0,
+                    help="a kill with no step within this many seconds is not recovered")
+    ap.add_argument("--json", default=None, help="write raw results here")
+    args = ap.parse_args()
+    trials = 1 if args.quick else args.trials
+    if trials < 1:
+        ap.error("--trials must be >= 1")
+    results: dict[str, list[dict]] = {k: [] for k in
+                                      ("elastic_kill", "elastic_join", "torchrun_default",
+                                       "torchrun_lazy", "steady")}
+    with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp, \
+            EmbeddedEtcd(data_dir=os.path.join(tmp, "etcd")) as etcd:
+        for i in range(trials):
+            # Interleaved so drift of the machine affects every case alike.
+            for name, fn in (
+                ("elastic_kill", lambda: trial_elastic_kill(tmp, etcd.url, args.step_time,
+                                                            args.give_up)),
+                ("elastic_join", lambda: trial_elastic_join(tmp, etcd.url, args.step_time,
+                                                            args.give_up)),
+                ("torchrun_default", lambda: trial_torchrun_kill(tmp, args.step_time,
+                                                                 args.give_up, lazy=False)),
+                ("torchrun_lazy", lambda: trial_torchrun_kill(tmp, args.step_time,
+                                                              args.give_up, lazy=True)),
+                ("steady", lambda: trial_steady(tmp, etcd.url, args.hidden)),
+            ):
+                r = fn()
+                results[name].append(r)
+                print(f"trial {i + 1}/{trials} {name}: {r}", file=sys.stderr, flush=True)
+
+    def kill_row(name: str, label: str) -> str:
+        rs = results[name]
+        ok = [r for r in rs if r.get("recovered")]
+        return (f"| {label} | {len(ok)}/{len(rs)} | {fmt(med([r['seconds'] for r in ok]))} | "
+                f"{fmt(med([r['redone'] for r in ok]), '')} |")
+
+    joins = [r for r in results["elastic_join"] if r.get("joined")]
+    steady = [r for r in results["steady"] if r.get("elastic") and r.get("ddp")]
+    ratio = med([r["elastic"] / r["ddp"] for r in steady])
+    lines = [
+        f"Recovery benchmark, {trials} trial(s) per case, 3 workers, step time "
+        f"{args.step_time}s simulated compute, median shown.",
+        "",
+        "| case | recovered | kill -> next step | steps redone |",
+        "|---|---|---|---|",
+        kill_row("elastic_kill", "elastic (this runtime)"),
+        kill_row("torchrun_lazy", "torchrun, TORCH_GLOO_LAZY_INIT=1, ckpt every 20"),
+        kill_row("torchrun_default", "torchrun, default settings, ckpt every 20"),
+        "",
+        "| join of a 4th worker | joined | pause survivors see | gap across the switch |"
+        " usual step |",
+        "|---|---|---|---|---|",
+        f"| elastic | {len(joins)}/{len(results['elastic_join'])} | "
+        f"{fmt(med([r['pause'] for r in joins]))} | {fmt(med([r['gap'] for r in joins]))} | "
+        f"{fmt(med([r['usual'] for r in joins]))} |",
+        "",
+        f"| steady state (MLP width {args.hidden}, no failures) | step time | ratio |",
+        "|---|---|---|",
+        f"| elastic | {fmt(med([r['elastic'] for r in steady]))} | "
+        f"{'n/a' if ratio is None else f'{ratio:.3f}'} |",
+        f"| DDP under torchrun | {fmt(med([r['ddp'] for r in steady]))} | 1.000 |",
+    ]
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
