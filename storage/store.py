@@ -87,8 +87,9 @@ class StoreConfig:
     chunk_bytes: int = 8 * 2**20
     checksum: str = "crc32"
     gc_grace_s: float = 3600.0
-    poll_initial_s: float = 0.02
-    poll_max_s: float = 1.0
+    # Rank 0 commits this long after the last part lands at worst; a poll is one small read.
+    poll_initial_s: float = 0.01
+    poll_max_s: float = 0.2
 
     def __post_init__(self) -> None:
         for name in ("max_file_bytes", "io_threads", "chunk_bytes"):
@@ -217,8 +218,9 @@ class CheckpointStore:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="ckpt-save"
             )
+        snapshot_bytes = prepared.held_bytes
         future = self._executor.submit(self._persist_logged, prepared, fence, timeout)
-        handle = SaveHandle(step, future, prepared.held_bytes)
+        handle = SaveHandle(step, future, snapshot_bytes)
         self._pending = handle
         return handle
 
@@ -312,6 +314,7 @@ class CheckpointStore:
                 chunk_bytes=self.config.chunk_bytes,
                 io_threads=self.config.io_threads,
             )
+            prepared.release()
             if prepared.rank != 0:
                 record = layout.join(
                     step_rel, layout.part_record(prepared.generation, prepared.rank)
@@ -333,6 +336,7 @@ class CheckpointStore:
             manifest = self._build_manifest(prepared, parts)
             return self._commit(manifest, fence)
         finally:
+            prepared.release()  # also on failure: a stored exception must not pin the snapshot
             with self._lock:
                 self._inflight.discard(prepared.step)
 
@@ -344,9 +348,14 @@ class CheckpointStore:
         found: dict[int, PartRecord] = {}
         rejected: dict[int, str] = {}
         backoff = self.config.poll_initial_s
+        gen_rel = layout.join(step_rel, layout.generation_dir(prepared.generation))
         while True:
+            # One listing per poll, then reads of the records that appeared only.
+            present = {entry["name"] for entry in self._io.ls(gen_rel)}
             for rank in sorted(missing):
                 rel = layout.join(step_rel, layout.part_record(prepared.generation, rank))
+                if layout.basename(rel) not in present:
+                    continue
                 try:
                     record = decode_part(self._io.read_bytes(rel), self._io.display(rel))
                 except FileNotFoundError:

@@ -62,6 +62,12 @@ class PreparedSave:
         """Bytes of tensor data this save holds (its snapshot size when copied)."""
         return sum(data.numel() for _, data in self.sources.values())
 
+    def release(self) -> None:
+        """Drop the tensor data once it is durable: an async snapshot is freed before
+        the commit (which may wait for other ranks), not whenever the thread lets go."""
+        self.sources.clear()
+        self.pieces.clear()
+
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -106,7 +106,7 @@ def test_an_unreachable_endpoint_fails_after_bounded_retries() -> None:
         **s3_options(f"http://127.0.0.1:{port}"),
         "config_kwargs": {"connect_timeout": 0.5, "retries": {"max_attempts": 1}},
     }
-    retry = RetryPolicy(max_attempts=2, max_time_s=5, initial_backoff_s=0.01, max_backoff_s=0.02)
+    retry = RetryPolicy(max_attempts=2, max_time_s=60, initial_backoff_s=0.01, max_backoff_s=0.02)
     store = CheckpointStore("s3://bucket/run", storage_options=options, retry=retry)
     with pytest.raises(StorageUnavailableError, match=r"s3://bucket/run.*failed after 2 attempt"):
         store.list()

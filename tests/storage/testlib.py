@@ -182,7 +182,7 @@ def save_ranks(
     *,
     ranks: list[int] | None = None,
     per_rank: Callable[[int], dict[str, Any]] = per_rank_state,
-    timeout: float = 20.0,
+    timeout: float = 60.0,
     **save_kw: Any,
 ) -> dict[int, Any]:
     """Save as `world_size` ranks at once (threads, one store each, like processes);
