@@ -363,13 +363,15 @@ class ElasticLauncher:
 
 
 def _share_cores(env: dict[str, str], nproc: int) -> None:
-    """Split the cores among local workers unless the user chose a thread count.
+    """One intra-op thread per worker unless the user chose a count.
 
-    Each torch process otherwise starts one thread per core, and N workers on
-    one machine oversubscribe it N-fold (torchrun sets 1 for the same reason).
+    Each torch process otherwise starts one thread per core and N local workers
+    oversubscribe the machine N-fold (torchrun sets 1 for the same reason).
+    It is 1 whatever N is: the thread count changes how CPU kernels split their
+    reductions, and workers started by launchers with different N must compute
+    bitwise the same gradients for ``grad_shards`` to be exact.
     """
-    if "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    env.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import TensorDataset, default_collate
 
 from .config import RuntimeConfig
 from .errors import (
@@ -282,10 +282,10 @@ class Trainer:
             else:
                 share, b = sampler.share(rank, size)
                 parts = [share] if share else []
-            torch.manual_seed(self.seed * 7919 + state.step * 104_729 + rank)
+            self._reseed(self.seed * 7919 + state.step * 104_729 + rank)
             ids = [i for part in parts for i in part]
-            flat, local_loss = self._local_gradient(parts, b)
-            flat = self._pack(flat, local_loss, gen)
+            pieces, local_loss = self._local_gradient(parts, b)
+            flat = self._pack(pieces, local_loss, gen)
             if self.ledger is not None:
                 self.ledger.record(step=state.step, epoch=sampler.epoch, generation=gen,
                                    rank=rank, world_size=size, ids=ids)
@@ -336,45 +336,70 @@ class Trainer:
 
     # -- gradient + control packing --------------------------------------------
 
-    def _flat_grads(self) -> torch.Tensor:
-        return torch.cat([
+    def _reseed(self, seed: int) -> None:
+        # Not torch.manual_seed: with CUDA uninitialised it queues a lazy seed
+        # call that records a stack trace each time (~2 ms per step).
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+
+    def _fetch(self, ids: list[int]) -> Any:
+        # Batched fetching where the dataset supports it (torch's __getitems__
+        # protocol; a TensorDataset is indexed in one go); else per sample.
+        if self.collate_fn is default_collate and isinstance(self.dataset, TensorDataset):
+            index = torch.tensor(ids)
+            return [t[index] for t in self.dataset.tensors]
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if getitems is not None:
+            return self.collate_fn(getitems(ids))
+        return self.collate_fn([self.dataset[i] for i in ids])
+
+    def _grad_pieces(self) -> list[torch.Tensor]:
+        return [
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
             for p in self._params
-        ])
+        ]
 
-    def _local_gradient(self, parts: list[list[int]], b: int) -> tuple[torch.Tensor, float]:
-        """This rank's gradient contribution (already weighted by share / b)."""
-        total: torch.Tensor | None = None
-        local_loss = 0.0
+    def _local_gradient(self, parts: list[list[int]], b: int
+                        ) -> tuple[list[torch.Tensor], float]:
+        """This rank's gradient contribution (weighted by share / b), as pieces
+        to concatenate, and the sum of its per-sample losses."""
         exact = self.grad_shards is not None
+        total: torch.Tensor | None = None
+        pieces: list[torch.Tensor] = []
+        local_loss = 0.0
         for ids in parts:
             for p in self._params:
                 p.grad = None
-            batch = _to_device(self.collate_fn([self.dataset[i] for i in ids]), self.device)
+            batch = _to_device(self._fetch(ids), self.device)
             loss = self.loss_fn(self.model, batch)
             (loss * (len(ids) / b)).backward()
             local_loss += float(loss.detach()) * len(ids)
-            flat = self._flat_grads()
-            if exact:
-                # A sum of a few float32 values is exact in float64, so the
-                # order in which ranks and micro-batches are added is irrelevant.
-                flat = flat.double()
-            total = flat if total is None else total + flat
-        if total is None:
+            if not exact:
+                pieces = self._grad_pieces()  # one share per rank: no extra copy
+                continue
+            # A sum of a few float32 values is exact in float64, so the order
+            # in which ranks and micro-batches are added is irrelevant.
+            flat = torch.cat(self._grad_pieces()).double()
+            total = flat if total is None else total.add_(flat)
+        if total is not None:
+            pieces = [total]
+        if not pieces:
             dtype = torch.float64 if exact else self._params[0].dtype
-            total = torch.zeros(sum(p.numel() for p in self._params), dtype=dtype,
-                                device=self.device)
-        return total, local_loss
+            pieces = [torch.zeros(sum(p.numel() for p in self._params), dtype=dtype,
+                                  device=self.device)]
+        return pieces, local_loss
 
-    def _pack(self, grads: torch.Tensor, local_loss: float, gen: int) -> torch.Tensor:
+    def _pack(self, pieces: list[torch.Tensor], local_loss: float, gen: int) -> torch.Tensor:
+        """Gradient and control flags in one buffer: one all-reduce per step."""
         rdzv = self.rdzv
         reform = rdzv.session.lost.is_set() or rdzv.reform_pending(gen)
         control = torch.tensor(
             [float(reform), float(rdzv.job_flag("stop")), float(self._leave.is_set()),
              local_loss],
-            dtype=grads.dtype, device=grads.device,
+            dtype=pieces[0].dtype, device=pieces[0].device,
         )
-        return torch.cat([grads, control])
+        return torch.cat([*pieces, control])
 
     def _unpack(self, flat: torch.Tensor) -> None:
         offset = 0
