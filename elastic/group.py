@@ -65,6 +65,12 @@ class WorkerGroup:
         if dist.is_initialized():
             raise WorkerGroupError("a process group is still active; close it first")
         td = datetime.timedelta(seconds=self.timeout)
+        if "nccl" in self.backend:
+            # A failed NCCL collective must raise in this process (so the rank
+            # can re-form) instead of NCCL's watchdog tearing the process down
+            # or a wait blocking forever; the user's explicit setting wins.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+            os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
         try:
             if self.rank == 0:
                 base = self._store_host.store

@@ -32,6 +32,7 @@ from .errors import (
     ElasticError,
     EtcdUnavailableError,
     JobEnded,
+    RendezvousTimeoutError,
     SessionLostError,
     WorkerGroupError,
 )
@@ -204,13 +205,22 @@ class Trainer:
             try:
                 world = self.rdzv.next_world(after=gen, timeout=cfg.join_timeout)
             except SessionLostError:
-                # A zombie (frozen past its TTL) or a long etcd outage: our keys
-                # are gone. Join again as a new member; peers hold the state.
-                self.events.emit("rejoin", f"{cfg.member_id}: lease lost, rejoining")
+                # A zombie (frozen past its TTL) or an etcd outage longer than
+                # the TTL: our keys are gone. Register again under a new lease
+                # and wait for a World newer than the last one we saw (the old
+                # record still lists us), asking for it in case nobody else
+                # will (after an outage every member is in the same spot).
+                self.events.emit("rejoin", f"{cfg.member_id}: lease lost, rejoining",
+                                 gen=gen)
                 self.rdzv.close()
                 self.rdzv = self._join()
-                gen = 0
+                self._request_reform(gen)
                 continue
+            except RendezvousTimeoutError:
+                world = self.rdzv.current()
+                if world is not None and world.size >= cfg.max_workers:
+                    continue  # a standby: the job is full and running; keep waiting
+                raise
             except JobEnded as ended:
                 outcome = "finished" if ended.reason == "finished" else "stopped"
                 return FitResult(outcome, self.state.step, gen, self._last_loss)
@@ -239,10 +249,7 @@ class Trainer:
                 gen = world.generation
                 self.events.emit("failure", f"rank {rank} of generation {gen}: {exc}",
                                  gen=gen, rank=rank, step=self.state.step, error=str(exc))
-                try:
-                    self.rdzv.request_reform(gen)
-                except EtcdUnavailableError as etcd_exc:
-                    log.warning("could not request a re-form: %s", etcd_exc)
+                self._request_reform(gen)
                 continue
             finally:
                 group.close()
@@ -250,6 +257,14 @@ class Trainer:
                 failed_at = time.monotonic()
                 continue
             return FitResult(outcome, self.state.step, gen, self._last_loss)
+
+    def _request_reform(self, gen: int) -> None:
+        try:
+            self.rdzv.request_reform(gen)
+        except (EtcdUnavailableError, SessionLostError) as exc:
+            # Not fatal: the leader also re-forms when it sees a member gone,
+            # and next_world reports a lost session.
+            log.warning("could not request a re-form of generation %d: %s", gen, exc)
 
     def _ensure_state(self, group: WorkerGroup) -> bool:
         """Give rank 0 state when nobody has any: restore or take the fresh init."""
