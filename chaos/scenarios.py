@@ -247,7 +247,7 @@ def storage_transient(rng: random.Random, s: Shape) -> Schedule:
     return Schedule(storage=(
         StorageFault("fail", shard_glob(ckpt, rank), ops=("write",), times=rng.randint(1, 3),
                      step=ckpt),
-        StorageFault("fail", manifest_glob(ckpt), ops=("open",), times=1, step=ckpt),
+        StorageFault("fail", manifest_glob(ckpt), ops=("write",), times=1, step=ckpt),
         StorageFault("fail", part_glob(ckpt), ops=("cat",), times=rng.randint(1, 2), step=ckpt),
     ))
 
@@ -255,7 +255,7 @@ def storage_transient(rng: random.Random, s: Shape) -> Schedule:
 def storage_permanent(rng: random.Random, s: Shape) -> Schedule:
     ckpt = rng.choice(s.checkpoints)
     return Schedule(storage=(
-        StorageFault("fail", shard_glob(ckpt, 0), ops=("open",), times=None, step=ckpt,
+        StorageFault("fail", shard_glob(ckpt, 0), ops=("write",), times=None, step=ckpt,
                      permanent=True),))
 
 
@@ -263,7 +263,7 @@ def storage_latency(rng: random.Random, s: Shape) -> Schedule:
     return Schedule(storage=(
         StorageFault("delay", "step-*/g*/r*/data-*", ops=("write",), times=None,
                      delay_s=round(rng.uniform(0.3, 1.0), 2)),
-        StorageFault("delay", "step-*/*manifest.json", ops=("open",), times=None,
+        StorageFault("delay", "step-*/*manifest.json", ops=("write",), times=None,
                      delay_s=round(rng.uniform(0.1, 0.5), 2)),
     ))
 
