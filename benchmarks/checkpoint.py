@@ -110,7 +110,7 @@ def settled_rss(limit_s: float = 3.0) -> int:
 
 @contextmanager
 def peak_rss() -> Iterator[dict[str, int]]:
-    """Sample resident memory every millisecond; yields {'extra': peak - baseline}."""
+    """Sample resident memory every 5 ms; yields {'extra': peak - baseline}."""
     out = {"extra": 0}
     base = settled_rss()
     peak = base
@@ -120,7 +120,7 @@ def peak_rss() -> Iterator[dict[str, int]]:
         nonlocal peak
         while not stop.is_set():
             peak = max(peak, rss())
-            stop.wait(0.001)
+            stop.wait(0.005)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

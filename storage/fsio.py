@@ -254,7 +254,7 @@ class StorageIO:
             for path in paths:
                 self.fs.invalidate_cache(path)
 
-        self.call("delete", f"{len(rels)} file(s) under {rels[0].split('/', 1)[0]}", run)
+        self.call("delete", rels[0] if len(rels) == 1 else f"{rels[0]} (+{len(rels) - 1})", run)
 
     def remove_empty_dirs(self, rel: str, *, keep_top: bool) -> None:
         """Remove empty directories below `rel` (and `rel` itself unless `keep_top`).

@@ -30,10 +30,14 @@ class SaveHandle:
     def done(self) -> bool:
         return self._future.done()
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait up to `timeout` for the save to finish, without raising its error."""
+        concurrent.futures.wait([self._future], timeout)
+        return self._future.done()
+
     def wait(self, timeout: float | None = None) -> CheckpointInfo:
         """Block until the save finished (at most `timeout` seconds; None = no limit)."""
-        concurrent.futures.wait([self._future], timeout)
-        if not self._future.done():
+        if not self.join(timeout):
             raise SaveTimeoutError(
                 f"asynchronous save of step {self.step} still running after {timeout}s"
             )

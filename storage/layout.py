@@ -22,7 +22,6 @@ MANIFEST = "manifest.json"
 TEMP_PREFIX = ".tmp-"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _GEN_RE = re.compile(r"^g(\d+)$")
-_PART_RE = re.compile(r"^part-(\d+)\.json$")
 
 
 def step_dir(step: int) -> str:
@@ -56,11 +55,6 @@ def data_file(writer_dir: str, index: int) -> str:
 def part_record(generation: int, rank: int) -> str:
     """Rank's part record, relative to the step directory."""
     return f"{generation_dir(generation)}/part-{rank:05d}.json"
-
-
-def parse_part_record(name: str) -> int | None:
-    match = _PART_RE.match(name)
-    return int(match.group(1)) if match else None
 
 
 def temp_name(final_name: str) -> str:

@@ -14,6 +14,7 @@ step, generation, world size and user metadata.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 
 from storage.checksum import digest
 from storage.errors import CorruptCheckpointError, UnsupportedFormatError
+from storage.serialize import dtype_from_name
 
 VERSION = 1
 MANIFEST_FORMAT = "elastic-ckpt-manifest"
@@ -186,7 +188,7 @@ def encode_manifest(m: Manifest) -> bytes:
 def decode_manifest(data: bytes, where: str) -> Manifest:
     body = _unseal(MANIFEST_FORMAT, data, where)
     try:
-        return Manifest(
+        manifest = Manifest(
             step=int(body["step"]),
             generation=int(body["generation"]),
             world_size=int(body["world_size"]),
@@ -199,8 +201,32 @@ def decode_manifest(data: bytes, where: str) -> Manifest:
             per_rank={int(rank): tree for rank, tree in body["per_rank"].items()},
             metadata=body["metadata"],
         )
+        _check_consistent(manifest, where)
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptCheckpointError(f"{where}: malformed manifest ({exc!r})") from exc
+    return manifest
+
+
+def _check_consistent(m: Manifest, where: str) -> None:
+    """Every tensor's pieces lie in listed files and cover it exactly once, so that a
+    load can never hand out uninitialised memory, whatever the manifest says."""
+    sizes = {f.path: f.size for f in m.files}
+    for tid, entry in m.tensors.items():
+        expected = math.prod(entry.shape) * dtype_from_name(entry.dtype).itemsize
+        covered = 0
+        for loc in sorted(entry.locations, key=lambda loc: loc.start):
+            size = sizes.get(loc.file)
+            if size is None or loc.offset < 0 or loc.offset + loc.nbytes > size:
+                raise CorruptCheckpointError(
+                    f"{where}: tensor {tid} points outside the checkpoint's files ({loc.file})"
+                )
+            if loc.start != covered:
+                break
+            covered += loc.nbytes
+        if covered != expected:
+            raise CorruptCheckpointError(
+                f"{where}: the pieces of tensor {tid} do not cover its {expected} bytes"
+            )
 
 
 def encode_part(p: PartRecord) -> bytes:

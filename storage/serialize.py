@@ -111,24 +111,6 @@ def decode_tree(node: Any, tensor: Callable[[str], torch.Tensor]) -> Any:
     return node
 
 
-def tree_tensor_ids(node: Any) -> list[str]:
-    """The ids of all tensors referenced by an encoded tree, in order."""
-    out: list[str] = []
-
-    def walk(n: Any) -> None:
-        if isinstance(n, dict):
-            if "t" in n:
-                out.append(n["t"])
-            for key in ("l", "u"):
-                for v in n.get(key, ()):
-                    walk(v)
-            for _, v in n.get("d", ()):
-                walk(v)
-
-    walk(node)
-    return out
-
-
 def check_tensor(t: torch.Tensor, path: tuple[Any, ...]) -> None:
     """Reject tensors whose raw bytes would not round-trip exactly."""
     problem = None

@@ -266,13 +266,11 @@ class CheckpointStore:
         handle = self._pending
         if handle is None:
             return
-        if not handle.done():
-            concurrent.futures.wait([handle._future], timeout)
-            if not handle.done():
-                raise SaveTimeoutError(
-                    f"the previous asynchronous save (step {handle.step}) is still running "
-                    f"after {timeout}s; at most one save may be in flight"
-                )
+        if not handle.join(timeout):
+            raise SaveTimeoutError(
+                f"the previous asynchronous save (step {handle.step}) is still running "
+                f"after {timeout}s; at most one save may be in flight"
+            )
         self._pending = None
         error = handle.unreported_error()
         if error is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from storage import CorruptCheckpointError, UnsupportedFormatError
@@ -80,3 +82,20 @@ def test_a_part_record_is_not_a_manifest() -> None:
     part = encode_part(PartRecord(1, 0, 0, 1, "p", "w", (), {}, {"d": []}, {}))
     with pytest.raises(CorruptCheckpointError, match="expected format 'elastic-ckpt-manifest'"):
         decode_manifest(part, "m")
+
+
+@pytest.mark.parametrize(
+    ("locations", "message"),
+    [
+        ((Location(DATA, 0, 0, 8),), "do not cover its 12 bytes"),
+        ((Location(DATA, 4, 0, 12),), "points outside"),
+        ((Location("elsewhere.bin", 0, 0, 12),), "points outside"),
+        ((Location(DATA, 0, 0, 8), Location(DATA, 8, 4, 4)), "do not cover"),
+    ],
+)
+def test_a_sealed_but_inconsistent_manifest_is_refused(
+    locations: tuple[Location, ...], message: str
+) -> None:
+    bad = replace(MANIFEST, tensors={'["w"]': TensorEntry("float32", (3,), locations)})
+    with pytest.raises(CorruptCheckpointError, match=message):
+        decode_manifest(encode_manifest(bad), "m")
