@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import etcd3
 import grpc
@@ -167,9 +167,23 @@ def retry_call(fn: Callable[[], T], *, what: str, timeout: float, attempts: int 
     A request naming a lease that is gone is not retried (it cannot succeed):
     it raises :class:`SessionLostError` at once.
     """
+    started = time.monotonic()
+    # Fast path: nearly every call succeeds at once, and building tenacity's
+    # retry state costs ~0.4 ms, a third of a member's join CPU at 256 members.
+    try:
+        return fn()
+    except Exception as exc:
+        if not _transient(exc):
+            _raise_permanent(exc, what)
+        first: BaseException = exc
+    left = timeout - (time.monotonic() - started)
+    if left <= 0 or attempts <= 1:
+        raise EtcdUnavailableError(
+            f"etcd: {what} failed for {timeout:.1f}s (bound): {first!r}"
+        ) from first
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(_transient),
-        stop=tenacity.stop_after_delay(timeout) | tenacity.stop_after_attempt(attempts),
+        stop=tenacity.stop_after_delay(left) | tenacity.stop_after_attempt(attempts - 1),
         wait=tenacity.wait_exponential(multiplier=0.05, max=1.0),
         reraise=False,
     )
@@ -180,12 +194,15 @@ def retry_call(fn: Callable[[], T], *, what: str, timeout: float, attempts: int 
         raise EtcdUnavailableError(
             f"etcd: {what} failed for {timeout:.1f}s (bound): {cause!r}"
         ) from cause
-    except grpc.RpcError as exc:
-        if lease_gone(exc):
-            raise SessionLostError(
-                f"etcd: {what}: the lease is gone (expired or revoked)"
-            ) from exc
-        raise
+    except Exception as exc:
+        _raise_permanent(exc, what)
+
+
+def _raise_permanent(exc: BaseException, what: str) -> NoReturn:
+    """Re-raise an error that retrying cannot fix (a gone lease as SessionLostError)."""
+    if lease_gone(exc):
+        raise SessionLostError(f"etcd: {what}: the lease is gone (expired or revoked)") from exc
+    raise exc
 
 
 def connect(config: EtcdConfig | str) -> etcd3.MultiEndpointEtcd3Client:
