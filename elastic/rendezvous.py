@@ -46,6 +46,7 @@ from .membership import KeyValue, Member, PrefixMirror, Session, register_member
 from .world import World, WorldMember
 
 log = logging.getLogger(__name__)
+_GONE = object()  # a wait ended because this member left or lost its session
 
 
 @dataclass(frozen=True)
@@ -199,9 +200,9 @@ class Rendezvous:
             what="announcing readiness", timeout=self.config.op_timeout,
         )
 
-        def mine(snap: dict[str, KeyValue]) -> World | str | None:
+        def mine(snap: dict[str, KeyValue]) -> World | str | object | None:
             if self.session.lost.is_set() or self._closed.is_set():
-                return None
+                return _GONE
             for reason, key in (("finished", self.keys.done), ("stopped", self.keys.stop)):
                 if key in snap:
                     return reason
@@ -210,7 +211,10 @@ class Rendezvous:
                 return world
             return None
 
-        world = self.ctl.wait_for(mine, timeout, wake=self.session.lost)
+        # No polling: losing the session and close() both notify the ctl mirror.
+        world = self.ctl.wait_for(mine, timeout)
+        if world is _GONE:
+            world = None
         if isinstance(world, str):
             raise JobEnded(world)
         if world is not None:
@@ -264,15 +268,20 @@ class Rendezvous:
 
     # -- leadership ------------------------------------------------------------
 
+    def _leaving(self) -> bool:
+        return self._closed.is_set() or self.session.lost.is_set()
+
     def _campaign_loop(self) -> None:
         tx = self.client.transactions
-        while not self._closed.is_set() and not self.session.lost.is_set():
+        # The waits below need no polling: close() and a lost session notify
+        # the ctl mirror, and the predicates check for both.
+        while not self._leaving():
             try:
                 vacant = self.ctl.wait_for(
-                    lambda s: True if self.keys.leader not in s else None,
-                    timeout=1.0, wake=self._closed,
+                    lambda s: True if self._leaving() or self.keys.leader not in s else None,
+                    timeout=self.config.op_timeout,
                 )
-                if not vacant or self._closed.is_set():
+                if not vacant or self._leaving():
                     continue
                 won, _ = retry_call(
                     lambda: self.client.transaction(
@@ -291,8 +300,8 @@ class Rendezvous:
                     # Someone else won: wait until our mirror shows their key
                     # instead of campaigning again on a stale view.
                     self.ctl.wait_for(
-                        lambda s: True if self.keys.leader in s else None,
-                        timeout=self.config.op_timeout, wake=self._closed,
+                        lambda s: True if self._leaving() or self.keys.leader in s else None,
+                        timeout=self.config.op_timeout,
                     )
             except (EtcdUnavailableError, SessionLostError) as exc:
                 log.warning("member %s campaign interrupted: %s", self.id, exc)
