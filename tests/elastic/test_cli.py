@@ -106,8 +106,12 @@ def test_status_fails_clearly_and_within_its_bound(case: str,
     assert "Traceback" not in done.stderr
     for fragment in fragments:
         assert fragment in done.stderr, (fragment, done.stderr)
-    # Interpreter start + the stated 1 s bound, with room for four starts on two cores.
-    assert done.elapsed < 20.0
+    assert done.elapsed < 60.0  # no hang, even with four interpreters starting on two cores
+    if case == "unreachable":
+        # Beyond starting the interpreter (what the config errors cost: they
+        # never touch the network), it waits about its stated 1 s bound.
+        start_cost = min(r.elapsed for c, r in bad_status_runs.items() if c != case)
+        assert done.elapsed - start_cost < 1.0 + 4.0
 
 
 def test_run_refuses_min_workers_above_max_workers(tmp_path: Any) -> None:

@@ -91,7 +91,7 @@ def test_committed_state_survives_etcd_sigkill_and_sessions_keep_their_leases(
     members.append(SimMember(make_client(url), keys, "c", cfg).start())
     wait_until(lambda: all((w := m.current()) and w.generation == world.generation + 1
                            for m in members), 15, "generation 2 held by a, b and c")
-    assert members[2].current().ids == ("a", "b", "c")
+    assert members[2].current().ids == (*world.ids, "c")  # survivors first, in their order
     assert not [m.error for m in members if m.error]
 
 
@@ -115,7 +115,9 @@ def test_session_reports_lost_when_an_etcd_outage_outlasts_its_ttl(
         fresh_etcd.kill()
         wait_until(session.lost.is_set, session.ttl + 3, "the session to report lost")
         lost_after = time.monotonic() - killed_at
-        assert session.ttl <= lost_after <= session.ttl + session.keepalive_interval + 1.0
+        # Silence counts from the last answered keepalive, up to one interval before the kill.
+        assert session.ttl - session.keepalive_interval <= lost_after
+        assert lost_after <= session.ttl + session.keepalive_interval + 1.0
         assert "no keepalive" in session.lost_reason
         with pytest.raises(SessionLostError):
             session.check()
