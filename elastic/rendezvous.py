@@ -173,6 +173,10 @@ class Rendezvous:
     def current(self) -> World | None:
         return read_world(self.ctl.snapshot(), self.keys)
 
+    def generation(self) -> int:
+        """The current generation (a local read of the mirrored ``ctl/gen``)."""
+        return _int(self.ctl.get(self.keys.gen))
+
     def reform_pending(self, generation: int) -> bool:
         """True once a World newer than ``generation`` is formed or being gathered.
 

@@ -447,7 +447,10 @@ class Trainer:
         step, gen = self.state.step, group.generation
         fence = self.rdzv.commit_fence(gen) if group.rank == 0 else None
         kwargs = dict(rank=group.rank, world_size=group.size, generation=gen, fence=fence,
-                      timeout=self.config.checkpoint_timeout)
+                      timeout=self.config.checkpoint_timeout,
+                      # Once a newer generation exists the fence refuses this
+                      # commit, and a dead rank's part never comes: stop waiting.
+                      abandon=lambda: self.rdzv.generation() > gen)
         self._finish_pending_save(raise_errors=False)
         t0 = time.monotonic()
         if final:

@@ -57,6 +57,10 @@ class MissingPartsError(StorageError, TimeoutError):
     """The committer timed out waiting for the parts of other ranks."""
 
 
+class SaveAbandonedError(StorageError):
+    """The committer stopped waiting for parts because its caller said so."""
+
+
 class SaveTimeoutError(StorageError, TimeoutError):
     """Waiting for an asynchronous save exceeded the given timeout."""
 

@@ -40,6 +40,7 @@ from storage.errors import (
     FenceError,
     InvalidArgumentError,
     MissingPartsError,
+    SaveAbandonedError,
     SaveTimeoutError,
     StaleWriterError,
     StateMismatchError,
@@ -174,6 +175,7 @@ class CheckpointStore:
         world_size: int = 1,
         per_rank_state: Mapping[str, Any] | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
+        abandon: Callable[[], bool] | None = None,
     ) -> CheckpointInfo:
         """Save synchronously; returns once committed (rank 0) or once this rank's part
         is durable (other ranks, `committed=False`).
@@ -183,12 +185,16 @@ class CheckpointStore:
         is called once, on rank 0, right before the commit: False raises
         StaleWriterError and removes this generation's files.  `timeout` bounds
         waiting for a previous async save and, on rank 0, for the other ranks' parts.
+        `abandon()`, polled by rank 0 while it waits for parts, ends that wait early
+        with SaveAbandonedError when it returns True (the runtime passes "my
+        generation is over": the fence would refuse the commit anyway, and a part of
+        a dead rank never arrives).
         """
         timeout = _check_timeout(timeout)
         prepared = self._prepare(
             step, state, generation, rank, world_size, per_rank_state, metadata, timeout, copy=False
         )
-        return self._persist(prepared, fence, timeout)
+        return self._persist(prepared, fence, timeout, abandon)
 
     def save_async(
         self,
@@ -202,6 +208,7 @@ class CheckpointStore:
         world_size: int = 1,
         per_rank_state: Mapping[str, Any] | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
+        abandon: Callable[[], bool] | None = None,
     ) -> SaveHandle:
         """Like `save`, but only the CPU snapshot happens on the calling thread.
 
@@ -219,7 +226,7 @@ class CheckpointStore:
                 max_workers=1, thread_name_prefix="ckpt-save"
             )
         snapshot_bytes = prepared.held_bytes
-        future = self._executor.submit(self._persist_logged, prepared, fence, timeout)
+        future = self._executor.submit(self._persist_logged, prepared, fence, timeout, abandon)
         handle = SaveHandle(step, future, snapshot_bytes)
         self._pending = handle
         return handle
@@ -277,10 +284,11 @@ class CheckpointStore:
             raise error
 
     def _persist_logged(
-        self, prepared: PreparedSave, fence: Fence | None, timeout: float
+        self, prepared: PreparedSave, fence: Fence | None, timeout: float,
+        abandon: Callable[[], bool] | None = None,
     ) -> CheckpointInfo:
         try:
-            return self._persist(prepared, fence, timeout)
+            return self._persist(prepared, fence, timeout, abandon)
         except BaseException as exc:
             log.error(
                 "background save of step %d to %s failed: %s: %s",
@@ -292,7 +300,8 @@ class CheckpointStore:
             raise
 
     def _persist(
-        self, prepared: PreparedSave, fence: Fence | None, timeout: float
+        self, prepared: PreparedSave, fence: Fence | None, timeout: float,
+        abandon: Callable[[], bool] | None = None,
     ) -> CheckpointInfo:
         deadline = time.monotonic() + timeout
         step_rel = layout.step_dir(prepared.step)
@@ -330,7 +339,7 @@ class CheckpointStore:
                     committed=False,
                 )
             parts = {0: part}
-            parts.update(self._wait_for_parts(prepared, deadline, timeout))
+            parts.update(self._wait_for_parts(prepared, deadline, timeout, abandon))
             manifest = self._build_manifest(prepared, parts)
             return self._commit(manifest, fence)
         finally:
@@ -339,7 +348,8 @@ class CheckpointStore:
                 self._inflight.discard(prepared.step)
 
     def _wait_for_parts(
-        self, prepared: PreparedSave, deadline: float, timeout: float
+        self, prepared: PreparedSave, deadline: float, timeout: float,
+        abandon: Callable[[], bool] | None = None,
     ) -> dict[int, PartRecord]:
         step_rel = layout.step_dir(prepared.step)
         missing = set(range(1, prepared.world_size))
@@ -375,6 +385,12 @@ class CheckpointStore:
                 rejected.pop(rank, None)
             if not missing:
                 return found
+            if abandon is not None and abandon():
+                raise SaveAbandonedError(
+                    f"step {prepared.step}, generation {prepared.generation}: abandoned while "
+                    f"waiting for rank(s) {sorted(missing)} (the writers' generation ended); "
+                    "nothing was committed"
+                )
             left = deadline - time.monotonic()
             if left <= 0:
                 detail = "".join(f"; rank {r}: {why}" for r, why in sorted(rejected.items()))

@@ -190,3 +190,21 @@ def test_load_with_a_bad_step_argument(memory_location: Location) -> None:
         memory_location.store().load("latest")  # type: ignore[arg-type]
     with pytest.raises(CheckpointNotFoundError, match=f"{layout.step_dir(0)}|step 0"):
         memory_location.store().verify(0)
+
+
+def test_committer_stops_waiting_for_parts_when_told_to_abandon(tmp_path) -> None:
+    import threading
+    import time
+
+    from storage import CheckpointStore, SaveAbandonedError
+
+    store = CheckpointStore(f"file://{tmp_path}/ck")
+    generation_over = threading.Event()
+    threading.Timer(0.2, generation_over.set).start()
+    t0 = time.monotonic()
+    # Rank 1 of 2 never writes its part; without abandon this waits 60 s.
+    with pytest.raises(SaveAbandonedError, match=r"waiting for rank\(s\) \[1\]"):
+        store.save(4, {"w": torch.zeros(8)}, rank=0, world_size=2, generation=3,
+                   timeout=60, abandon=generation_over.is_set)
+    assert time.monotonic() - t0 < 10
+    assert store.latest() is None
