@@ -5,8 +5,9 @@ the checkpoint location, etcd's revision history, the run's timing) and
 returns a :class:`Check`: held or not, and a one-line reason a user can act
 on.  A check that cannot be evaluated (missing data) does not hold.
 
-1. ``params``       final parameters of every worker that finished equal the
-                    failure-free reference within ``tolerance``.
+1. ``params``       the job finished (launcher exit 0, rank 0 reported the end)
+                    and the final parameters of every worker that finished
+                    equal the failure-free reference within ``tolerance``.
 2. ``exactly-once`` for every step the attempt whose update survived (the
                     newest run segment, then the newest generation that
                     attempted it) consumed each sample of each epoch once.
@@ -82,9 +83,13 @@ def max_param_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 
 def check_params(finals: dict[str, dict[str, Any]], reference: dict[str, Any] | None,
-                 tolerance: float = DEFAULT_TOLERANCE) -> Check:
+                 tolerance: float = DEFAULT_TOLERANCE, unfinished: str | None = None) -> Check:
+    """``unfinished``: why the job as a whole did not finish (then it has no final
+    parameters, whatever single workers wrote before it failed)."""
     if reference is None:
         return Check(PARAMS, False, "no reference parameters to compare with")
+    if unfinished:
+        return Check(PARAMS, False, f"the job did not finish: {unfinished}")
     if not finals:
         return Check(PARAMS, False, "no worker finished training (no final parameters)")
     diffs = {member: max_param_diff(p, reference) for member, p in finals.items()}

@@ -58,14 +58,14 @@ def _held_cell(r: RunResult) -> str:
 
 def summary_table(results: list[RunResult]) -> str:
     lines = ["| scenario | seed | faults injected | recovery s (max) | steps redone | "
-             "invariants held | expectations | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+             "invariants held | expectations | warnings | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         exp_failed = [c.name for c in r.expectations if not c.held]
         exp = "ok" if not exp_failed else "failed: " + ", ".join(dict.fromkeys(exp_failed))
         name = r.name + (f" [break: {', '.join(r.breaks)}]" if r.breaks else "")
         lines.append(f"| {name} | {r.seed} | {_faults_cell(r)} | {_recovery_cell(r)} | "
-                     f"{r.steps_redone} | {_held_cell(r)} | {exp} | "
+                     f"{r.steps_redone} | {_held_cell(r)} | {exp} | {len(r.warnings) or '-'} | "
                      f"{'PASS' if r.passed else 'FAIL'} |")
     return "\n".join(lines)
 
@@ -134,6 +134,12 @@ def markdown(doc: dict[str, Any], results: list[RunResult], pictures: dict[str, 
             out.append(f"- schedule: {'; '.join(r.schedule) or 'none'}")
             out.append(f"- artifacts: `{r.run_dir}`")
             out.append("")
+    warned = [r for r in results if r.warnings]
+    if warned:
+        out += ["## Warnings (no invariant broken)", ""]
+        for r in warned:
+            out += [f"- {r.name} seed {r.seed}: {w}" for w in r.warnings]
+        out.append("")
     out += ["## Runs", ""]
     for r in results:
         out.append(f"- **{r.name} seed {r.seed}**: {'; '.join(r.schedule) or 'no faults'} — "
@@ -196,6 +202,12 @@ def _plot_run(ax: Any, r: RunResult, ref: Reference | None) -> None:
                    color="tab:green", alpha=0.6, lw=1.5)
     world.set_ylabel("world size", color="tab:green")
     world.set_ylim(0, max([p["world"] for p in steps] + [1]) + 1)
+    for f in r.schedule_json.get("storage", []):
+        if f.get("step") is not None:
+            ax.axvline(f["step"], color="tab:orange", ls=":", lw=1)
+            ax.annotate(f"storage {f['action']}", (f["step"], 0),
+                        xycoords=("data", "axes fraction"), rotation=90, va="bottom",
+                        ha="right", fontsize=7, color="tab:orange")
     for f in r.timeline["faults"]:
         if f.get("step") is not None:
             ax.axvline(f["step"], color="tab:red" if f["fired"] else "0.8", ls="--", lw=1)

@@ -46,6 +46,7 @@ from chaos.faults import (
 from chaos.workload import BREAKS
 
 EXIT_OK, EXIT_VIOLATION, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_STOPPED = 3  # a worker's exit code when the job was stopped (elastic.runtime)
 WORKLOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workload.py")
 TOKEN_ENV = "CHAOS_RUN_TOKEN"
 POLL_S = 0.05
@@ -154,6 +155,7 @@ class RunResult:
     timeline: dict[str, Any]
     config_key: str
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)  # anomalies that break no invariant
 
     @property
     def invariants_held(self) -> bool:
@@ -176,7 +178,8 @@ class RunResult:
             "recovery_s": self.recovery_s, "steps_redone": self.steps_redone,
             "wall_s": round(self.wall_s, 2), "bound_s": self.bound_s,
             "launcher_exit_codes": self.exit_codes, "run_dir": self.run_dir,
-            "config": self.config_key, "error": self.error, "timeline": self.timeline,
+            "config": self.config_key, "error": self.error, "warnings": self.warnings,
+            "timeline": self.timeline,
         }
 
 
@@ -530,10 +533,12 @@ class Run:
         restores = [inv.Restore(e["t"], e["step"], seg.index)
                     for seg in self.segments for e in seg.tail.of("restore")]
         resumed = [seg.index for seg in self.segments if seg.resume]
+        unfinished = self._unfinished()
         if reference is not None:
-            params = inv.check_params(finals, reference.params, self.settings.tolerance)
+            params = inv.check_params(finals, reference.params, self.settings.tolerance,
+                                      unfinished)
         else:
-            params = _self_consistent(finals, self.settings.tolerance)
+            params = _self_consistent(finals, self.settings.tolerance, unfinished)
         checks = [
             params,
             inv.check_exactly_once(records, expected, total),
@@ -559,8 +564,37 @@ class Run:
             expectations=expectations, recovery_s=recovery,
             steps_redone=inv.steps_redone(records), wall_s=self.wall_s, bound_s=self.bound_s,
             exit_codes=[lp.proc.returncode for lp in self.launched], run_dir=self.run_dir,
-            timeline=self._timeline(), config_key=train.key,
+            timeline=self._timeline(), config_key=train.key, warnings=self._warnings(),
         )
+
+    def _warnings(self) -> list[str]:
+        """Workers that died although no fault was aimed at them (crashes of the runtime)."""
+        targets = {r.get("member") for r in self.records}
+        out = []
+        for seg in self.segments:
+            for e in seg.tail.of("exit"):
+                if e.get("rc") not in (0, EXIT_STOPPED) and e["member"] not in targets:
+                    out.append(f"worker {e['member']} exited with {e['rc']} without being "
+                               f"targeted (segment {seg.index}; see its launcher log)")
+        return out
+
+    def _unfinished(self) -> str | None:
+        """Why the job did not finish, or None: rank 0 of its last launch reported
+        ``finished`` and every launcher of that launch ended without an error (exit 0,
+        or 3: its workers left while the job went on elsewhere)."""
+        last = [lp for lp in self.launched if lp.segment == self.segment.index]
+        codes = [lp.proc.returncode for lp in last]
+        problems = []
+        if not self.segment.tail.of("finished"):
+            problems.append("rank 0 never reported 'finished'")
+        if any(c not in (0, EXIT_STOPPED) for c in codes):
+            shown = ", ".join("killed" if c is None else str(c) for c in codes)
+            problems.append(f"launcher exit code(s) {shown}")
+        gave_up = self.segment.tail.of("give_up")
+        if gave_up:
+            problems.append(f"the launcher gave up on {gave_up[0].get('member')} "
+                            "(no restarts left)")
+        return "; ".join(problems) or None
 
     def _events(self, name: str) -> list[dict[str, Any]]:
         return [e for seg in self.segments for e in seg.tail.of(name)]
@@ -629,8 +663,11 @@ class Run:
         return {"t0": t0, "steps": steps, "faults": faults}
 
 
-def _self_consistent(finals: dict[str, dict[str, Any]], tolerance: float) -> inv.Check:
+def _self_consistent(finals: dict[str, dict[str, Any]], tolerance: float,
+                     unfinished: str | None) -> inv.Check:
     """For the reference itself: every finisher holds the same parameters."""
+    if unfinished:
+        return inv.Check(inv.PARAMS, False, f"the job did not finish: {unfinished}")
     if not finals:
         return inv.Check(inv.PARAMS, False, "no worker finished training")
     first = next(iter(finals.values()))

@@ -235,3 +235,9 @@ def test_a_run_stopped_at_its_bound_is_a_hang() -> None:
     check = inv.check_no_hang(False, 60.0, 60.0, [None])
     assert not check.held and "bound of 60s" in check.detail
     assert inv.check_no_hang(True, 20.0, 60.0, [0]).held
+
+
+def test_a_job_that_failed_has_no_final_parameters_even_if_workers_wrote_some() -> None:
+    ref = _params()
+    check = inv.check_params({"m0": ref}, ref, unfinished="launcher exit code(s) 1")
+    assert not check.held and "did not finish: launcher exit code(s) 1" in check.detail
