@@ -99,9 +99,15 @@ class Session:
             # here and must not count the freeze as "recently refreshed".
             try:
                 ttl = None
-                for resp in self.client.refresh_lease(self.lease_id):
-                    ttl = resp.TTL
-                    break
+                responses = self.client.refresh_lease(self.lease_id)
+                try:
+                    for resp in responses:
+                        ttl = resp.TTL
+                        break
+                finally:
+                    # Cancel the keepalive stream now, not whenever the
+                    # suspended generator is collected (maybe at exit).
+                    responses.close()
                 if not ttl or ttl <= 0:
                     self._mark_lost("lease expired or was revoked")
                     return
@@ -325,10 +331,16 @@ class PrefixMirror:
             self._cond.notify_all()
         self._closing.set()
         self._resubscribe.set()
-        if self._stream is not None:
-            self._stream.cancel()
         if self._thread is not None:
             self._thread.join(timeout=2.0)
+        with self._cond:
+            stream = self._stream
+        if stream is not None:
+            stream.cancel()
+            # Wait for its reader: a daemon thread still inside gRPC when the
+            # interpreter exits can leave a lock held that gRPC's __del__ then
+            # waits for forever (seen: a process that never exited).
+            stream._thread.join(timeout=2.0)
 
     # -- reading ---------------------------------------------------------
 
@@ -426,6 +438,9 @@ class PrefixMirror:
                     # second subscribe and leak this stream).
                     if stream._error is not None:
                         raise stream._error
+                    if self._closed:  # closed while we subscribed: nobody else will cancel it
+                        stream.cancel()
+                        return
                     self._live_epoch = epoch
                     self._stream = stream
             except _Compacted:
