@@ -63,7 +63,7 @@ def test_fence_without_generation_compare_accepts_a_zombies_commit(
 def test_a_worker_that_never_exits_is_reported_as_a_hang(chaos_reference, tmp_path) -> None:
     scenario = sc.get("kill-worker")
     plan = RunPlan("no-faults", 0, scenario, sc.Schedule(), breaks=("hang",),
-                   bound_s=max(45.0, 2.5 * chaos_reference.result.wall_s))
+                   bound_s=max(35.0, 1.6 * chaos_reference.result.wall_s))
     result = run_plan(plan, chaos_reference, str(tmp_path / "run"))
     failed = _failed(result)
     assert set(failed) == {inv.NO_HANG}, explain(result)
