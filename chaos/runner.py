@@ -215,12 +215,23 @@ def processes_with_token(token: str) -> set[int]:
     return found
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    try:
-        from elastic.procutil import die_with_parent
-    except ImportError:  # older runtime: the finally-block sweep still stops everything
-        return None
-    return die_with_parent()
+# The child sets PR_SET_PDEATHSIG itself and then execs the launcher: a launcher
+# must not outlive a killed runner, and a preexec_fn would make subprocess fork
+# this process, whose gRPC threads (the runner talks to etcd) can abort a
+# forked child before it execs (seen in the launcher: SIGABRT right after fork).
+_EXEC_DYING_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(70)  # the runner is already gone\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _dying_with_us(cmd: list[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", _EXEC_DYING_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 def _embedded_etcd(data_dir: str, binary: str | None) -> Any:
@@ -375,9 +386,9 @@ class Run:
         env["PYTHONUNBUFFERED"] = "1"
         log = os.path.join(self.run_dir, "logs", f"launcher-{len(self.launched)}-{role}.log")
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                    preexec_fn=_die_with_parent())
+            proc = subprocess.Popen(_dying_with_us(cmd), env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
         launched = Launched(proc, seg.index, role, log)
         self.launched.append(launched)
         return launched
@@ -683,15 +694,32 @@ def run_one(plan: RunPlan, settings: Settings, run_dir: str,
         shutil.rmtree(run_dir)
     os.makedirs(run_dir)
     run = Run(plan, settings, run_dir)
+    error = None
     try:
         run.execute()
     except KeyboardInterrupt:
         raise
-    except Exception as exc:
+    except Exception as exc:  # the run could not be carried out: reported, not raised
+        error = f"{type(exc).__name__}: {exc}"
+    try:
         result = run.evaluate(reference)
-        result.error = f"{type(exc).__name__}: {exc}"
-        return result
-    return run.evaluate(reference)
+    except Exception as exc:
+        if error is None:
+            raise
+        result = _unevaluated(plan, run, error + f" (then evaluating: {exc!r})")
+    result.error = error
+    return result
+
+
+def _unevaluated(plan: RunPlan, run: Run, error: str) -> RunResult:
+    checks = [inv.Check(name, False, "not evaluated: the run failed") for name in inv.INVARIANTS]
+    return RunResult(
+        name=plan.name, seed=plan.seed, breaks=plan.breaks, schedule=plan.schedule.describe(),
+        schedule_json=plan.schedule.to_json(), faults=run.records, checks=checks,
+        expectations=[], recovery_s=[], steps_redone=0, wall_s=run.wall_s, bound_s=run.bound_s,
+        exit_codes=[lp.proc.returncode for lp in run.launched], run_dir=run.run_dir,
+        timeline={"t0": 0.0, "steps": [], "faults": []}, config_key=plan.scenario.train.key,
+        error=error)
 
 
 def run_reference(config: sc.TrainConfig, settings: Settings, work_dir: str) -> Reference:
