@@ -397,6 +397,7 @@ class Run:
         """SIGKILL every launcher and worker of this run; returns how many were running."""
         victims = {lp.proc.pid for lp in self.launched if lp.proc.poll() is None}
         victims |= processes_with_token(self.token)
+        running = len(victims)
         deadline = time.monotonic() + 15.0
         while True:
             for pid in victims:
@@ -410,7 +411,7 @@ class Run:
                 break
             victims = left
             time.sleep(POLL_S)
-        return len(victims)
+        return running
 
     def _launchers_running(self) -> bool:
         return any(lp.proc.poll() is None for lp in self.launched
@@ -491,11 +492,12 @@ class Run:
                     continue
                 if spec.delay_s:
                     time.sleep(min(spec.delay_s, max(0.0, deadline - time.monotonic())))
-                step = self._last_step()
+                step, seg = self._last_step(), self.segment.index
+                before = len(self.segment.tail.events)  # later triggers look after this
                 record = inject(spec, self)
-                self.poll()
-                record.update(step=step, segment=self.segment.index,
-                              event_index=len(self.segment.tail.events))
+                if self.segment.index != seg:  # a resume started a new event log
+                    before = 0
+                record.update(step=step, segment=self.segment.index, event_index=before)
                 self.records.append(record)
             while time.monotonic() < deadline and self._launchers_running():
                 time.sleep(POLL_S)
