@@ -42,6 +42,8 @@ def test_lease_revoked_behind_its_back_is_reported_lost(client: Any, keys: Keysp
         session.on_lost(reasons.append)
         client.revoke_lease(session.lease_id)
         assert session.lost.wait(session.keepalive_interval + 2.0)
+        # Callbacks run right after the event is set, on the keepalive thread.
+        wait_until(lambda: reasons, 2.0, "the on_lost callback")
         assert reasons == [session.lost_reason] and "expired or was revoked" in reasons[0]
         with pytest.raises(SessionLostError, match="lost"):
             session.check()
