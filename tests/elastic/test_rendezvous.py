@@ -14,6 +14,7 @@ from elastic.errors import RendezvousTimeoutError
 from elastic.keys import Keyspace
 from elastic.membership import Member
 from elastic.rendezvous import Coordinator, Rendezvous, RendezvousConfig
+from elastic.world import World
 from tests.helpers.sim import SimMember, WorldLog, check_history
 from tests.helpers.wait import wait_until
 
@@ -113,19 +114,18 @@ def test_world_for_an_existing_generation_or_from_a_non_leader_is_refused(
             Rendezvous(client, keys, Member("b"), cfg, lead=False) as b:
         first = a.next_world(0, timeout=10)
         assert first.generation == 1
-        live = {k: v for k, v in a.ctl.snapshot().items()}
-        live.update({keys.member(m): kv for m, kv in (
-            (m, client.get_prefix_response(keys.member(m)).kvs[0]) for m in ("a", "b"))})
-        members = {m: live[keys.member(m)] for m in ("a", "b")}
+        members = {m: client.get_prefix_response(keys.member(m)).kvs[0] for m in ("a", "b")}
         # The leader again forming generation 1 (it exists already): refused.
         Coordinator(a)._form(0, ["b"], members)
         # A member that is not the leader forming generation 2: refused.
         Coordinator(b)._form(1, ["b"], members)
-        assert [w.generation for w in world_log.mirror.wait_for(
-            lambda _s: world_log.worlds or None, 5)] == [1]
-        assert a.current() == first
-        value, _ = client.get(keys.gen)
-        assert value == b"1"
+        # Both transactions have returned: etcd still holds the first World only.
+        assert client.get(keys.gen)[0] == b"1"
+        assert World.from_json(client.get(keys.world)[0]) == first
+        assert [w.generation for w in world_log.worlds] == [1]
+        # Control: the leader forming the next generation is accepted.
+        Coordinator(a)._form(1, ["a", "b"], members)
+        assert client.get(keys.gen)[0] == b"2"
 
 
 def test_fenced_operations_of_a_stale_generation_are_refused(
