@@ -45,7 +45,8 @@ def no_leftover_children(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
 
 
 def _running_etcd(data_dir: str) -> Iterator[EmbeddedEtcd]:
-    server = EmbeddedEtcd(data_dir=data_dir)
+    # die_with_parent: even a pytest killed outright (CI timeout) takes etcd along.
+    server = EmbeddedEtcd(data_dir=data_dir, die_with_parent=True)
     try:
         server.start()
         yield server
