@@ -29,7 +29,7 @@ import tenacity
 from etcd3 import exceptions as etcd_exc
 
 from .errors import ConfigError, EtcdError, EtcdUnavailableError, SessionLostError
-from .procutil import die_with_parent as _pdeathsig
+from .procutil import dying_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -329,8 +329,8 @@ class EmbeddedEtcd:
             # New session: a Ctrl-C meant for the launcher must not kill etcd
             # before the workers have left cleanly.
             self.process = subprocess.Popen(
-                cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_pdeathsig() if self.die_with_parent else None,
+                dying_with_parent(cmd) if self.die_with_parent else cmd,
+                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
             )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:

@@ -31,12 +31,9 @@ from .config import RuntimeConfig
 from .errors import ConfigError, ElasticError
 from .etcd import EmbeddedEtcd, connect, free_port, retry_call
 from .events import EventLog
+from .exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STOPPED
 from .keys import Keyspace, validate_name
-from .procutil import die_with_parent
-from .runtime import EXIT_STOPPED
-
-EXIT_TRAINING_FAILED = 1
-EXIT_INTERRUPTED = 130
+from .procutil import dying_with_parent
 
 
 @dataclass
@@ -263,8 +260,8 @@ class ElasticLauncher:
         # A new session: a terminal Ctrl-C reaches only the launcher, which then
         # stops the job in order (final checkpoint) instead of killing workers.
         proc = subprocess.Popen(
-            [sys.executable, self.args.script, *self.args.script_args],
-            env=env, start_new_session=True, preexec_fn=die_with_parent(),
+            dying_with_parent([sys.executable, self.args.script, *self.args.script_args]),
+            env=env, start_new_session=True,
         )
         worker = _Worker(member_id, local_rank, proc)
         self.workers[member_id] = worker
@@ -335,7 +332,7 @@ class ElasticLauncher:
         if self.stop_requested is not None:
             return EXIT_INTERRUPTED
         if failed:
-            return EXIT_TRAINING_FAILED
+            return EXIT_FAILED
         # Our workers left or were stopped while the job goes on elsewhere.
         return EXIT_STOPPED
 
@@ -414,9 +411,9 @@ def _run_torchrun_compat(args: argparse.Namespace) -> int:
                     "TORCHELASTIC_RUN_ID": job, "PYTHONUNBUFFERED": "1",
                 })
                 _share_cores(env, n)
-                proc = subprocess.Popen([sys.executable, args.script, *args.script_args],
-                                        env=env, start_new_session=True,
-                                        preexec_fn=die_with_parent())
+                proc = subprocess.Popen(
+                    dying_with_parent([sys.executable, args.script, *args.script_args]),
+                    env=env, start_new_session=True)
                 procs.append(proc)
                 threading.Thread(target=lambda p=proc, r=rank, q=exits: q.put((r, p.wait())),
                                  daemon=True).start()
@@ -442,7 +439,7 @@ def _run_torchrun_compat(args: argparse.Namespace) -> int:
                 return 0
             _stop_all(procs)
         events.emit("give_up", f"no restarts left ({args.max_restarts})")
-        return EXIT_TRAINING_FAILED
+        return EXIT_FAILED
     finally:
         _stop_all(procs)
         events.close()

@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import signal
+import os
 import sys
-from collections.abc import Callable
 
-_PR_SET_PDEATHSIG = 1
+# Run by a fresh interpreter that then execs the real command: it asks the
+# kernel for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG), checks the
+# parent did not die already, and execs. Not a subprocess preexec_fn: forking a
+# process that has gRPC threads and running Python in the child before exec can
+# abort the child (seen: SIGABRT right after fork).
+_WRAPPER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(70)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child receive ``sig`` when its parent dies.
+def dying_with_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` wrapped so that it gets SIGKILL when this process dies (Linux).
 
-    Linux only (prctl); elsewhere None, and children may outlive a killed parent.
-    A launcher killed with SIGKILL cannot clean up, so the kernel must.
+    A launcher killed with SIGKILL cannot clean up, so the kernel must. The
+    signal follows the *thread* that spawned the child: spawn from a thread
+    that lives as long as the child should. ``cmd[0]`` must be a path.
+    Elsewhere than Linux the command is returned unchanged.
     """
     if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-    def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-
-    return preexec
+        return list(cmd)
+    return [sys.executable, "-c", _WRAPPER, str(os.getpid()), *cmd]

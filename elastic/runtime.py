@@ -38,6 +38,7 @@ from .errors import (
 )
 from .etcd import EtcdConfig, connect, retry_call
 from .events import EventLog
+from .exitcodes import EXIT_FINISHED, EXIT_LEFT, EXIT_STOPPED
 from .group import StoreHost, WorkerGroup, local_device
 from .keys import Keyspace
 from .ledger import LedgerWriter
@@ -48,11 +49,6 @@ from .state import TrainState
 
 log = logging.getLogger(__name__)
 
-# Exit codes of a worker process (the launcher reads them).
-EXIT_FINISHED = 0
-EXIT_LEFT = 0  # left gracefully on request; the job goes on without it
-EXIT_STOPPED = 3  # the job was stopped before training finished
-EXIT_FAILED = 1
 
 _FLAG_REFORM, _FLAG_STOP, _FLAG_LEAVE, _LOSS = range(4)
 _N_CONTROL = 4

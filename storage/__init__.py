@@ -5,32 +5,46 @@ store = CheckpointStore("s3://bucket/run1")   # or file://..., memory://...
 store.save(step, state)                      # atomic: fully there or not at all
 handle = store.save_async(step, state)       # returns after a CPU snapshot
 step, state = store.load()                   # newest checkpoint that verifies
+
+The names below are imported on first use: `storage.errors` and the CLI
+parser load without torch, so `elastic --help` starts fast.
 """
 
-from storage.compat import check_compatible
-from storage.errors import (
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    FenceError,
-    InvalidArgumentError,
-    InvalidURLError,
-    MissingPartsError,
-    SaveAbandonedError,
-    SaveTimeoutError,
-    StaleWriterError,
-    StateMismatchError,
-    StorageAccessError,
-    StorageError,
-    StorageUnavailableError,
-    UnsupportedFormatError,
-    UnsupportedStateError,
-)
-from storage.handle import SaveHandle
-from storage.info import CheckpointInfo, LoadedCheckpoint, StepReport, VerifyReport
-from storage.reader import FileProblem
-from storage.retry import RetryPolicy, is_transient
-from storage.store import CheckpointStore, Fence, StoreConfig
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "CheckpointExistsError": "storage.errors",
+    "CheckpointInfo": "storage.info",
+    "CheckpointNotFoundError": "storage.errors",
+    "CheckpointStore": "storage.store",
+    "CorruptCheckpointError": "storage.errors",
+    "Fence": "storage.store",
+    "FenceError": "storage.errors",
+    "FileProblem": "storage.reader",
+    "InvalidArgumentError": "storage.errors",
+    "InvalidURLError": "storage.errors",
+    "LoadedCheckpoint": "storage.info",
+    "MissingPartsError": "storage.errors",
+    "RetryPolicy": "storage.retry",
+    "SaveAbandonedError": "storage.errors",
+    "SaveHandle": "storage.handle",
+    "SaveTimeoutError": "storage.errors",
+    "StaleWriterError": "storage.errors",
+    "StateMismatchError": "storage.errors",
+    "StepReport": "storage.info",
+    "StorageAccessError": "storage.errors",
+    "StorageError": "storage.errors",
+    "StorageUnavailableError": "storage.errors",
+    "StoreConfig": "storage.store",
+    "UnsupportedFormatError": "storage.errors",
+    "UnsupportedStateError": "storage.errors",
+    "VerifyReport": "storage.info",
+    "check_compatible": "storage.compat",
+    "is_transient": "storage.retry",
+}
 
 __all__ = [
     "CheckpointExistsError",
@@ -62,3 +76,12 @@ __all__ = [
     "check_compatible",
     "is_transient",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'storage' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -19,13 +19,15 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import fsspec
-import torch
+from typing import TYPE_CHECKING, Any
 
 from storage.errors import InvalidArgumentError, StorageError
-from storage.store import CheckpointStore
+
+if TYPE_CHECKING:
+    from storage.store import CheckpointStore
+
+# torch and the store are imported inside the handlers: building the parser
+# (every `elastic` command does) must not pay for importing torch.
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -53,6 +55,8 @@ def _store(args: argparse.Namespace) -> CheckpointStore:
             raise InvalidArgumentError(f"--storage-options is not valid JSON: {exc}") from exc
         if not isinstance(options, dict):
             raise InvalidArgumentError("--storage-options must be a JSON object")
+    from storage.store import CheckpointStore
+
     return CheckpointStore(args.url, storage_options=options)
 
 
@@ -142,6 +146,8 @@ def _select(state: Any, key: str | None) -> Any:
 
 def _tensors_only(node: Any) -> Any:
     """The tree with every non-tensor leaf dropped (empty containers too)."""
+    import torch
+
     if isinstance(node, torch.Tensor):
         return node
     if isinstance(node, Mapping):
@@ -155,6 +161,8 @@ def _tensors_only(node: Any) -> Any:
 
 
 def _count(node: Any) -> tuple[int, int]:
+    import torch
+
     if isinstance(node, torch.Tensor):
         return 1, node.numel() * node.element_size()
     items = node.values() if isinstance(node, Mapping) else node
@@ -168,6 +176,9 @@ def cmd_export(args: argparse.Namespace, store: CheckpointStore) -> int:
     selected = _tensors_only(_select(loaded.state, args.key)) or {}
     tensors, nbytes = _count(selected)
     try:
+        import fsspec
+        import torch
+
         with fsspec.open(args.out, "wb") as f:
             torch.save(selected, f)
     except OSError as exc:

@@ -144,3 +144,15 @@ def test_launcher_sigint_stops_the_job_after_a_final_checkpoint(tmp_path, etcd_u
     assert not any(e["event"] == "finished" for e in job.events())
     wait_until(lambda: not any(procs.alive(p) for p in job.worker_pids()), 10,
                "workers to exit")
+
+
+def test_killing_the_launcher_takes_its_workers_and_etcd_along(tmp_path, jobs):
+    job = Job(tmp_path, nproc=2)  # embedded etcd, started by the launcher
+    jobs.append(job)
+    job.wait_step(5)
+    children = procs.children(job.proc.pid)
+    assert len(children) == 3, "two workers and the embedded etcd"
+    os.kill(job.proc.pid, signal.SIGKILL)
+    job.proc.wait(timeout=30)
+    wait_until(lambda: not any(procs.alive(p) for p in children), 15,
+               "the launcher's workers and etcd to die with it")

@@ -1,0 +1,8 @@
+"""Exit codes shared by workers and the launcher (kept free of torch imports,
+so the CLI starts fast)."""
+
+EXIT_FINISHED = 0  # training finished
+EXIT_LEFT = 0  # a worker left gracefully on request; the job goes on without it
+EXIT_FAILED = 1  # training failed (a worker, or the launcher out of restarts)
+EXIT_STOPPED = 3  # the job was stopped before training finished
+EXIT_INTERRUPTED = 130  # the launcher was asked to stop (SIGINT/SIGTERM)
