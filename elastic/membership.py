@@ -521,3 +521,45 @@ class PrefixMirror:
                 self.on_events(events)
             except Exception:
                 log.exception("mirror event callback failed")
+
+
+class _MirrorPool:
+    """One PrefixMirror per (client, prefix), shared by the members using that client.
+
+    Several members in one process (tests, benchmarks, a process driving many
+    simulated members) then share one watch stream and one copy of the data,
+    as etcd's Go client shares a stream per client.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[int, str], list[Any]] = {}  # key -> [mirror, users]
+
+    def acquire(self, client: Any, prefix: str, **kwargs: Any) -> PrefixMirror:
+        key = (id(client), prefix)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry[1] += 1
+                return entry[0]
+            # Started under the lock: a second user must not see a half-started
+            # mirror. The mirror holds the client, so id(client) stays unique.
+            mirror = PrefixMirror(client, prefix, **kwargs).start()
+            self._entries[key] = [mirror, 1]
+            return mirror
+
+    def release(self, mirror: PrefixMirror) -> None:
+        key = (id(mirror.client), mirror.prefix)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[0] is not mirror:
+                mirror.close()
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del self._entries[key]
+        mirror.close()
+
+
+shared_mirrors = _MirrorPool()

@@ -42,7 +42,7 @@ from .errors import (
 )
 from .etcd import retry_call
 from .keys import Keyspace
-from .membership import KeyValue, Member, PrefixMirror, Session, register_member
+from .membership import KeyValue, Member, PrefixMirror, Session, register_member, shared_mirrors
 from .world import World, WorldMember
 
 log = logging.getLogger(__name__)
@@ -136,10 +136,10 @@ class Rendezvous:
         if self.session is None:
             self.session = Session(self.client, cfg.lease_ttl, op_timeout=cfg.op_timeout)
         register_member(self.client, self.keys, self.member, self.session, cfg.op_timeout)
-        self.ctl = PrefixMirror(
+        self.ctl = shared_mirrors.acquire(
             self.client, self.keys.ctl, outage_timeout=cfg.outage_timeout,
             op_timeout=cfg.op_timeout,
-        ).start()
+        )
         self.session.on_lost(lambda _reason: self.ctl.notify() if self.ctl else None)
         if self.lead:
             self._campaigner = threading.Thread(
@@ -160,7 +160,7 @@ class Rendezvous:
         if self.session is not None and self._own_session:
             self.session.close()
         if self.ctl is not None:
-            self.ctl.close()
+            shared_mirrors.release(self.ctl)
 
     def __enter__(self) -> Rendezvous:
         return self.start()
