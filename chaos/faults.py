@@ -52,7 +52,11 @@ ON_CHECKPOINT = "checkpoint"  # rank 0 started or finished a checkpoint at step 
 ON_FAILURE = "failure"  # a rank reported a failed collective
 ON_RENDEZVOUS = "rendezvous"  # etcd shows a World being gathered or a joiner waiting
 ON_FULL_WORLD = "full-world"  # a new World with the job's full worker count formed
-TRIGGERS = (ON_STEP, ON_CHECKPOINT, ON_FAILURE, ON_RENDEZVOUS, ON_FULL_WORLD)
+ON_JOINER_READY = "joiner-ready"  # a member outside the World has asked to join it
+TRIGGERS = (ON_STEP, ON_CHECKPOINT, ON_FAILURE, ON_RENDEZVOUS, ON_FULL_WORLD, ON_JOINER_READY)
+
+# Target rank meaning "the newest worker that is not in the World yet".
+JOINER = -1
 
 STEP_EXCEPTION_SIGNAL = signal.SIGUSR1
 SLOW_RANK_SIGNAL = signal.SIGUSR2
@@ -85,15 +89,19 @@ class FaultSpec:
             raise ValueError(f"unknown trigger {self.on!r}; known: {list(TRIGGERS)}")
         if self.at_step < 0 or self.delay_s < 0 or self.duration_s < 0 or self.count < 1:
             raise ValueError(f"fault {self.kind}: negative step/delay/duration or count < 1")
-        if self.kind in WORKER_KINDS and (self.rank is None or self.rank < 0):
-            raise ValueError(f"fault {self.kind} needs a target rank >= 0, got {self.rank!r}")
+        if self.kind in WORKER_KINDS and (self.rank is None or self.rank < JOINER):
+            raise ValueError(f"fault {self.kind} needs a target rank >= 0 (or JOINER), "
+                             f"got {self.rank!r}")
 
     def describe(self) -> str:
         where = f"rank {self.rank} " if self.rank is not None else ""
+        if self.rank == JOINER:
+            where = "the joiner "
         when = {ON_STEP: f"at step {self.at_step}",
                 ON_CHECKPOINT: f"at the checkpoint of step >= {self.at_step}",
                 ON_FAILURE: "at the next failure",
                 ON_RENDEZVOUS: "during the next rendezvous",
+                ON_JOINER_READY: "once it asked to join",
                 ON_FULL_WORLD: "once the World is full again"}[self.on]
         extra = ""
         if self.delay_s:
@@ -279,7 +287,8 @@ class Target(Protocol):
     etcd: Any  # elastic.etcd.EmbeddedEtcd
 
     def worker(self, rank: int) -> tuple[str, int] | None:
-        """(member id, pid) of ``rank`` in the newest World, if it is still running."""
+        """(member id, pid) of ``rank`` in the newest World (or of the newest worker
+        outside it, for ``JOINER``), if it is still running."""
 
     def wait_evicted(self, member: str, longest_s: float) -> bool:
         """Wait until a World without ``member`` formed (at least one lease TTL)."""

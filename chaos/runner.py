@@ -32,9 +32,11 @@ from typing import Any
 from chaos import invariants as inv
 from chaos import scenarios as sc
 from chaos.faults import (
+    JOINER,
     ON_CHECKPOINT,
     ON_FAILURE,
     ON_FULL_WORLD,
+    ON_JOINER_READY,
     ON_RENDEZVOUS,
     ON_STEP,
     FaultSpec,
@@ -312,9 +314,16 @@ class Run:
     def worker(self, rank: int) -> tuple[str, int] | None:
         self.poll()
         world = self.world()
-        if not world:
+        if rank == JOINER:
+            outside = [e["member"] for seg in self.segments for e in seg.tail.of("spawn")
+                       if e["member"] not in world]
+            if not outside:
+                return None
+            member = outside[-1]
+        elif not world:
             return None
-        member = world[rank % len(world)]
+        else:
+            member = world[rank % len(world)]
         pid = self.pid_of(member)
         if pid is None or not _environ_has(pid, f"{TOKEN_ENV}={self.token}".encode()):
             return None  # gone (its pid may already belong to someone else)
@@ -369,6 +378,7 @@ class Run:
                "--checkpoint-every", str(self.scenario.checkpoint_every),
                "--lease-ttl", str(s.lease_ttl), "--collective-timeout", str(s.collective_timeout),
                "--settle", str(self.scenario.settle_s), "--max-restarts", str(s.max_restarts),
+               "--min-workers", str(self.scenario.min_workers),
                "--join-timeout", str(max(30.0, self.bound_s))]
         if seg.resume and role == "main":
             cmd.append("--resume")
@@ -425,7 +435,8 @@ class Run:
                                                        connect_timeout=10.0))
         return self._client
 
-    def _rendezvous_in_progress(self) -> bool:
+    def _rendezvous_state(self) -> tuple[int, int, set[str], set[str], set[str]] | None:
+        """(generation, round, World ids, live ids, ready ids) from etcd; None if down."""
         from elastic.etcd import TRANSIENT_ERRORS
         from elastic.keys import Keyspace
 
@@ -435,12 +446,23 @@ class Run:
             ctl = {m.key.decode(): v for v, m in client.get_prefix(keys.ctl)}
             live = {m.key.decode()[len(keys.members):]
                     for _, m in client.get_prefix(keys.members)}
+            ready = {m.key.decode()[len(keys.ready):] for _, m in client.get_prefix(keys.ready)}
         except TRANSIENT_ERRORS:
-            return False
-        gen = int(ctl.get(keys.gen, b"0"))
-        rnd = int(ctl.get(keys.round, b"0"))
+            return None
         world = json.loads(ctl[keys.world])["members"] if keys.world in ctl else []
-        return rnd > gen or bool(live - {m["id"] for m in world})
+        return (int(ctl.get(keys.gen, b"0")), int(ctl.get(keys.round, b"0")),
+                {m["id"] for m in world}, live, ready)
+
+    def _rendezvous_in_progress(self) -> bool:
+        state = self._rendezvous_state()
+        if state is None:
+            return False
+        gen, rnd, world, live, _ = state
+        return rnd > gen or bool(live - world)
+
+    def _joiner_ready(self) -> bool:
+        state = self._rendezvous_state()
+        return state is not None and bool((state[3] & state[4]) - state[2])
 
     def _await(self, spec: FaultSpec, since: int, deadline: float) -> bool:
         """Wait (bounded) for the trigger of ``spec``; False if the run ended first."""
@@ -460,6 +482,8 @@ class Run:
                            for e in events[since:])
             if spec.on == ON_RENDEZVOUS:
                 return self._rendezvous_in_progress()
+            if spec.on == ON_JOINER_READY:
+                return self._joiner_ready()
             raise ChaosError(f"unknown trigger {spec.on!r}")
 
         while time.monotonic() < deadline:

@@ -23,12 +23,14 @@ from typing import Any
 
 from chaos.faults import (
     JOIN,
+    JOINER,
     KILL_ALL_RESUME,
     KILL_ETCD,
     KILL_WORKER,
     ON_CHECKPOINT,
     ON_FAILURE,
     ON_FULL_WORLD,
+    ON_JOINER_READY,
     ON_RENDEZVOUS,
     PAUSE_ETCD,
     PAUSE_WORKER,
@@ -130,6 +132,7 @@ class Scenario:
     train: TrainConfig = field(default_factory=TrainConfig)
     bound_s: float = 120.0
     settle_s: float = 0.5
+    min_workers: int = 1
     expect: tuple[str, ...] = ()
     smoke: bool = False
 
@@ -300,6 +303,16 @@ def kill_during_rendezvous(rng: random.Random, s: Shape) -> Schedule:
                      FaultSpec(KILL_WORKER, 0, on=ON_RENDEZVOUS, rank=b)))
 
 
+def freeze_joiner(rng: random.Random, s: Shape) -> Schedule:
+    # The replacement of a killed worker is frozen right after it asked to join.
+    # With --min-workers 2 the survivor cannot carry on alone: the job waits
+    # (forming a World with the frozen member fails) until the joiner thaws,
+    # notices its lease is gone, and joins again.
+    return Schedule((FaultSpec(KILL_WORKER, _mid(rng, s, 0.1, 0.2), rank=rng.randrange(s.workers)),
+                     FaultSpec(PAUSE_WORKER, 0, on=ON_JOINER_READY, rank=JOINER,
+                               duration_s=round(rng.uniform(4.0, 8.0), 1))))
+
+
 def kill_on_failure(rng: random.Random, s: Shape) -> Schedule:
     a, b = rng.sample(range(s.workers), 2)
     return Schedule((FaultSpec(STEP_EXCEPTION, _mid(rng, s), rank=a),
@@ -372,6 +385,9 @@ def _scenarios() -> dict[str, Scenario]:
                  kill_during_save),
         Scenario("kill-during-rendezvous", "SIGKILL a worker while a World is being formed",
                  kill_during_rendezvous, step_time=0.3, settle_s=1.5),
+        Scenario("zombie-joiner", "a replacement worker freezes right after asking to join "
+                 "while the job may not run below 2 workers; it thaws and joins again",
+                 freeze_joiner, workers=2, min_workers=2, step_time=0.3),
         Scenario("kill-on-failure", "SIGKILL a survivor right after a peer failed",
                  kill_on_failure),
         Scenario("kill-all-resume", "SIGKILL the launcher and every worker, then --resume",

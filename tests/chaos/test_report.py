@@ -80,3 +80,13 @@ def test_run_result_json_names_every_invariant() -> None:
     data = _result("kill-worker", 0).to_json()
     assert [c["name"] for c in data["invariants"]] == list(inv.INVARIANTS)
     assert data["passed"] and data["recovery_s"] == [0.25, 1.5]
+
+
+def test_warnings_are_counted_in_the_table_and_listed_without_failing_the_run(tmp_path) -> None:
+    r = _result("kill-worker", 0)
+    r.warnings = ["worker w-2 exited with -6 without being targeted (segment 0)"]
+    doc = report.write(str(tmp_path), [r], {}, command="x", started=0.0)
+    md = (tmp_path / "report.md").read_text()
+    assert "| 5/5 | ok | 1 | PASS |" in md
+    assert "## Warnings (no invariant broken)" in md and "w-2 exited with -6" in md
+    assert doc["summary"]["failed"] == 0
