@@ -61,6 +61,11 @@ JOINER = -1
 STEP_EXCEPTION_SIGNAL = signal.SIGUSR1
 SLOW_RANK_SIGNAL = signal.SIGUSR2
 
+# Deliberately broken components the workload can plug in (``--break``): a
+# sampler that does not re-split, a commit fence without the generation
+# compare, a store that publishes the manifest first, a worker that never exits.
+BREAKS = ("sampler", "fence", "store", "hang")
+
 
 @dataclass(frozen=True)
 class FaultSpec:

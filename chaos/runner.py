@@ -32,6 +32,7 @@ from typing import Any
 from chaos import invariants as inv
 from chaos import scenarios as sc
 from chaos.faults import (
+    BREAKS,
     JOINER,
     ON_CHECKPOINT,
     ON_FAILURE,
@@ -45,7 +46,6 @@ from chaos.faults import (
     read_storage_records,
     send_signal,
 )
-from chaos.workload import BREAKS
 
 EXIT_OK, EXIT_VIOLATION, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_STOPPED = 3  # a worker's exit code when the job was stopped (elastic.runtime)

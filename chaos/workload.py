@@ -37,9 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from chaos.faults import SLOW_RANK_SIGNAL, STEP_EXCEPTION_SIGNAL, WorkerFaults
+from chaos.faults import BREAKS, SLOW_RANK_SIGNAL, STEP_EXCEPTION_SIGNAL, WorkerFaults
 
-BREAKS = ("sampler", "fence", "store", "hang")
 DIM, CLASSES, HIDDEN = 16, 4, 32
 
 

@@ -79,3 +79,14 @@ def test_read_only_report_directory_is_refused(capsys, tmp_path) -> None:
 def test_scenario_all_and_smoke_are_exclusive(capsys, tmp_path) -> None:
     code, _, err = elastic(capsys, "chaos", "run", "--all", "--smoke", "--report", str(tmp_path))
     assert code != 0 and "not allowed with" in err
+
+
+def test_the_chaos_cli_and_package_load_without_torch() -> None:
+    # `elastic status` and friends import chaos.runner to build the parser: no torch.
+    code = ("import sys, chaos, elastic.cli; elastic.cli.build_parser(); "
+            "assert chaos.SCENARIOS and chaos.Suite; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
