@@ -80,6 +80,13 @@ class WorkerGroup:
                                      wait_for_workers=False, timeout=td)
                 self._client_store = base
             store = dist.PrefixStore(self.world.store_prefix, base)
+            # torch names the default group by a process-wide counter and
+            # uses the name in its store keys. destroy_process_group() resets
+            # it, but a failed init_process_group() does not: ranks with
+            # different failure histories would then wait on different keys
+            # forever (seen: every later generation timed out). Start each
+            # generation from the same name.
+            dist.distributed_c10d._world.group_count = 0
             dist.init_process_group(
                 self.backend, store=store, rank=self.rank, world_size=self.size, timeout=td
             )

@@ -447,11 +447,25 @@ class Trainer:
                       # Once a newer generation exists the fence refuses this
                       # commit, and a dead rank's part never comes: stop waiting.
                       abandon=lambda: self.rdzv.generation() > gen)
+        pending = self._pending_save
+        if final and pending is not None and pending.step == step:
+            # The periodic checkpoint fell on the last step: it is the final one.
+            try:
+                self._finish_pending_save(raise_errors=True)
+                return
+            except Exception:
+                pass  # it failed (reported); save again, synchronously
         self._finish_pending_save(raise_errors=False)
         t0 = time.monotonic()
         if final:
+            from storage import CheckpointExistsError
+
             try:
                 info = self._store.save(step, self.state.checkpoint_dict(), **kwargs)
+            except CheckpointExistsError:
+                # Committed already (by an earlier life of this job, resumed
+                # after that commit): the same step holds the same state.
+                return
             except Exception as exc:
                 self.events.emit("checkpoint_failed", f"final checkpoint at step {step} "
                                  f"failed: {exc}", step=step, error=str(exc))
