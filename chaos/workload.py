@@ -239,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(model, opt, data, loss_fn=loss_fn, global_batch_size=args.batch_size,
                       epochs=args.epochs, seed=args.seed)
     result = trainer.fit()
-    trained = (result.outcome == "finished" and trainer.state.has_state
-               and trainer.state.step == trainer.total_steps)
+    trained = result.final
     if args.out_dir and trained:
         os.makedirs(args.out_dir, exist_ok=True)
         path = os.path.join(args.out_dir, f"{trainer.config.member_id}.pt")

@@ -60,6 +60,10 @@ class FitResult:
     step: int
     generation: int
     loss: float | None
+    # True when this member holds the job's final state: it trained to the last
+    # step.  A worker that joins (or is respawned) after the job finished gets
+    # outcome "finished" with untrained parameters; it must not publish them.
+    final: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -219,7 +223,9 @@ class Trainer:
                 raise
             except JobEnded as ended:
                 outcome = "finished" if ended.reason == "finished" else "stopped"
-                return FitResult(outcome, self.state.step, gen, self._last_loss)
+                final = (outcome == "finished" and self.state.has_state
+                         and self.state.step >= self.total_steps)
+                return FitResult(outcome, self.state.step, gen, self._last_loss, final)
             rank = world.rank_of(cfg.member_id)
             group = WorkerGroup(world, rank, self.store_host, timeout=cfg.collective_timeout)
             t_form = time.monotonic()
@@ -252,7 +258,8 @@ class Trainer:
             if outcome == "reform":
                 failed_at = time.monotonic()
                 continue
-            return FitResult(outcome, self.state.step, gen, self._last_loss)
+            return FitResult(outcome, self.state.step, gen, self._last_loss,
+                             outcome == "finished")
 
     def _request_reform(self, gen: int) -> None:
         try:

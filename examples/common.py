@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -29,8 +30,14 @@ def slow_down(seconds: float) -> None:
 
 
 def finish(result, model: torch.nn.Module, out: str | None) -> int:
-    if out and result.outcome == "finished":
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
+    # Only a member that trained to the last step writes (a worker that joined a
+    # finished job holds untrained parameters). Every such member holds the same
+    # parameters; each writes a private file and renames it over `out`, so
+    # concurrent writers never leave a torn file.
+    if out and result.final:
+        tmp = f"{out}.{os.getpid()}.tmp"
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, out)
     print(json.dumps({"outcome": result.outcome, "step": result.step,
                       "generation": result.generation, "loss": result.loss}), flush=True)
     return result.exit_code

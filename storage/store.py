@@ -63,6 +63,7 @@ from storage.reader import FileProblem, allocate, read_files
 from storage.retention import leftover_is_garbage, steps_to_keep
 from storage.retry import RetryPolicy
 from storage.serialize import decode_tree
+from storage.staging import StagingBuffer
 from storage.writer import PreparedSave, prepare, write_part
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,10 @@ class StoreConfig:
     checksum: "crc32" (default, fast) or "sha256".
     gc_grace_s: uncommitted files untouched this long are treated as abandoned.
     poll_initial_s / poll_max_s: backoff of the committer polling for part records.
+    keep_snapshot_buffer: keep the CPU buffer of `save_async` snapshots between saves
+        (see `storage.staging`): the snapshot then copies at memory speed instead of
+        page-faulting fresh memory, at the cost of holding this rank's share of the
+        state between saves.  False frees it after every save.
     """
 
     max_file_bytes: int = 256 * 2**20
@@ -91,6 +96,7 @@ class StoreConfig:
     # Rank 0 commits this long after the last part lands at worst; a poll is one small read.
     poll_initial_s: float = 0.01
     poll_max_s: float = 0.2
+    keep_snapshot_buffer: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_file_bytes", "io_threads", "chunk_bytes"):
@@ -103,6 +109,11 @@ class StoreConfig:
                 raise InvalidArgumentError(
                     f"StoreConfig.{name} must be a number > 0, got {value!r}"
                 )
+        if not isinstance(self.keep_snapshot_buffer, bool):
+            raise InvalidArgumentError(
+                "StoreConfig.keep_snapshot_buffer must be a bool, "
+                f"got {self.keep_snapshot_buffer!r}"
+            )
         if self.checksum not in ALGORITHMS:
             raise InvalidArgumentError(
                 f"StoreConfig.checksum must be one of {ALGORITHMS}, got {self.checksum!r}"
@@ -147,6 +158,7 @@ class CheckpointStore:
         self._inflight: set[int] = set()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: SaveHandle | None = None
+        self._staging = StagingBuffer()
 
     @property
     def url(self) -> str:
@@ -254,6 +266,7 @@ class CheckpointStore:
             per_rank_state=per_rank_state,
             metadata=metadata,
             copy=copy,
+            staging=self._staging if copy and self.config.keep_snapshot_buffer else None,
         )
 
     def wait(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
@@ -268,6 +281,8 @@ class CheckpointStore:
             if self._executor is not None and (self._pending is None or self._pending.done()):
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self._pending is None or self._pending.done():
+                self._staging.free()
 
     def _finish_pending(self, timeout: float) -> None:
         handle = self._pending

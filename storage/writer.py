@@ -26,7 +26,8 @@ from storage.errors import InvalidArgumentError
 from storage.fsio import StorageIO
 from storage.manifest import FileEntry, Location, PartRecord, TensorEntry
 from storage.partition import Piece, partition, split_into_files
-from storage.serialize import byte_view, dtype_from_name, dtype_name, encode_tree, flat_bytes
+from storage.serialize import byte_view, dtype_from_name, dtype_name, encode_tree
+from storage.staging import StagingBuffer
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,43 @@ def _spec(t: torch.Tensor) -> TensorSpec:
     return TensorSpec(dtype_name(t.dtype), tuple(t.shape))
 
 
-def _take(t: torch.Tensor, start: int, nbytes: int, copy: bool) -> torch.Tensor:
-    data = flat_bytes(t)[start : start + nbytes]
-    # clone() drops the reference to the caller's tensor: the snapshot is then ours.
-    return data.clone() if copy else data
+def _device_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D uint8 view of a tensor's elements in row-major order, on its own device."""
+    t = t.detach().contiguous()
+    if not t.numel():
+        return torch.empty(0, dtype=torch.uint8, device=t.device)
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _take(t: torch.Tensor, start: int, nbytes: int) -> torch.Tensor:
+    """This rank's byte range of `t` as CPU bytes, sliced on the device first so a GPU
+    tensor moves only the bytes this rank writes.  Not a copy for a CPU tensor."""
+    data = _device_bytes(t)[start : start + nbytes]
+    return data if data.device.type == "cpu" else data.cpu()
+
+
+def _snapshot(
+    ranges: list[tuple[str, torch.Tensor, int, int]], staging: StagingBuffer | None
+) -> dict[str, tuple[int, torch.Tensor]]:
+    """Copy every (id, tensor, start, nbytes) range into one CPU buffer (the kept staging
+    buffer when given) so the caller may change its tensors once this returns."""
+    total = sum(n for _, _, _, n in ranges)
+    on_gpu = any(t.device.type == "cuda" for _, t, _, _ in ranges)
+    pin = on_gpu and torch.cuda.is_available()
+    if staging is not None:
+        buf = staging.take(total, pin=pin)
+    else:
+        buf = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    out: dict[str, tuple[int, torch.Tensor]] = {}
+    offset = 0
+    for tid, t, start, nbytes in ranges:
+        dst = buf[offset : offset + nbytes]
+        dst.copy_(_device_bytes(t)[start : start + nbytes], non_blocking=pin)
+        out[tid] = (start, dst)
+        offset += nbytes
+    if pin:
+        torch.cuda.synchronize()  # non_blocking copies must land before the caller goes on
+    return out
 
 
 def prepare(
@@ -127,7 +161,10 @@ def prepare(
     per_rank_state: Mapping[str, Any] | None,
     metadata: Mapping[str, Any] | None,
     copy: bool,
+    staging: StagingBuffer | None = None,
 ) -> PreparedSave:
+    """Validate and plan one rank's share of a save.  With `copy`, snapshot that share
+    into CPU memory (into `staging` when given) so the caller's tensors are free."""
     _check_int("step", step, 0)
     _check_int("generation", generation, 0)
     _check_int("world_size", world_size, 1)
@@ -155,7 +192,7 @@ def prepare(
     )
     sizes = [(tid, tensors[tid].numel() * tensors[tid].element_size()) for tid in specs]
     mine = partition(sizes, world_size)[rank]
-    sources = {p.tensor: (p.start, _take(tensors[p.tensor], p.start, p.nbytes, copy)) for p in mine}
+    ranges = [(p.tensor, tensors[p.tensor], p.start, p.nbytes) for p in mine]
     pieces = list(mine)
 
     own: dict[str, torch.Tensor] = {}
@@ -169,9 +206,13 @@ def prepare(
     per_rank_specs = {tid: _spec(t) for tid, t in own.items()}
     for tid, t in own.items():
         nbytes = t.numel() * t.element_size()
-        sources[tid] = (0, _take(t, 0, nbytes, copy))
+        ranges.append((tid, t, 0, nbytes))
         if nbytes:
             pieces.append(Piece(tid, 0, nbytes))
+    if copy:
+        sources = _snapshot(ranges, staging)
+    else:
+        sources = {tid: (start, _take(t, start, n)) for tid, t, start, n in ranges}
 
     return PreparedSave(
         step=step,

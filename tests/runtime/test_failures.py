@@ -156,3 +156,33 @@ def test_killing_the_launcher_takes_its_workers_and_etcd_along(tmp_path, jobs):
     job.proc.wait(timeout=30)
     wait_until(lambda: not any(procs.alive(p) for p in children), 15,
                "the launcher's workers and etcd to die with it")
+
+
+def test_a_worker_respawned_after_the_last_step_does_not_overwrite_the_result(
+        tmp_path, etcd_url, reference, jobs):
+    # A worker killed near the end is respawned; its replacement starts after the
+    # job finished and holds untrained parameters. It must exit as "finished"
+    # without writing them over --out, which all workers share.
+    job = Job(tmp_path, nproc=3, etcd_url=etcd_url, extra=["--max-restarts", "1"])
+    jobs.append(job)
+    job.wait_step(90)
+    victim = job.world()[1]
+    os.kill(job.pid_of(victim), signal.SIGKILL)
+    assert job.wait(120) == 0, job.log_tail()
+    respawned = [e for e in job.events() if e["event"] == "spawn"
+                 and e.get("member", "").startswith(victim + "-r")]
+    assert respawned, "the killed worker was not respawned"
+    assert_matches_reference(job, reference)
+
+
+def test_a_launcher_joining_a_finished_job_is_refused(tmp_path, etcd_url, jobs):
+    job = Job(tmp_path, nproc=1, etcd_url=etcd_url,
+              script_args=["--max-steps", "8", "--step-time", "0.0"])
+    jobs.append(job)
+    assert job.wait(120) == 0, job.log_tail()
+    late = Job(tmp_path, nproc=1, etcd_url=etcd_url, job=job.job, name="late", out="late.pt",
+               script_args=["--max-steps", "8", "--step-time", "0.0"])
+    jobs.append(late)
+    assert late.wait(60) != 0
+    assert f"job {job.job} already finished" in late.log_tail()
+    assert not os.path.exists(late.out)

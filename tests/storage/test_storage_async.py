@@ -113,3 +113,48 @@ def test_the_snapshot_holds_only_this_ranks_share_of_the_state(memory_location: 
         shares.append(handle.snapshot_bytes)
         assert handle.wait(WAIT).committed == (rank == 0)
     assert shares == [total // 4 + 16] * 4
+
+
+def test_back_to_back_async_saves_reuse_one_snapshot_buffer_without_mixing_steps(
+    memory_location: Location,
+) -> None:
+    # The kept buffer is overwritten by the next snapshot: that must only happen once
+    # the previous save has stopped reading it.  The first write of step 1 is slowed
+    # down, so a second snapshot taken too early would land while step 1 is still
+    # being written, and step 1 would hold step 2's bytes (with matching checksums).
+    from chaos.faultfs import Fault, FaultPlan, FaultyFileSystem
+
+    slow = FaultyFileSystem(
+        memory_location.fs, FaultPlan((Fault.delay(0.5, ops="write", path="*step-*1/*"),))
+    )
+    store = memory_location.store(fs=slow)
+    state = {"w": torch.arange(4096, dtype=torch.float32)}
+    first = store.save_async(1, state, timeout=WAIT)
+    buffer_after_first = store._staging.nbytes
+    state["w"].add_(1000.0)
+    second = store.save_async(2, state, timeout=WAIT)
+    assert first.done() and first.wait(WAIT).step == 1
+    second.wait(WAIT)
+    assert buffer_after_first == store._staging.nbytes == 4096 * 4
+    assert slow.count("write") >= 2
+    reader = memory_location.store()
+    assert torch.equal(reader.load(step=1)[1]["w"], torch.arange(4096, dtype=torch.float32))
+    assert torch.equal(reader.load(step=2)[1]["w"], torch.arange(4096, dtype=torch.float32) + 1000)
+
+
+def test_the_snapshot_buffer_is_kept_between_saves_only_when_configured(
+    memory_location: Location,
+) -> None:
+    from storage.store import StoreConfig
+
+    kept = memory_location.store()
+    kept.save_async(1, {"x": torch.ones(256)}).wait(WAIT)
+    assert kept._staging.nbytes == 256 * 4
+    kept.close(timeout=WAIT)
+    assert kept._staging.nbytes == 0  # close() lets the memory go
+    fresh = memory_location.store(config=StoreConfig(keep_snapshot_buffer=False))
+    fresh.save_async(2, {"x": torch.ones(256)}).wait(WAIT)
+    assert fresh._staging.nbytes == 0
+    assert torch.equal(memory_location.store().load()[1]["x"], torch.ones(256))
+    with pytest.raises(Exception, match="keep_snapshot_buffer must be a bool"):
+        StoreConfig(keep_snapshot_buffer="yes")
