@@ -225,9 +225,11 @@ class CheckpointStore:
         """Like `save`, but only the CPU snapshot happens on the calling thread.
 
         The snapshot copies just the bytes this rank writes, so the caller may change
-        `state` as soon as this returns.  At most one save is in flight: this first
-        waits (up to `timeout`) for the previous one, and raises its error if it failed
-        and nobody saw the error through `SaveHandle.wait`.
+        `state` as soon as this returns; it goes into a buffer kept between saves
+        (`StoreConfig.keep_snapshot_buffer`, see `storage.staging`).  At most one save
+        is in flight: this first waits (up to `timeout`) for the previous one, and
+        raises its error if it failed and nobody saw the error through
+        `SaveHandle.wait`.
         """
         timeout = _check_timeout(timeout)
         prepared = self._prepare(
