@@ -19,6 +19,10 @@ class EtcdUnavailableError(EtcdError):
     """etcd did not answer within the stated bound."""
 
 
+class EtcdRequestError(EtcdError):
+    """etcd refused a request for a reason retrying cannot fix (auth, invalid request)."""
+
+
 class SessionLostError(ElasticError):
     """The member's lease expired or could not be kept alive: its keys are gone."""
 

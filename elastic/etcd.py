@@ -28,7 +28,13 @@ import grpc
 import tenacity
 from etcd3 import exceptions as etcd_exc
 
-from .errors import ConfigError, EtcdError, EtcdUnavailableError, SessionLostError
+from .errors import (
+    ConfigError,
+    EtcdError,
+    EtcdRequestError,
+    EtcdUnavailableError,
+    SessionLostError,
+)
 from .procutil import dying_with_parent
 
 log = logging.getLogger(__name__)
@@ -157,8 +163,28 @@ def lease_gone(exc: BaseException) -> bool:
             and callable(details) and "lease not found" in (details() or ""))
 
 
+# gRPC codes that say "try again": the server is down, slow, overloaded or
+# mid-election.  Anything else (auth refused, invalid request, request too
+# large, compacted revision) fails the same way on every attempt, so retrying it
+# would only turn a clear error into a timeout.
+_RETRYABLE_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+})
+
+
 def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT_ERRORS) and not lease_gone(exc)
+    if not isinstance(exc, TRANSIENT_ERRORS) or lease_gone(exc):
+        return False
+    if isinstance(exc, grpc.RpcError):
+        code = getattr(exc, "code", None)
+        return not callable(code) or code() in _RETRYABLE_CODES
+    return True
 
 
 def retry_call(fn: Callable[[], T], *, what: str, timeout: float, attempts: int = 50) -> T:
@@ -202,6 +228,13 @@ def _raise_permanent(exc: BaseException, what: str) -> NoReturn:
     """Re-raise an error that retrying cannot fix (a gone lease as SessionLostError)."""
     if lease_gone(exc):
         raise SessionLostError(f"etcd: {what}: the lease is gone (expired or revoked)") from exc
+    code = getattr(exc, "code", None)
+    if isinstance(exc, grpc.RpcError) and callable(code):
+        details = getattr(exc, "details", None)
+        text = details() if callable(details) else str(exc)
+        raise EtcdRequestError(
+            f"etcd: {what} refused ({code().name}): {text} (not retried: it cannot succeed)"
+        ) from exc
     raise exc
 
 
