@@ -59,7 +59,10 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-workers", type=int, default=None,
                    help="at most this many train; extras wait as standbys (default: no cap)")
     p.add_argument("--checkpoint", default=None, metavar="URL",
-                   help="checkpoint location (any fsspec URL)")
+                   help="checkpoint location (any fsspec URL; default with the embedded "
+                        "etcd: ./elastic-checkpoints/JOB, with --etcd: none)")
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="write no checkpoint, not even the final one")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="checkpoint every STEPS steps (default: only at the end)")
     p.add_argument("--resume", action="store_true",
@@ -109,6 +112,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if args.resume and not args.checkpoint:
         raise ConfigError("--resume needs --checkpoint URL")
+    if args.no_checkpoint and (args.checkpoint or args.checkpoint_every):
+        raise ConfigError("--no-checkpoint contradicts --checkpoint/--checkpoint-every")
     for name in ("lease_ttl", "collective_timeout", "join_timeout", "stop_grace"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
@@ -173,6 +178,17 @@ class ElasticLauncher:
             self.client = connect(etcd_config(args))
             self.keys = Keyspace(self.job, args.etcd_prefix)
             joining = self._job_running()
+            if (args.checkpoint is None and not args.no_checkpoint and not joining
+                    and self.etcd_server is not None):
+                # One machine (the embedded etcd listens on 127.0.0.1 only), so a
+                # local directory is reachable by every worker: checkpoint there by
+                # default. With --etcd, workers may sit on other machines, where a
+                # local path would split one checkpoint over several disks.
+                args.checkpoint = "file://" + os.path.abspath(
+                    os.path.join("elastic-checkpoints", self.job))
+            if args.checkpoint_every and not args.checkpoint and not joining:
+                raise ConfigError("--checkpoint-every needs a location: pass --checkpoint URL "
+                                  "(with --etcd there is no default)")
             _check_checkpoint(args, joining)
             self.base_config = self._runtime_config(etcd_url, joining)
             self.events = EventLog(self.base_config.event_log, source=f"launcher-{os.getpid()}",
@@ -182,7 +198,9 @@ class ElasticLauncher:
                 f"job {self.job} on etcd {etcd_url}: starting {args.nproc} worker(s)"
                 + (" (joining a running job)" if joining else "")
                 + f"; add workers with: elastic run --job {self.job} --etcd {etcd_url} -n 1 "
-                + args.script + f"; events in {self.base_config.event_log}",
+                + args.script + f"; events in {self.base_config.event_log}"
+                + (f"; checkpoints in {args.checkpoint}" if args.checkpoint and not joining
+                   else ""),
                 job=self.job, etcd=etcd_url, nproc=args.nproc, joining=joining,
             )
             for sig in (signal.SIGINT, signal.SIGTERM):

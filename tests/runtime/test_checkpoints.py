@@ -25,3 +25,33 @@ def test_periodic_checkpoint_on_the_last_step_is_the_final_one(
     torch.save(dict(state["model"]), tmp_path / "from_ckpt.pt")
     assert max_abs_diff(str(tmp_path / "from_ckpt.pt"), reference) <= 1e-5
     assert not [e for e in job.events() if e["event"] == "checkpoint_failed"]
+
+
+SHORT = ["--max-steps", "8", "--step-time", "0.0"]
+
+
+def test_a_single_machine_job_checkpoints_locally_by_default(tmp_path, jobs):
+    # Embedded etcd (no --etcd): every worker is on this machine, so the final
+    # checkpoint goes to ./elastic-checkpoints/JOB without being asked for.
+    job = Job(tmp_path, nproc=2, script_args=SHORT)
+    jobs.append(job)
+    assert job.wait(120) == 0, job.log_tail()
+    location = tmp_path / "elastic-checkpoints" / job.job
+    assert f"checkpoints in file://{location}" in job.log_tail(20000)
+    store = CheckpointStore(f"file://{location}")
+    assert store.latest() is not None and store.latest().step == 8
+    assert store.verify().ok
+    # --no-checkpoint opts out: nothing is written for that job.
+    quiet = Job(tmp_path, nproc=1, script_args=SHORT, extra=["--no-checkpoint"], name="quiet")
+    jobs.append(quiet)
+    assert quiet.wait(120) == 0, quiet.log_tail()
+    assert not (tmp_path / "elastic-checkpoints" / quiet.job).exists()
+
+
+def test_a_job_on_an_external_etcd_has_no_default_location(tmp_path, etcd_url, jobs):
+    # With --etcd, workers may be on several machines: a local default would
+    # split one checkpoint over their disks, so there is none.
+    job = Job(tmp_path, nproc=1, etcd_url=etcd_url, script_args=SHORT)
+    jobs.append(job)
+    assert job.wait(120) == 0, job.log_tail()
+    assert not (tmp_path / "elastic-checkpoints").exists()

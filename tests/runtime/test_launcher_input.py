@@ -25,6 +25,8 @@ def run_cli(*args: str, cwd: str, timeout: float = 60.0) -> tuple[int, str, floa
     (["--min-workers", "3", "--max-workers", "2", CLASSIFIER],
      "--min-workers (3) is above --max-workers (2)"),
     (["--resume", CLASSIFIER], "--resume needs --checkpoint URL"),
+    (["--no-checkpoint", "--checkpoint", "file:///tmp/x", CLASSIFIER],
+     "--no-checkpoint contradicts --checkpoint/--checkpoint-every"),
     (["--job", "bad job!", CLASSIFIER], "invalid job id 'bad job!'"),
     (["--etcd", "localhost:2379", CLASSIFIER], "malformed URL 'localhost:2379'"),
 ])
@@ -67,3 +69,10 @@ def test_script_outside_elastic_run_gets_a_clear_error(tmp_path):
                           text=True, timeout=60, env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode != 0
     assert "not started by `elastic run`" in proc.stderr
+
+
+def test_checkpoint_every_without_a_location_on_an_external_etcd_is_refused(tmp_path, etcd_url):
+    rc, err, _ = run_cli("--etcd", etcd_url, "--checkpoint-every", "10", CLASSIFIER,
+                         cwd=str(tmp_path))
+    assert rc != 0
+    assert "--checkpoint-every needs a location" in err, err
