@@ -223,9 +223,7 @@ class Trainer:
                 raise
             except JobEnded as ended:
                 outcome = "finished" if ended.reason == "finished" else "stopped"
-                final = (outcome == "finished" and self.state.has_state
-                         and self.state.step >= self.total_steps)
-                return FitResult(outcome, self.state.step, gen, self._last_loss, final)
+                return self._result(outcome, gen)
             rank = world.rank_of(cfg.member_id)
             group = WorkerGroup(world, rank, self.store_host, timeout=cfg.collective_timeout)
             t_form = time.monotonic()
@@ -258,8 +256,12 @@ class Trainer:
             if outcome == "reform":
                 failed_at = time.monotonic()
                 continue
-            return FitResult(outcome, self.state.step, gen, self._last_loss,
-                             outcome == "finished")
+            return self._result(outcome, gen)
+
+    def _result(self, outcome: str, gen: int) -> FitResult:
+        final = (outcome == "finished" and self.state.has_state
+                 and self.state.step >= self.total_steps)
+        return FitResult(outcome, self.state.step, gen, self._last_loss, final)
 
     def _request_reform(self, gen: int) -> None:
         try:
@@ -350,7 +352,9 @@ class Trainer:
 
     def _due(self, step: int) -> bool:
         every = self.config.checkpoint_every
-        return self._store is not None and every > 0 and step % every == 0
+        # The last step is saved by the final (synchronous) checkpoint.
+        return (self._store is not None and every > 0 and step % every == 0
+                and step < self.total_steps)
 
     # -- gradient + control packing --------------------------------------------
 
@@ -454,14 +458,6 @@ class Trainer:
                       # Once a newer generation exists the fence refuses this
                       # commit, and a dead rank's part never comes: stop waiting.
                       abandon=lambda: self.rdzv.generation() > gen)
-        pending = self._pending_save
-        if final and pending is not None and pending.step == step:
-            # The periodic checkpoint fell on the last step: it is the final one.
-            try:
-                self._finish_pending_save(raise_errors=True)
-                return
-            except Exception:
-                pass  # it failed (reported); save again, synchronously
         self._finish_pending_save(raise_errors=False)
         t0 = time.monotonic()
         if final:
@@ -470,8 +466,8 @@ class Trainer:
             try:
                 info = self._store.save(step, self.state.checkpoint_dict(), **kwargs)
             except CheckpointExistsError:
-                # Committed already (by an earlier life of this job, resumed
-                # after that commit): the same step holds the same state.
+                # Committed already (by an earlier life of this job that was
+                # resumed after that commit): the same step holds the same state.
                 return
             except Exception as exc:
                 self.events.emit("checkpoint_failed", f"final checkpoint at step {step} "

@@ -55,3 +55,20 @@ def test_a_job_on_an_external_etcd_has_no_default_location(tmp_path, etcd_url, j
     jobs.append(job)
     assert job.wait(120) == 0, job.log_tail()
     assert not (tmp_path / "elastic-checkpoints").exists()
+
+
+def test_resuming_a_finished_run_ends_at_once_on_its_final_checkpoint(tmp_path, etcd_url, jobs):
+    # The restored step is the last one: the final save finds that step committed
+    # already and must accept it, not crash-loop on "already committed".
+    ck = f"file://{tmp_path}/ck"
+    first = Job(tmp_path / "a", nproc=1, etcd_url=etcd_url, script_args=SHORT,
+                extra=["--checkpoint", ck])
+    jobs.append(first)
+    assert first.wait(120) == 0, first.log_tail()
+    again = Job(tmp_path / "b", nproc=2, etcd_url=etcd_url, script_args=SHORT,
+                extra=["--checkpoint", ck, "--resume", "--max-restarts", "0"])
+    jobs.append(again)
+    assert again.wait(120) == 0, again.log_tail()
+    assert [e["step"] for e in again.events() if e["event"] == "restore"] == [8]
+    assert not [e for e in again.events() if e["event"] == "checkpoint_failed"]
+    assert [c.step for c in CheckpointStore(ck).list()] == [8]
