@@ -128,13 +128,19 @@ def check_tensor(t: torch.Tensor, path: tuple[Any, ...]) -> None:
         raise UnsupportedStateError(f"tensor at {format_path(path)} is {problem}")
 
 
+def device_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D uint8 view of a tensor's elements in row-major order, on its own device
+    (copies only if the tensor is not contiguous)."""
+    t = t.detach().contiguous()
+    if not t.numel():
+        return torch.empty(0, dtype=torch.uint8, device=t.device)
+    return t.reshape(-1).view(torch.uint8)
+
+
 def flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D uint8 CPU view of a tensor's elements in row-major order (copies only if needed)."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    """`device_bytes` on the CPU (copies a tensor that lives elsewhere)."""
+    data = device_bytes(t)
+    return data if data.device.type == "cpu" else data.cpu()
 
 
 def byte_view(t: torch.Tensor) -> memoryview:

@@ -26,7 +26,13 @@ from storage.errors import InvalidArgumentError
 from storage.fsio import StorageIO
 from storage.manifest import FileEntry, Location, PartRecord, TensorEntry
 from storage.partition import Piece, partition, split_into_files
-from storage.serialize import byte_view, dtype_from_name, dtype_name, encode_tree
+from storage.serialize import (
+    byte_view,
+    device_bytes,
+    dtype_from_name,
+    dtype_name,
+    encode_tree,
+)
 from storage.staging import StagingBuffer
 
 
@@ -112,18 +118,10 @@ def _spec(t: torch.Tensor) -> TensorSpec:
     return TensorSpec(dtype_name(t.dtype), tuple(t.shape))
 
 
-def _device_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D uint8 view of a tensor's elements in row-major order, on its own device."""
-    t = t.detach().contiguous()
-    if not t.numel():
-        return torch.empty(0, dtype=torch.uint8, device=t.device)
-    return t.reshape(-1).view(torch.uint8)
-
-
 def _take(t: torch.Tensor, start: int, nbytes: int) -> torch.Tensor:
     """This rank's byte range of `t` as CPU bytes, sliced on the device first so a GPU
     tensor moves only the bytes this rank writes.  Not a copy for a CPU tensor."""
-    data = _device_bytes(t)[start : start + nbytes]
+    data = device_bytes(t)[start : start + nbytes]
     return data if data.device.type == "cpu" else data.cpu()
 
 
@@ -143,7 +141,7 @@ def _snapshot(
     offset = 0
     for tid, t, start, nbytes in ranges:
         dst = buf[offset : offset + nbytes]
-        dst.copy_(_device_bytes(t)[start : start + nbytes], non_blocking=pin)
+        dst.copy_(device_bytes(t)[start : start + nbytes], non_blocking=pin)
         out[tid] = (start, dst)
         offset += nbytes
     if pin:
