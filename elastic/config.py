@@ -29,6 +29,11 @@ class RuntimeConfig:
     settle_s: float = 0.3
     last_call_s: float = 60.0
     collective_timeout: float = 30.0
+    # Hang detection (elastic/hangs.py): a rank that has not reached a step's
+    # all-reduce max(hang_floor, hang_factor x median step time) after its
+    # peers is evicted.
+    hang_floor: float = 5.0
+    hang_factor: float = 10.0
     join_timeout: float = 600.0
     checkpoint: str | None = None
     checkpoint_every: int = 0  # steps; 0 = only the final checkpoint
@@ -57,9 +62,11 @@ class RuntimeConfig:
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         for name in ("lease_ttl", "collective_timeout", "join_timeout", "checkpoint_timeout",
-                     "etcd_timeout"):
+                     "etcd_timeout", "hang_floor"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.hang_factor < 1:
+            raise ConfigError(f"hang_factor must be >= 1, got {self.hang_factor}")
         if self.resume and not self.checkpoint:
             raise ConfigError("resume needs a checkpoint location")
 

@@ -9,9 +9,14 @@ dead generation can be read by a new one.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import datetime
 import logging
 import os
+import threading
+import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -43,18 +48,84 @@ def default_backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
+# A watch is called while a collective is pending with the seconds waited so
+# far; it returns None to keep waiting or the reason to abandon the collective.
+Watch = Callable[[float], "str | None"]
+
+# How often a pending collective re-checks its watch. The wait itself wakes at
+# once when the collective completes (a future callback), so this bounds only
+# how late an abandon is noticed, not the step time.
+WATCH_SLICE_S = 0.05
+
+
+class _Graveyard:
+    """Process groups abandoned with a collective still pending.
+
+    gloo cannot cancel a pending collective (``abort()`` does not unblock it,
+    measured), and destroying its process group joins the worker thread that
+    runs it, so dropping the last reference would block the caller until the
+    collective timeout. An abandoned group is parked here instead and released
+    once every pending work has ended (it fails at the collective timeout at
+    the latest), so what abandons leave behind is bounded by the abandon rate
+    times the collective timeout.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._parked: list[tuple[object, list[dist.Work]]] = []
+
+    def park(self, pg: object, works: list[dist.Work]) -> None:
+        with self._lock:
+            self._parked.append((pg, works))
+        self.reap()
+
+    def reap(self) -> int:
+        """Release groups whose works ended; returns how many stay parked."""
+        with self._lock:
+            done = [e for e in self._parked if all(w.is_completed() for w in e[1])]
+            self._parked = [e for e in self._parked if e not in done]
+            left = len(self._parked)
+        done.clear()  # destructors run here, outside the lock, and do not block
+        return left
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._parked)
+
+    def leak_at_exit(self) -> None:
+        # At interpreter exit a parked group's destructor would hold the
+        # process up to the collective timeout: keep the few still parked
+        # alive (the process is ending; the OS reclaims them).
+        with self._lock:
+            for pg, _ in self._parked:
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(pg))
+
+
+graveyard = _Graveyard()
+atexit.register(graveyard.leak_at_exit)
+
+
 class WorkerGroup:
-    """The process group of one generation, as seen by one rank."""
+    """The process group of one generation, as seen by one rank.
+
+    Collectives run asynchronously and are waited on in slices; between slices
+    ``watch`` may abandon the wait (the World changed, a peer hangs), which
+    turns a frozen or partitioned peer into a re-form within a slice of the
+    membership noticing, instead of a wait for the collective timeout.
+    """
 
     def __init__(self, world: World, rank: int, store_host: StoreHost, *,
-                 timeout: float, backend: str | None = None) -> None:
+                 timeout: float, backend: str | None = None,
+                 watch: Watch | None = None) -> None:
         self.world = world
         self.rank = rank
         self.size = world.size
         self.timeout = timeout
         self.backend = backend or default_backend()
+        self.watch = watch
         self._client_store: dist.TCPStore | None = None
         self._store_host = store_host
+        self._pending: list[dist.Work] = []
         self.closed = False
 
     @property
@@ -104,6 +175,9 @@ class WorkerGroup:
             return
         self.closed = True
         if dist.is_initialized():
+            pending = [w for w in self._pending if not w.is_completed()]
+            if pending:
+                graveyard.park(dist.distributed_c10d._get_default_group(), pending)
             try:
                 if torch.cuda.is_available():
                     dist.distributed_c10d._abort_process_group()
@@ -111,20 +185,46 @@ class WorkerGroup:
                     dist.destroy_process_group()
             except Exception as exc:  # the group is gone either way
                 log.debug("tearing down generation %d: %r", self.generation, exc)
+        self._pending = []
         self._client_store = None
+        graveyard.reap()
 
     # -- collectives, with failures turned into one error type ---------------
 
-    def _run(self, what: str, fn, *args, **kwargs):
+    def _run(self, what: str, fn, *args, watch: Watch | None = None, **kwargs) -> None:
         try:
-            return fn(*args, **kwargs)
+            work = fn(*args, async_op=True, **kwargs)
+            self._wait(what, work, watch or self.watch)
         except (RuntimeError, ValueError, OSError) as exc:
             raise WorkerGroupError(
                 f"{what} failed in generation {self.generation} (rank {self.rank}): {exc}"
             ) from exc
 
-    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
-        self._run("all_reduce", dist.all_reduce, tensor, op=op)
+    def _wait(self, what: str, work: dist.Work, watch: Watch | None) -> None:
+        done = threading.Event()
+        work.get_future().then(lambda _f: done.set())
+        self._pending.append(work)
+        t0 = time.monotonic()
+        # The backend's own timeout fails the work; the extra second only
+        # covers a backend that does not honour it.
+        deadline = t0 + self.timeout + 1.0
+        while not done.wait(WATCH_SLICE_S):
+            waited = time.monotonic() - t0
+            reason = watch(waited) if watch is not None else None
+            if reason is None and time.monotonic() > deadline:
+                reason = f"no completion within the collective timeout ({self.timeout}s)"
+            if reason is not None:
+                raise WorkerGroupError(
+                    f"{what} abandoned in generation {self.generation} (rank {self.rank}) "
+                    f"after {waited:.2f}s: {reason}"
+                )
+        self._pending.remove(work)
+        work.wait()  # raises the collective's error, if it failed
+
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM,
+                   watch: Watch | None = None) -> None:
+        """``watch`` replaces the group's watch for this collective."""
+        self._run("all_reduce", dist.all_reduce, tensor, op=op, watch=watch)
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> None:
         self._run("broadcast", dist.broadcast, tensor, src=src)

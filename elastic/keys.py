@@ -6,9 +6,12 @@
     {prefix}/{job}/ctl/world      the current World (JSON), written with ctl/gen
     {prefix}/{job}/ctl/round     the generation being gathered (> gen while a re-form is due)
     {prefix}/{job}/ctl/leader     id of the member that forms Worlds, under its lease
+    {prefix}/{job}/ctl/broken     newest generation known broken (member gone, collective failed)
     {prefix}/{job}/ctl/stop       set by a launcher: stop the job after a final checkpoint
     {prefix}/{job}/ctl/done       set by rank 0 when training finished
     {prefix}/{job}/commits/{step} checkpoint commits recorded under the generation fence
+    {prefix}/{job}/waiting/{id}   "waiting in step S of generation G" (hang detection), under lease
+    {prefix}/{job}/evicted/{id}   why a hung member was evicted (read by its launcher)
 
 Everything a member must follow (``ctl/``) is a handful of keys, so watching it
 costs O(1) events per World no matter how many members the job has.
@@ -81,6 +84,18 @@ class Keyspace:
     @property
     def leader(self) -> str:
         return self.ctl + "leader"
+
+    @property
+    def broken(self) -> str:
+        return self.ctl + "broken"
+
+    @property
+    def waiting(self) -> str:
+        return self.root + "waiting/"
+
+    @property
+    def evicted(self) -> str:
+        return self.root + "evicted/"
 
     @property
     def stop(self) -> str:

@@ -73,6 +73,12 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                    help="a frozen worker is evicted after S seconds (default 5)")
     p.add_argument("--collective-timeout", type=float, default=30.0, metavar="S",
                    help="a collective hung for S seconds counts as failed (default 30)")
+    p.add_argument("--hang-floor", type=float, default=5.0, metavar="S",
+                   help="a rank that reaches a step's all-reduce later than max(S, "
+                        "FACTOR x median step time) after its peers is evicted as hung "
+                        "(default 5)")
+    p.add_argument("--hang-factor", type=float, default=10.0, metavar="FACTOR",
+                   help="see --hang-floor (default 10)")
     p.add_argument("--settle", type=float, default=0.3, metavar="S",
                    help="wait S quiet seconds after a join before re-forming (default 0.3)")
     p.add_argument("--join-timeout", type=float, default=600.0, metavar="S",
@@ -114,7 +120,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError("--resume needs --checkpoint URL")
     if args.no_checkpoint and (args.checkpoint or args.checkpoint_every):
         raise ConfigError("--no-checkpoint contradicts --checkpoint/--checkpoint-every")
-    for name in ("lease_ttl", "collective_timeout", "join_timeout", "stop_grace"):
+    for name in ("lease_ttl", "collective_timeout", "join_timeout", "stop_grace",
+                 "hang_floor"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
     if args.job is not None:
@@ -164,6 +171,8 @@ class ElasticLauncher:
         self.restarts = 0
         self.stop_requested: int | None = None
         self.launch_id = f"{_safe_host()}-{os.getpid()}"
+        self._next_evict_check = 0.0
+        self._killed: set[str] = set()
 
     def run(self) -> int:
         args = self.args
@@ -248,6 +257,8 @@ class ElasticLauncher:
             lease_ttl=args.lease_ttl,
             settle_s=args.settle,
             collective_timeout=args.collective_timeout,
+            hang_floor=args.hang_floor,
+            hang_factor=args.hang_factor,
             join_timeout=args.join_timeout,
             checkpoint=args.checkpoint,
             checkpoint_every=args.checkpoint_every,
@@ -328,6 +339,7 @@ class ElasticLauncher:
             try:
                 worker, rc = self.exits.get(timeout=0.5)
             except queue.Empty:
+                self._kill_evicted()
                 continue
             self.events.emit("exit", f"worker {worker.member_id} exited with {rc}",
                              member=worker.member_id, rc=rc)
@@ -355,10 +367,39 @@ class ElasticLauncher:
         return EXIT_STOPPED
 
     def _job_done(self) -> bool:
+        # Retried: with an etcd cluster one member may be dead, and one failed
+        # read must not turn a finished job into "stopped" (seen: exit 3 after
+        # an etcd leader was killed).
         try:
-            return self.client.get(self.keys.done)[0] is not None
-        except Exception:
+            return retry_call(lambda: self.client.get(self.keys.done)[0] is not None,
+                              what="reading whether the job finished",
+                              timeout=self.args.etcd_timeout)
+        except ElasticError:
             return False
+
+    def _kill_evicted(self) -> None:
+        """SIGKILL local workers that peers evicted as hung (rate-limited reads).
+
+        An evicted worker's lease is revoked, so it is fenced already; but its
+        training thread is stuck and may never notice: kill it so that it is
+        replaced like a crashed worker.
+        """
+        now = time.monotonic()
+        if now < self._next_evict_check:
+            return
+        self._next_evict_check = now + 1.0
+        try:
+            rows = list(self.client.get_prefix(self.keys.evicted))
+        except Exception:  # the next check retries; eviction is never urgent here
+            return
+        for value, meta in rows:
+            mid = meta.key.decode()[len(self.keys.evicted):]
+            w = self.workers.get(mid)
+            if w is not None and w.proc.returncode is None and mid not in self._killed:
+                self._killed.add(mid)
+                self.events.emit("evicted", f"worker {mid} was evicted as hung "
+                                 f"({value.decode(errors='replace')}): killing it", member=mid)
+                _signal(w.proc, signal.SIGKILL)
 
     def _shutdown(self) -> None:
         for w in self.workers.values():

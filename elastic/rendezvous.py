@@ -189,10 +189,33 @@ class Rendezvous:
         """Whether ``ctl/stop`` or ``ctl/done`` is set (a local read)."""
         return self.ctl.get(getattr(self.keys, name)) is not None
 
-    def request_reform(self, generation: int) -> bool:
-        """Ask for World ``generation + 1`` (after a failed collective, say)."""
+    def request_reform(self, generation: int, broken: bool = False) -> bool:
+        """Ask for World ``generation + 1``.
+
+        ``broken``: the World cannot complete another collective (a member is
+        gone, a collective failed), so members blocked in one stop waiting
+        (see :meth:`world_broken`); a re-form for joiners leaves them be.
+        """
         tx = self.client.transactions
-        return self.fenced_txn(generation, [tx.put(self.keys.round, str(generation + 1))])
+        ops = [tx.put(self.keys.round, str(generation + 1))]
+        if broken:
+            ops.append(tx.put(self.keys.broken, str(generation)))
+        return self.fenced_txn(generation, ops)
+
+    def world_broken(self, generation: int) -> str | None:
+        """Why World ``generation`` can no longer complete a collective, or None.
+
+        Local reads of the mirrored ``ctl/`` keys: cheap enough to poll while a
+        collective is pending.
+        """
+        if self.session.lost.is_set():
+            return f"member {self.id} lost its lease"
+        snap = self.ctl.snapshot()
+        if _int(snap.get(self.keys.gen)) > generation:
+            return f"generation {_int(snap.get(self.keys.gen))} formed"
+        if _int(snap.get(self.keys.broken), -1) >= generation:
+            return f"generation {generation} lost a member"
+        return None
 
     def next_world(self, after: int = 0, timeout: float = 300.0) -> World:
         """Block until a World newer than ``after`` that includes this member forms."""
@@ -326,6 +349,7 @@ class Coordinator:
         self._gather_gen = -1
         self._gather_since = 0.0
         self._bumped = -1
+        self._broke = -1
         self._first_ready_at: float | None = None
         self.worlds_formed = 0
 
@@ -430,10 +454,15 @@ class Coordinator:
             else:
                 return None
             self._bumped = gen
-            self.rdzv.request_reform(gen)
+            self.rdzv.request_reform(gen, broken=bool(departed))
             return None
 
-        # Gathering World gen+1.
+        # Gathering World gen+1 (asked for by a joiner or a member). A member
+        # that departs now must still unblock survivors waiting on it.
+        if departed and _int(snap.get(keys.broken), -1) < gen and self._broke != gen:
+            self._broke = gen
+            tx = self.client.transactions
+            self.rdzv.fenced_txn(gen, [tx.put(keys.broken, str(gen))])
         if self._gather_gen != gen:
             self._gather_gen, self._gather_since = gen, now
         absent = [m for m in survivors if not is_ready(m)]

@@ -40,6 +40,7 @@ from .etcd import EtcdConfig, connect, retry_call
 from .events import EventLog
 from .exitcodes import EXIT_FINISHED, EXIT_LEFT, EXIT_STOPPED
 from .group import StoreHost, WorkerGroup, local_device
+from .hangs import HangConfig, HangWatch, StepClock
 from .keys import Keyspace
 from .ledger import LedgerWriter
 from .membership import Member
@@ -135,6 +136,10 @@ class Trainer:
         self._store = None
         self._pending_save = None
         self._pending_commits = False
+        self.clock = StepClock(
+            HangConfig(floor_s=self.config.hang_floor, factor=self.config.hang_factor),
+            fallback_s=self.config.collective_timeout,
+        )
 
     # -- setup / teardown ----------------------------------------------------
 
@@ -213,8 +218,8 @@ class Trainer:
                 self.events.emit("rejoin", f"{cfg.member_id}: lease lost, rejoining",
                                  gen=gen)
                 self.rdzv.close()
-                self.rdzv = self._join()
-                self._request_reform(gen)
+                self.rdzv = self._rejoin()
+                self._request_reform(gen, broken=True)
                 continue
             except RendezvousTimeoutError:
                 world = self.rdzv.current()
@@ -225,7 +230,9 @@ class Trainer:
                 outcome = "finished" if ended.reason == "finished" else "stopped"
                 return self._result(outcome, gen)
             rank = world.rank_of(cfg.member_id)
-            group = WorkerGroup(world, rank, self.store_host, timeout=cfg.collective_timeout)
+            group = WorkerGroup(world, rank, self.store_host, timeout=cfg.collective_timeout,
+                                watch=lambda _waited, g=world.generation: self.rdzv.world_broken(g))
+            self.clock.reset()
             t_form = time.monotonic()
             try:
                 group.form()
@@ -249,7 +256,7 @@ class Trainer:
                 gen = world.generation
                 self.events.emit("failure", f"rank {rank} of generation {gen}: {exc}",
                                  gen=gen, rank=rank, step=self.state.step, error=str(exc))
-                self._request_reform(gen)
+                self._request_reform(gen, broken=True)
                 continue
             finally:
                 group.close()
@@ -263,9 +270,24 @@ class Trainer:
                  and self.state.step >= self.total_steps)
         return FitResult(outcome, self.state.step, gen, self._last_loss, final)
 
-    def _request_reform(self, gen: int) -> None:
+    def _rejoin(self) -> Rendezvous:
+        """Register again; while etcd is out of reach (a partition), keep trying
+        with backoff until the join timeout: the network may heal."""
+        deadline = time.monotonic() + self.config.join_timeout
+        pause = 0.5
+        while True:
+            try:
+                return self._join()
+            except EtcdUnavailableError as exc:
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning("rejoining: etcd out of reach (%s); retrying in %.1fs", exc, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
+    def _request_reform(self, gen: int, broken: bool = False) -> None:
         try:
-            self.rdzv.request_reform(gen)
+            self.rdzv.request_reform(gen, broken=broken)
         except (EtcdUnavailableError, SessionLostError) as exc:
             # Not fatal: the leader also re-forms when it sees a member gone,
             # and next_world reports a lost session.
@@ -309,11 +331,13 @@ class Trainer:
             if self.ledger is not None:
                 self.ledger.record(step=state.step, epoch=sampler.epoch, generation=gen,
                                    rank=rank, world_size=size, ids=ids)
-            group.all_reduce(flat)  # raises WorkerGroupError: nothing applied
+            # raises WorkerGroupError: nothing applied
+            group.all_reduce(flat, watch=self._step_watch(group, state.step))
             self._unpack(flat)
             state.optimizer.step()
             state.step += 1
             sampler.advance()
+            self.clock.mark()
             control = flat[-_N_CONTROL:].tolist()
             self._last_loss = control[_LOSS] / b
             if rank == 0:
@@ -349,6 +373,17 @@ class Trainer:
             self.events.emit("finished", f"training finished at step {state.step}",
                              step=state.step, gen=gen, loss=self._last_loss)
         return "finished"
+
+    def _step_watch(self, group: WorkerGroup, step: int) -> HangWatch:
+        gen = group.generation
+        return HangWatch(
+            client=self.client, keys=self.keys, lease_id=self.rdzv.session.lease_id,
+            member_id=self.config.member_id, world=group.world, step=step,
+            bound_s=self.clock.bound(), broken=lambda: self.rdzv.world_broken(gen),
+            on_evict=lambda hung, why: self.events.emit(
+                "evict", f"evicted {', '.join(hung)}: {why}", members=hung, step=step,
+                gen=gen, reason=why),
+        )
 
     def _due(self, step: int) -> bool:
         every = self.config.checkpoint_every

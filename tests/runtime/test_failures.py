@@ -73,6 +73,71 @@ def test_sigstopped_worker_is_evicted_and_run_matches_reference(
     assert_matches_reference(job, reference)
 
 
+LONG_COLLECTIVE = ["--collective-timeout", "300"]
+HANGABLE = os.path.join(os.path.dirname(__file__), "hangable.py")
+
+
+def _failures(job: Job) -> list[str]:
+    return [e.get("error", "") for e in job.events() if e["event"] == "failure"]
+
+
+def test_frozen_peer_is_abandoned_on_its_lease_not_the_collective_timeout(
+        tmp_path, etcd_url, reference, jobs):
+    # A 300 s collective timeout: survivors blocked in the frozen peer's
+    # all-reduce must give up when its lease (TTL 2 s) expires instead.
+    job = Job(tmp_path, nproc=3, etcd_url=etcd_url, extra=LONG_COLLECTIVE)
+    jobs.append(job)
+    job.wait_step(15)
+    victim = job.world()[1]
+    pid = job.pid_of(victim)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        job.wait_for(lambda evs: [e for e in evs if e["event"] == "generation"
+                                  and victim not in e["world"]], 60, "a World without the frozen")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert job.wait(180) == 0, job.log_tail()
+    assert any("abandoned" in err and "lost a member" in err for err in _failures(job)), \
+        _failures(job)
+    assert_matches_reference(job, reference)
+
+
+def test_rank_whose_training_thread_hangs_is_evicted_and_replaced(
+        tmp_path, etcd_url, reference, jobs):
+    # The hung rank keeps its lease (its keepalive thread runs): only the
+    # progress detector can find it. Bound: max(2 s, 10 x median step).
+    job = Job(tmp_path, nproc=3, etcd_url=etcd_url, script=HANGABLE,
+              extra=[*LONG_COLLECTIVE, "--hang-floor", "2"])
+    jobs.append(job)
+    job.wait_step(20)
+    victim = job.world()[2]
+    os.kill(job.pid_of(victim), signal.SIGUSR1)
+    evicted = job.wait_for(lambda evs: [e for e in evs if e["event"] == "evict"], 60,
+                           "the hung rank's eviction")
+    assert evicted[0]["members"] == [victim], evicted
+    job.wait_for(lambda evs: [e for e in evs if e["event"] == "evicted"
+                              and e.get("member") == victim], 30, "its launcher killing it")
+    assert job.wait(180) == 0, job.log_tail()
+    assert_matches_reference(job, reference)
+
+
+def test_slow_rank_is_not_evicted(tmp_path, etcd_url, reference, jobs):
+    # One rank turns 0.5 s slower per step, at once more than 10 x the median
+    # step time so far: its peers wait for it in every all-reduce, but it
+    # arrives within the 2 s floor each time, so it is never evicted (and the
+    # median step time grows with its slowness).
+    job = Job(tmp_path, nproc=2, etcd_url=etcd_url, script=HANGABLE,
+              script_args=["--max-steps", "40", "--epochs", "1", "--step-time", "0.03"],
+              extra=[*LONG_COLLECTIVE, "--hang-floor", "2"])
+    jobs.append(job)
+    job.wait_step(3)
+    os.kill(job.pid_of_rank(1), signal.SIGUSR2)
+    assert job.wait(240) == 0, job.log_tail()
+    steps = [e for e in job.events() if e["event"] == "step"]
+    assert steps[-1]["step"] == 40
+    assert not [e for e in job.events() if e["event"] in ("evict", "failure")], job.log_tail()
+
+
 def test_worker_joining_a_running_job_gets_state_from_peers(
         tmp_path, etcd_url, reference, jobs):
     # Slower steps: the joiner's interpreter needs seconds to import torch.
