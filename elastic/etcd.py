@@ -28,6 +28,7 @@ import grpc
 import tenacity
 from etcd3 import exceptions as etcd_exc
 
+from .addr import join_hostport
 from .errors import (
     ConfigError,
     EtcdError,
@@ -96,29 +97,42 @@ class EtcdConfig:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> EtcdConfig:
-        """Parse ``http[s]://host:port[,host:port...]``."""
-        if not isinstance(url, str) or "://" not in url:
+        """Parse ``http[s]://host:port[,[http[s]://]host:port...]``.
+
+        Each endpoint may repeat the scheme (the form etcdctl and Kubernetes
+        use); one list cannot mix schemes. IPv6 hosts go in brackets.
+        """
+        if not isinstance(url, str) or "://" not in url.split(",")[0]:
             raise ConfigError(
-                f"etcd: malformed URL {url!r}; expected http://host:port[,host:port...]"
+                f"etcd: malformed URL {url!r}; expected http://host:port[,http://host:port...]"
             )
-        scheme, _, rest = url.partition("://")
-        if scheme not in ("http", "https"):
-            raise ConfigError(f"etcd: unsupported scheme {scheme!r} in {url!r}; use http or https")
+        schemes: set[str] = set()
         endpoints = []
-        for part in rest.rstrip("/").split(","):
-            m = _URL_PART.match(part.strip())
+        for part in url.split(","):
+            scheme, sep, rest = part.strip().partition("://")
+            if sep:
+                if scheme not in ("http", "https"):
+                    raise ConfigError(
+                        f"etcd: unsupported scheme {scheme!r} in {url!r}; use http or https")
+                schemes.add(scheme)
+            else:
+                rest = scheme
+            m = _URL_PART.match(rest.rstrip("/"))
             if not m:
                 raise ConfigError(
-                    f"etcd: malformed endpoint {part!r} in {url!r}; expected host:port"
+                    f"etcd: malformed endpoint {part!r} in {url!r}; expected host:port "
+                    "or [IPv6]:port"
                 )
             endpoints.append((m["host"].strip("[]"), int(m["port"])))
-        kwargs.setdefault("secure", scheme == "https")
+        if len(schemes) > 1:
+            raise ConfigError(f"etcd: {url!r} mixes http and https endpoints; use one scheme")
+        kwargs.setdefault("secure", schemes == {"https"})
         return cls(endpoints=tuple(endpoints), **kwargs)  # type: ignore[arg-type]
 
     @property
     def url(self) -> str:
         scheme = "https" if self.secure else "http"
-        return scheme + "://" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
+        return ",".join(f"{scheme}://{join_hostport(h, p)}" for h, p in self.endpoints)
 
 
 # gRPC grows a channel's reconnect backoff to 120 s by default: after a
@@ -141,8 +155,9 @@ def _build_client(config: EtcdConfig) -> etcd3.MultiEndpointEtcd3Client:
     endpoints = [
         # time_retry: the library marks an endpoint unusable for this long after
         # one failure; its default (300 s) would outlast an etcd restart.
-        etcd3.Endpoint(host, port, secure=config.secure, creds=creds, time_retry=0.5,
-                       opts=_CHANNEL_OPTIONS)  # type: ignore[arg-type]
+        # etcd3 joins host and port as they are: an IPv6 host needs its brackets.
+        etcd3.Endpoint(f"[{host}]" if ":" in host else host, port, secure=config.secure,
+                       creds=creds, time_retry=0.5, opts=_CHANNEL_OPTIONS)  # type: ignore[arg-type]
         for host, port in config.endpoints
     ]
     return etcd3.MultiEndpointEtcd3Client(
@@ -281,14 +296,18 @@ def find_etcd_binary(explicit: str | None = None) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                       socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
 @dataclass
 class EmbeddedEtcd:
-    """A single-node etcd on loopback with a private data dir.
+    """A single-node etcd with a private data dir, on loopback unless ``host`` says otherwise.
+
+    ``host`` is the one address clients and peers reach it at; nothing else
+    is listened on.
 
     ``start`` chooses free ports; because another process may take a port
     between our probe and etcd's bind, a failed start is retried with new
@@ -314,7 +333,7 @@ class EmbeddedEtcd:
     def url(self) -> str:
         if self.client_port is None:
             raise EtcdError("embedded etcd is not started")
-        return f"http://{self.host}:{self.client_port}"
+        return f"http://{join_hostport(self.host, self.client_port)}"
 
     @property
     def pid(self) -> int | None:
@@ -345,8 +364,8 @@ class EmbeddedEtcd:
         )
 
     def _start_once(self, binary: str) -> tuple[bool, str]:
-        client = f"http://{self.host}:{self.client_port}"
-        peer = f"http://{self.host}:{self.peer_port}"
+        client = f"http://{join_hostport(self.host, self.client_port)}"
+        peer = f"http://{join_hostport(self.host, self.peer_port)}"
         cmd = [
             binary,
             "--name", "elastic",

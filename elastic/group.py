@@ -14,6 +14,7 @@ import ctypes
 import datetime
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -21,26 +22,42 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from .errors import WorkerGroupError
+from .addr import HostAddress, local_address, mixed_hosts, split_hostport
+from .errors import ConfigError, WorkerGroupError
 from .world import World
 
 log = logging.getLogger(__name__)
 
 
 class StoreHost:
-    """This process's TCPStore server (port chosen by the OS)."""
+    """This process's TCPStore server, listening on this host's address only.
 
-    def __init__(self, advertise_host: str = "127.0.0.1", timeout: float = 30.0) -> None:
-        self.host = advertise_host
+    TCPStore's own server listens on every interface whatever host it is
+    given; handing it a socket bound to one address keeps a single-host job
+    (this host's address on loopback) off the network.
+    """
+
+    def __init__(self, host: HostAddress | str = "127.0.0.1", timeout: float = 30.0) -> None:
+        if isinstance(host, str):
+            host = local_address(host, what="advertise_host")
+        self.host = host
+        sock = socket.socket(host.family, socket.SOCK_STREAM)
+        try:
+            sock.bind((host.ip, 0))
+            sock.listen(512)
+        except OSError as exc:
+            sock.close()
+            raise WorkerGroupError(f"cannot listen on {host.ip}: {exc}") from exc
+        self.port = sock.getsockname()[1]
+        # The store takes the descriptor over and closes it when it is destroyed.
         self.store = dist.TCPStore(
-            "0.0.0.0", 0, is_master=True, wait_for_workers=False,
-            timeout=datetime.timedelta(seconds=timeout),
+            host.ip, self.port, is_master=True, wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=timeout), master_listen_fd=sock.detach(),
         )
-        self.port = self.store.port
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.host.hostport(self.port)
 
 
 def default_backend() -> str:
@@ -135,8 +152,16 @@ class WorkerGroup:
     def form(self) -> WorkerGroup:
         if dist.is_initialized():
             raise WorkerGroupError("a process group is still active; close it first")
+        self._check_addresses()
         td = datetime.timedelta(seconds=self.timeout)
+        # init_process_group ignores pg_options for gloo (torch 2.13 builds its
+        # device from GLOO_SOCKET_IFNAME or the host name, which often resolves
+        # to 127.0.0.1), so the interface owning this host's address is named
+        # through the environment, read when the group is created. A value the
+        # user set wins.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", self._store_host.host.interface)
         if "nccl" in self.backend:
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", self._store_host.host.interface)
             # A failed NCCL collective must raise in this process (so the rank
             # can re-form) instead of NCCL's watchdog tearing the process down
             # or a wait blocking forever; the user's explicit setting wins.
@@ -146,8 +171,8 @@ class WorkerGroup:
             if self.rank == 0:
                 base = self._store_host.store
             else:
-                host, _, port = self.world.members[0].store.rpartition(":")
-                base = dist.TCPStore(host, int(port), is_master=False,
+                host, port = split_hostport(self.world.members[0].store)
+                base = dist.TCPStore(host, port, is_master=False,
                                      wait_for_workers=False, timeout=td)
                 self._client_store = base
             store = dist.PrefixStore(self.world.store_prefix, base)
@@ -168,6 +193,22 @@ class WorkerGroup:
                 f"failed: {exc}"
             ) from exc
         return self
+
+    def _check_addresses(self) -> None:
+        """A World mixing loopback and other hosts' addresses cannot connect.
+
+        The member on loopback is the misconfigured one: it gets a ConfigError
+        and leaves the job; the others fail this generation only and re-form
+        once it has gone.
+        """
+        own = self._store_host.host
+        others = [(m.id, m.address) for r, m in enumerate(self.world.members) if r != self.rank]
+        problem = mixed_hosts(own.ip, others)
+        if problem is None:
+            return
+        if own.is_loopback:
+            raise ConfigError(problem)
+        raise WorkerGroupError(f"generation {self.generation}: {problem}")
 
     def close(self) -> None:
         """Tear the group down; on NCCL abort the communicators so nothing hangs."""

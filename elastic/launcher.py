@@ -27,9 +27,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from .addr import mixed_hosts, this_host
 from .config import RuntimeConfig
 from .errors import ConfigError, ElasticError
-from .etcd import EmbeddedEtcd, connect, free_port, retry_call
+from .etcd import EmbeddedEtcd, EtcdConfig, connect, free_port, retry_call
 from .events import EventLog
 from .exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STOPPED
 from .keys import Keyspace, validate_name
@@ -87,9 +88,10 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                    help="JSONL event log (default ./elastic-JOB.events.jsonl)")
     p.add_argument("--ledger-dir", default=None, metavar="DIR",
                    help="write a per-worker sample ledger here (for exactly-once checks)")
-    p.add_argument("--host", default=None,
-                   help="address other machines reach this one at (default 127.0.0.1 with "
-                        "the embedded etcd, else this host's name)")
+    p.add_argument("--host", default=None, metavar="ADDR",
+                   help="address of this machine that the others reach it at; workers "
+                        "listen on it alone (default: the local address of the route to "
+                        "etcd, so 127.0.0.1 with the embedded etcd)")
     p.add_argument("--torchrun-compat", action="store_true",
                    help="run an unmodified torchrun script; restart all workers on failure")
     p.add_argument("--stop-grace", type=float, default=120.0, metavar="S",
@@ -147,6 +149,15 @@ def _check_checkpoint(args: argparse.Namespace, joining: bool) -> None:
             f"{args.checkpoint!r} already holds checkpoints (newest step {latest.step}); "
             "pass --resume to continue from it, or use an empty location"
         )
+
+
+def _member_addresses(client: object, keys: Keyspace, timeout: float) -> list[tuple[str, str]]:
+    """``(member id, address)`` of the job's current members."""
+    from .membership import Member
+
+    records = retry_call(lambda: list(client.get_prefix(keys.members)),  # type: ignore[attr-defined]
+                         what="listing the job's members", timeout=timeout)
+    return [(m.id, m.address) for m in (Member.from_json(v) for v, _ in records)]
 
 
 def _safe_host() -> str:
@@ -233,7 +244,10 @@ class ElasticLauncher:
 
     def _runtime_config(self, etcd_url: str, joining: bool) -> RuntimeConfig:
         args = self.args
-        host = args.host or ("127.0.0.1" if self.etcd_server else socket.getfqdn())
+        host = this_host(args.host, EtcdConfig.from_url(etcd_url).endpoints).ip
+        problem = mixed_hosts(host, _member_addresses(self.client, self.keys, args.etcd_timeout))
+        if problem is not None:
+            raise ConfigError(problem)
         # The first launcher records the job's bounds; joiners adopt them so any
         # member that becomes leader applies the same rules.
         job_conf = {"min_workers": args.min_workers,

@@ -45,7 +45,7 @@ def test_malformed_etcd_urls_are_refused(url: str, fragment: str) -> None:
 def test_etcd_url_with_several_endpoints_and_ipv6_parses() -> None:
     cfg = EtcdConfig.from_url("https://a.example:2379,[::1]:2380/")
     assert cfg.endpoints == (("a.example", 2379), ("::1", 2380))
-    assert cfg.secure and cfg.url == "https://a.example:2379,::1:2380"
+    assert cfg.secure and cfg.url == "https://a.example:2379,https://[::1]:2380"
 
 
 @pytest.mark.parametrize("job", ["", "has/slash", "-leading-dash", "x" * 64, "sp ace"])
