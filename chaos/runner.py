@@ -46,6 +46,7 @@ from chaos.faults import (
     read_storage_records,
     send_signal,
 )
+from elastic.events import LogFollower
 
 EXIT_OK, EXIT_VIOLATION, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_STOPPED = 3  # a worker's exit code when the job was stopped (elastic.runtime)
@@ -63,31 +64,15 @@ class ChaosError(Exception):
 # -- following a run's event log -------------------------------------------------------
 
 
-class EventTail:
-    """Incremental reader of a JSONL event log that other processes append to."""
+class EventTail(LogFollower):
+    """Incremental reader of a JSONL event log that keeps every event it read."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        super().__init__(path)
         self.events: list[dict[str, Any]] = []
-        self._offset = 0
-        self._partial = b""
 
     def poll(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        self._offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        new = []
-        for line in lines:
-            try:
-                new.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a writer killed mid-line
+        new = super().poll()
         self.events.extend(new)
         return new
 

@@ -8,9 +8,10 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 
-from .errors import ElasticError
+from .errors import ConfigError, ElasticError
 from .etcd import EmbeddedEtcd, EtcdConfig, connect
 from .keys import Keyspace
 
@@ -43,16 +44,69 @@ def etcd_config(args: argparse.Namespace) -> EtcdConfig:
     )
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from .status import read_status
+def _status_log(args: argparse.Namespace) -> str | None:
+    """The event log to read steps from: --event-log, else the launcher's default name here."""
+    if args.event_log is not None:
+        if not os.path.isfile(args.event_log):
+            raise ConfigError(f"--event-log {args.event_log!r} does not exist")
+        return args.event_log
+    default = f"elastic-{args.job}.events.jsonl"
+    return default if os.path.isfile(default) else None
 
+
+def _status_once(args: argparse.Namespace, client: object, keys: Keyspace,
+                 log: str | None) -> tuple[str, bool]:
+    """The status text (or JSON) and whether the job has finished."""
+    import json
+    from dataclasses import asdict
+
+    from .status import read_log_progress, read_status
+
+    status = read_status(client, keys, timeout=args.etcd_timeout)
+    progress = read_log_progress(log) if log else None
+    finished = status.finished_step is not None
+    if args.json:
+        doc = json.loads(status.to_json())
+        if progress is not None:
+            doc["progress"] = asdict(progress)
+        return json.dumps(doc, indent=2, sort_keys=True), finished
+    text = status.to_text() + "\n" + (
+        progress.to_text() if progress is not None
+        else "progress: - (etcd holds no steps: pass --event-log PATH for step, loss, samples/s)")
+    return text, finished
+
+
+def cmd_status(args: argparse.Namespace) -> int:
     keys = Keyspace(args.job, args.etcd_prefix)
+    if args.watch is not None and args.watch <= 0:
+        raise ConfigError(f"--watch must be > 0 seconds, got {args.watch}")
+    log = _status_log(args)
     client = connect(etcd_config(args))
     try:
-        status = read_status(client, keys, timeout=args.etcd_timeout)
+        if args.watch is None:
+            print(_status_once(args, client, keys, log)[0])
+            return 0
+        clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        while True:
+            text, finished = _status_once(args, client, keys, log)
+            stamp = time.strftime("%H:%M:%S")
+            print(f"{clear}{text}\n-- {stamp}, every {args.watch:g}s"
+                  + ("; the job finished" if finished else "; Ctrl-C stops watching"),
+                  flush=True)
+            if finished or stop.wait(args.watch):
+                return 0
     finally:
         client.close()
-    print(status.to_json() if args.json else status.to_text())
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_events
+
+    data = plot_events(args.events, args.output, title=args.title)
+    print(f"wrote {args.output} ({len(data.step_t)} steps, "
+          + ", ".join(f"{len(v)} {k}" for k, v in data.marks.items()) + ")")
     return 0
 
 
@@ -91,11 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_parser(sub)
 
-    p = sub.add_parser("status", help="members, generation and ranks of a job")
+    p = sub.add_parser("status", help="members, generation, ranks and progress of a job")
     p.add_argument("--job", required=True)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until the job finishes")
+    p.add_argument("--event-log", default=None, metavar="PATH",
+                   help="read step, loss, samples/s and the last events from this log "
+                        "(default: ./elastic-JOB.events.jsonl if present)")
     add_etcd_options(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("plot", help="draw a run from its event log")
+    p.add_argument("events", metavar="EVENTS.jsonl", help="the JSONL event log of a run")
+    p.add_argument("-o", "--output", default="run.png", help="image to write (default run.png)")
+    p.add_argument("--title", default=None, help="default: the log's file name")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("etcd", help="run an embedded etcd in the foreground")
     p.add_argument("--data-dir", default=None, help="default: a fresh temporary directory")

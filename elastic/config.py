@@ -96,6 +96,8 @@ class RuntimeConfig:
             raise ConfigError(
                 "not started by `elastic run`: missing "
                 + ", ".join(ENV_PREFIX + m.upper() for m in missing)
+                + "; start the script with `elastic run -n N SCRIPT` "
+                "(or pass Trainer(config=RuntimeConfig(...)))"
             )
         return cls(**values)
 

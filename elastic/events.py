@@ -10,11 +10,13 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 
 class EventLog:
-    def __init__(self, path: str | None, *, source: str, console: bool = False) -> None:
+    def __init__(self, path: str | None, *, source: str,
+                 console: bool | Callable[[str], None] = False) -> None:
         self.path = path
         self.source = source
         self.console = console
@@ -28,8 +30,12 @@ class EventLog:
         if self._fd is not None:
             os.write(self._fd, (json.dumps(record, sort_keys=True) + "\n").encode())
         if self.console and message:
-            sys.stderr.write(f"[elastic] {message}\n")
-            sys.stderr.flush()
+            line = f"[elastic] {message}\n"
+            if callable(self.console):  # a writer that shares the console (the progress line)
+                self.console(line)
+            else:
+                sys.stderr.write(line)
+                sys.stderr.flush()
 
     def close(self) -> None:
         if self._fd is not None:
@@ -47,3 +53,34 @@ def read_events(path: str) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+class LogFollower:
+    """New complete lines of a JSONL log that other processes append to.
+
+    ``from_end``: skip what the file already holds (an earlier run's events in
+    a reused log).
+    """
+
+    def __init__(self, path: str, from_end: bool = False) -> None:
+        self.path = path
+        self.offset = os.path.getsize(path) if from_end and os.path.exists(path) else 0
+        self._partial = b""
+
+    def poll(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()  # an unfinished last line waits for the rest
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line torn by a writer killed mid-write
+        return out

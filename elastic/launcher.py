@@ -32,9 +32,11 @@ from .config import RuntimeConfig
 from .errors import ConfigError, ElasticError
 from .etcd import EmbeddedEtcd, EtcdConfig, connect, free_port, retry_call
 from .events import EventLog
-from .exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STOPPED
+from .exitcodes import EXIT_FAILED, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_STOPPED
 from .keys import Keyspace, validate_name
+from .preflight import check_script
 from .procutil import dying_with_parent
+from .progress import ProgressConfig, ProgressView
 
 
 @dataclass
@@ -97,6 +99,9 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-grace", type=float, default=120.0, metavar="S",
                    help="after SIGINT/SIGTERM wait S seconds for the final checkpoint "
                         "(default 120)")
+    p.add_argument("--progress-every", type=float, default=10.0, metavar="S",
+                   help="progress line every S seconds when stderr is not a terminal "
+                        "(default 10; redrawn in place on a terminal)")
     add_etcd_options(p, required=False)
     p.add_argument("script", help="training script")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments of the script")
@@ -123,7 +128,7 @@ def _validate(args: argparse.Namespace) -> None:
     if args.no_checkpoint and (args.checkpoint or args.checkpoint_every):
         raise ConfigError("--no-checkpoint contradicts --checkpoint/--checkpoint-every")
     for name in ("lease_ttl", "collective_timeout", "join_timeout", "stop_grace",
-                 "hang_floor"):
+                 "hang_floor", "progress_every"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
     if args.job is not None:
@@ -169,6 +174,7 @@ def run_command(args: argparse.Namespace) -> int:
     _validate(args)
     if args.torchrun_compat:
         return _run_torchrun_compat(args)
+    check_script(args.script, args.nproc)
     return ElasticLauncher(args).run()
 
 
@@ -184,6 +190,7 @@ class ElasticLauncher:
         self.launch_id = f"{_safe_host()}-{os.getpid()}"
         self._next_evict_check = 0.0
         self._killed: set[str] = set()
+        self.etcd_lost = False
 
     def run(self) -> int:
         args = self.args
@@ -211,8 +218,10 @@ class ElasticLauncher:
                                   "(with --etcd there is no default)")
             _check_checkpoint(args, joining)
             self.base_config = self._runtime_config(etcd_url, joining)
+            self.progress = ProgressView(self.base_config.event_log, nproc=args.nproc,
+                                         config=ProgressConfig(interval_s=args.progress_every))
             self.events = EventLog(self.base_config.event_log, source=f"launcher-{os.getpid()}",
-                                   console=True)
+                                   console=self.progress.write)
             self.events.emit(
                 "launch",
                 f"job {self.job} on etcd {etcd_url}: starting {args.nproc} worker(s)"
@@ -227,7 +236,9 @@ class ElasticLauncher:
                 signal.signal(sig, self._on_signal)
             for i in range(args.nproc):
                 self._spawn(i, f"{self.launch_id}-{i}")
-            return self._supervise()
+            rc = self._supervise()
+            self.progress.finish(rc)
+            return rc
         finally:
             self._shutdown()
 
@@ -304,8 +315,9 @@ class ElasticLauncher:
         # stops the job in order (final checkpoint) instead of killing workers.
         proc = subprocess.Popen(
             dying_with_parent([sys.executable, self.args.script, *self.args.script_args]),
-            env=env, start_new_session=True,
+            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
+        self.progress.forward(proc)  # its lines must not land on the progress line
         worker = _Worker(member_id, local_rank, proc)
         self.workers[member_id] = worker
         threading.Thread(target=lambda: self.exits.put((worker, proc.wait())),
@@ -362,9 +374,11 @@ class ElasticLauncher:
             self._revoke(worker.member_id)
             if self.stop_requested is not None or self._job_done():
                 continue
-            if self.restarts >= self.args.max_restarts:
-                self.events.emit("give_up", f"worker {worker.member_id} failed; no restarts "
-                                 f"left ({self.args.max_restarts} used)", member=worker.member_id)
+            why = self._no_restart(worker, rc)
+            if why or self.restarts >= self.args.max_restarts:
+                self.events.emit("give_up", why or f"worker {worker.member_id} failed; no "
+                                 f"restarts left ({self.args.max_restarts} used)",
+                                 member=worker.member_id)
                 failed = True
                 continue
             self.restarts += 1
@@ -379,6 +393,23 @@ class ElasticLauncher:
             return EXIT_FAILED
         # Our workers left or were stopped while the job goes on elsewhere.
         return EXIT_STOPPED
+
+    def _no_restart(self, worker: _Worker, rc: int) -> str | None:
+        """Why a restart cannot help (one line), or None."""
+        if rc == EXIT_FATAL:
+            return (f"worker {worker.member_id} stopped on an error a restart cannot fix "
+                    "(the line above): not restarting it")
+        if not self.etcd_lost:
+            try:
+                retry_call(lambda: self.client.get(self.keys.gen), what="checking etcd",
+                           timeout=self.args.etcd_timeout)
+            except ElasticError:
+                self.etcd_lost = True
+        if self.etcd_lost:
+            return (f"etcd at {self.args.etcd} does not answer: not restarting worker "
+                    f"{worker.member_id} (a finished job's first launcher stops its embedded "
+                    "etcd: start a new job)")
+        return None
 
     def _job_done(self) -> bool:
         # Retried: with an etcd cluster one member may be dead, and one failed
@@ -422,6 +453,9 @@ class ElasticLauncher:
                 w.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        progress = getattr(self, "progress", None)
+        if progress is not None:
+            progress.close()
         client = getattr(self, "client", None)
         if client is not None:
             client.close()

@@ -39,6 +39,7 @@ from .errors import (
 from .etcd import EtcdConfig, connect, retry_call
 from .events import EventLog
 from .exitcodes import EXIT_FINISHED, EXIT_LEFT, EXIT_STOPPED
+from .exithook import install_exit_hook
 from .group import StoreHost, WorkerGroup, local_device
 from .hangs import HangConfig, HangWatch, StepClock
 from .keys import Keyspace
@@ -108,6 +109,7 @@ class Trainer:
         on_step: Callable[[int, float], None] | None = None,
         grad_shards: int | None = None,
     ) -> None:
+        install_exit_hook()  # an ElasticError escaping the script: one line, no traceback
         if epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {epochs}")
         if grad_shards is not None and not 1 <= grad_shards <= global_batch_size:
@@ -248,6 +250,8 @@ class Trainer:
                                                             if restored else ""),
                         gen=gen, world=list(world.ids), step=self.state.step,
                         form_s=round(time.monotonic() - t_form, 4), src=src,
+                        total_steps=self.total_steps,
+                        global_batch=self.state.sampler.global_batch_size,
                     )
                 outcome = self._train(group, failed_at)
                 failed_at = None

@@ -7,9 +7,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .errors import ConfigError
 from .etcd import retry_call
+from .events import read_events
 from .keys import Keyspace
 from .membership import Member
+from .progress import RunStats, format_line
 from .world import World
 
 
@@ -32,13 +35,17 @@ class JobStatus:
     world_size: int
     members: tuple[MemberStatus, ...]
     last_commit_step: int | None
+    finished_step: int | None = None  # set (from ctl/done) once training finished
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     def to_text(self) -> str:
         lines = [
-            f"job {self.job}: generation {self.generation}"
+            f"job {self.job}: "
+            + (f"finished at step {self.finished_step}, " if self.finished_step is not None
+               else "")
+            + f"generation {self.generation}"
             + (f" (re-forming generation {self.round})" if self.round > self.generation else "")
             + f", world size {self.world_size}, leader {self.leader or '-'}"
             + (f", last checkpoint step {self.last_commit_step}"
@@ -60,6 +67,11 @@ def read_status(client: Any, keys: Keyspace, timeout: float = 10.0) -> JobStatus
     resp = retry_call(lambda: client.get_prefix_response(keys.root),
                       what=f"reading job {keys.job}", timeout=timeout)
     kv = {k.key.decode(): k for k in resp.kvs}
+    if not kv:
+        raise ConfigError(
+            f"no job {keys.job!r} in this etcd (key prefix {keys.prefix}): check --job, "
+            "--etcd and --etcd-prefix (a finished job's embedded etcd stops with its launcher)"
+        )
 
     def num(key: str, default: int = 0) -> int:
         return int(kv[key].value) if key in kv else default
@@ -94,4 +106,55 @@ def read_status(client: Any, keys: Keyspace, timeout: float = 10.0) -> JobStatus
         world_size=world.size if world else 0,
         members=tuple(members),
         last_commit_step=last,
+        finished_step=int(kv[keys.done].value) if keys.done in kv else None,
+    )
+
+
+@dataclass(frozen=True)
+class LogProgress:
+    """Steps, loss and throughput as the job's event log tells them (etcd holds no steps)."""
+
+    path: str
+    step: int
+    total_steps: int | None
+    loss: float | None
+    samples_per_s: float | None
+    world: int | None
+    finished: bool
+    line: str
+    last_events: tuple[str, ...]
+
+    def to_text(self) -> str:
+        out = [f"progress (from {self.path}): {self.line}"
+               + (", training finished" if self.finished else "")]
+        if self.last_events:
+            out.append("last events:")
+            out += [f"  {e}" for e in self.last_events]
+        return "\n".join(out)
+
+
+_EVENT_FIELDS = ("member", "rank", "gen", "step", "rc", "seconds", "error")
+
+
+def _describe(ev: dict[str, Any]) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(float(ev.get("t", 0))))
+    fields = " ".join(f"{k}={ev[k]}" for k in _EVENT_FIELDS if k in ev)
+    return f"{when} {ev.get('event')} {fields}".rstrip()[:160]
+
+
+def read_log_progress(path: str, last: int = 5) -> LogProgress:
+    try:
+        events = read_events(path)
+    except OSError as exc:
+        raise ConfigError(f"event log {path!r} cannot be read: {exc}") from exc
+    st = RunStats()
+    for ev in events:
+        st.apply(ev)
+    rate = st.steps_per_s()
+    notable = [e for e in events if e.get("event") != "step"][-last:]
+    return LogProgress(
+        path=path, step=st.step, total_steps=st.total_steps, loss=st.loss,
+        samples_per_s=rate * st.global_batch if rate is not None and st.global_batch else None,
+        world=st.world, finished=st.finished, line=format_line(st),
+        last_events=tuple(_describe(e) for e in notable),
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -38,6 +37,6 @@ def finish(result, model: torch.nn.Module, out: str | None) -> int:
         tmp = f"{out}.{os.getpid()}.tmp"
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
         os.replace(tmp, out)
-    print(json.dumps({"outcome": result.outcome, "step": result.step,
-                      "generation": result.generation, "loss": result.loss}), flush=True)
+    # No result line here: each worker would print one; the launcher prints one
+    # summary of the run (steps, final loss, failures, checkpoints).
     return result.exit_code
