@@ -131,6 +131,20 @@ class StorageIO:
                 )
         return full
 
+    def contains(self, url: str) -> bool:
+        """Whether `url` (as a user would pass it) names the location or something in it."""
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+        except (ValueError, TypeError, ImportError):
+            return False
+        if self.local and getattr(fs, "local_file", False):
+            inner, root = os.path.realpath(path), os.path.realpath(self.root)
+        elif type(fs) is type(self.fs):
+            inner, root = os.path.normpath("/" + path), os.path.normpath("/" + self.root)
+        else:
+            return False
+        return inner == root or inner.startswith(root.rstrip("/") + "/")
+
     def confined(self, rel: str) -> bool:
         """Whether `rel` may be touched (see `path`)."""
         try:

@@ -197,6 +197,10 @@ class CheckpointStore:
         """Whether this store was given a key."""
         return self._key is not None
 
+    def contains(self, url: str) -> bool:
+        """Whether `url` names this location or something inside it."""
+        return self._io.contains(url)
+
     @property
     def process_local(self) -> bool:
         """Whether only this process can see the location (memory://)."""
