@@ -38,6 +38,7 @@ class RuntimeConfig:
     checkpoint: str | None = None
     checkpoint_every: int = 0  # steps; 0 = only the final checkpoint
     checkpoint_timeout: float = 120.0
+    checkpoint_key_file: str | None = None
     resume: bool = False
     event_log: str | None = None
     ledger_dir: str | None = None

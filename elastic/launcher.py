@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from .addr import mixed_hosts, this_host
 from .config import RuntimeConfig
@@ -70,6 +71,8 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint every STEPS steps (default: only at the end)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --checkpoint")
+    p.add_argument("--checkpoint-key-file", default=None, metavar="PATH",
+                   help="sign checkpoints with the key in PATH; refuse unsigned ones")
     p.add_argument("--max-restarts", type=int, default=3,
                    help="replace crashed local workers this many times in all (default 3)")
     p.add_argument("--lease-ttl", type=float, default=5.0, metavar="S",
@@ -135,25 +138,52 @@ def _validate(args: argparse.Namespace) -> None:
         validate_name("job id", args.job)
 
 
-def _check_checkpoint(args: argparse.Namespace, joining: bool) -> None:
-    """Refuse to silently start over on, or resume from nothing in, a location."""
-    if not args.checkpoint or joining:
-        return
-    from storage import CheckpointStore, StorageError
+CLAIM_KEY = "checkpoint-claim"  # under the job's ctl/: the launch that owns the location
 
+
+def _check_checkpoint(args: argparse.Namespace, joining: bool, job: str, client: Any,
+                      keys: Keyspace) -> None:
+    """Before any worker starts: refuse a location workers cannot share or write,
+    refuse to silently start over on (or resume from nothing in) one, and claim it
+    for this launch, telling the job's workers which launch that is through etcd.
+    A launcher joining a running job checks only what its own workers need."""
+    if args.checkpoint_key_file:  # workers may run elsewhere in the tree
+        args.checkpoint_key_file = os.path.abspath(args.checkpoint_key_file)
+    if not args.checkpoint:
+        return
+    from storage import CheckpointStore, StorageError, load_key_file
+
+    where = f"checkpoint location {args.checkpoint!r}"
     try:
-        latest = CheckpointStore(args.checkpoint).latest()
+        key = load_key_file(args.checkpoint_key_file) if args.checkpoint_key_file else None
+        store = CheckpointStore(args.checkpoint, key=key)
     except StorageError as exc:
-        raise ConfigError(f"checkpoint location {args.checkpoint!r}: {exc}") from exc
-    if args.resume and latest is None:
+        raise ConfigError(f"{where}: {exc}") from exc
+    if store.process_local:
         raise ConfigError(
-            f"--resume: no committed checkpoint in {args.checkpoint!r} (empty location)"
-        )
-    if not args.resume and latest is not None:
-        raise ConfigError(
-            f"{args.checkpoint!r} already holds checkpoints (newest step {latest.step}); "
-            "pass --resume to continue from it, or use an empty location"
-        )
+            f"{where} lives in one process's memory, and the workers of a job are separate "
+            "processes: they cannot share it (use a directory or an object store)")
+    if joining:
+        return
+    try:
+        store.probe()
+        # Any commit counts, signed or not: a fresh run never starts over on one.
+        latest = CheckpointStore(args.checkpoint).latest()
+        if args.resume and (latest is None or (key is not None and store.latest() is None)):
+            signed = " signed with the key" if latest is not None else ""
+            raise ConfigError(f"--resume: no committed checkpoint{signed} in "
+                              f"{args.checkpoint!r}" + ("" if signed else " (empty location)"))
+        if not args.resume and latest is not None:
+            raise ConfigError(
+                f"{args.checkpoint!r} already holds checkpoints (newest step {latest.step}); "
+                "pass --resume to continue from it, or use an empty location"
+            )
+        instance = f"{job}-{uuid.uuid4().hex[:12]}"
+        store.claim(instance, job, takeover=args.resume)
+    except StorageError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    retry_call(lambda: client.put(keys.ctl + CLAIM_KEY, instance),
+               what="recording the checkpoint claim", timeout=args.etcd_timeout)
 
 
 def _member_addresses(client: object, keys: Keyspace, timeout: float) -> list[tuple[str, str]]:
@@ -216,7 +246,7 @@ class ElasticLauncher:
             if args.checkpoint_every and not args.checkpoint and not joining:
                 raise ConfigError("--checkpoint-every needs a location: pass --checkpoint URL "
                                   "(with --etcd there is no default)")
-            _check_checkpoint(args, joining)
+            _check_checkpoint(args, joining, self.job, self.client, self.keys)
             self.base_config = self._runtime_config(etcd_url, joining)
             self.progress = ProgressView(self.base_config.event_log, nproc=args.nproc,
                                          config=ProgressConfig(interval_s=args.progress_every))
@@ -287,6 +317,7 @@ class ElasticLauncher:
             join_timeout=args.join_timeout,
             checkpoint=args.checkpoint,
             checkpoint_every=args.checkpoint_every,
+            checkpoint_key_file=args.checkpoint_key_file,
             resume=args.resume,
             event_log=os.path.abspath(args.event_log or f"elastic-{self.job}.events.jsonl"),
             ledger_dir=os.path.abspath(args.ledger_dir) if args.ledger_dir else None,

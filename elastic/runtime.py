@@ -162,9 +162,10 @@ class Trainer:
         )
         self.rdzv = self._join()
         if cfg.checkpoint:
-            from storage import CheckpointStore
+            from storage import CheckpointStore, load_key_file
 
-            self._store = CheckpointStore(cfg.checkpoint)
+            key = load_key_file(cfg.checkpoint_key_file) if cfg.checkpoint_key_file else None
+            self._store = CheckpointStore(cfg.checkpoint, key=key)
         if threading.current_thread() is threading.main_thread():
             # SIGTERM to one worker: leave the job at the next step boundary.
             signal.signal(signal.SIGTERM, lambda *_: self._leave.set())
@@ -307,7 +308,11 @@ class Trainer:
         cfg = self.config
         # No live member has state: the job restarts as a whole. The launcher
         # refuses a fresh run on a location that already holds checkpoints
-        # unless --resume was given, so a checkpoint found here is ours.
+        # unless --resume was given, and claimed it for this launch, so a
+        # checkpoint found here is ours while the claim still names us.
+        if self._store is not None:
+            _attach_claim(self._store, self.client, self.keys, cfg.etcd_timeout)
+            self._store.check_claim()
         if self._store is not None and self._store.latest() is not None:
             loaded = self._store.load_checkpoint()
             self.state.load_checkpoint_dict(loaded.state)
@@ -497,17 +502,30 @@ class Trainer:
                       # Once a newer generation exists the fence refuses this
                       # commit, and a dead rank's part never comes: stop waiting.
                       abandon=lambda: self.rdzv.generation() > gen)
+        if group.rank == 0:
+            _attach_claim(self._store, self.client, self.keys, self.config.etcd_timeout)
         self._finish_pending_save(raise_errors=False)
         t0 = time.monotonic()
         if final:
-            from storage import CheckpointExistsError
+            from storage import CheckpointExistsError, StorageError
 
+            state = self.state.checkpoint_dict()
             try:
-                info = self._store.save(step, self.state.checkpoint_dict(), **kwargs)
-            except CheckpointExistsError:
-                # Committed already (by an earlier life of this job that was
-                # resumed after that commit): the same step holds the same state.
-                return
+                info = self._store.save(step, state, **kwargs)
+            except CheckpointExistsError as exc:
+                # Committed already, by an earlier life of this job that was resumed
+                # after that commit -- but only if that commit verifies and holds
+                # exactly this state; anything else (another job's step) would be
+                # this run's final checkpoint silently lost. Rank 0 decides.
+                why = f"{exc}, and that commit does not hold this run's final state"
+                try:
+                    if group.rank != 0 or self._store.holds(step, state):
+                        return
+                except StorageError as err:
+                    why = f"{exc}, and that commit cannot be read back: {err}"
+                self.events.emit("checkpoint_failed", f"final checkpoint at step {step} "
+                                 f"failed: {why}", step=step, error=why)
+                raise ElasticError(f"final checkpoint at step {step} failed: {why}") from exc
             except Exception as exc:
                 self.events.emit("checkpoint_failed", f"final checkpoint at step {step} "
                                  f"failed: {exc}", step=step, error=str(exc))
@@ -524,6 +542,18 @@ class Trainer:
                 self.events.emit("checkpoint", f"checkpoint step {step} started "
                                  f"(blocked {time.monotonic() - t0:.3f}s)", step=step,
                                  gen=gen, final=False)
+
+
+def _attach_claim(store: Any, client: Any, keys: Keyspace, timeout: float) -> None:
+    """Commit only under the claim this job's launcher made (if it made one)."""
+    if store.claim_instance is not None:
+        return
+    from .launcher import CLAIM_KEY
+
+    raw = retry_call(lambda: client.get(keys.ctl + CLAIM_KEY)[0],
+                     what="reading the checkpoint claim", timeout=timeout)
+    if raw is not None:
+        store.attach_claim(raw.decode())
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -44,6 +44,13 @@ _LAZY = {
     "VerifyReport": "storage.info",
     "check_compatible": "storage.compat",
     "is_transient": "storage.retry",
+    "load_key_file": "storage.signing",
+    "Claim": "storage.claim",
+    "LocationClaimedError": "storage.errors",
+    "UnsafePathError": "storage.errors",
+    "SignatureError": "storage.errors",
+    "UnsignedError": "storage.errors",
+    "BadSignatureError": "storage.errors",
 }
 
 __all__ = [
@@ -75,6 +82,13 @@ __all__ = [
     "VerifyReport",
     "check_compatible",
     "is_transient",
+    "load_key_file",
+    "Claim",
+    "LocationClaimedError",
+    "UnsafePathError",
+    "SignatureError",
+    "UnsignedError",
+    "BadSignatureError",
 ]
 
 

@@ -4,7 +4,10 @@
     elastic ckpt verify URL [--step N]          exit 1 naming each bad file
     elastic ckpt prune  URL --keep N [--every K] [--no-verify]
     elastic ckpt gc     URL [--grace SECONDS]
-    elastic ckpt export URL [--step N] [--key model] --out model.pt
+    elastic ckpt export URL [--step N] [--key model] --out model.pt [--force]
+
+Every command takes --checkpoint-key-file PATH: manifests must then be signed
+with that key (`verify` says "signed", "unsigned" or "bad signature" per step).
 
 Exit codes: 0 success; 1 a failed check or operation (bad files, empty location,
 unknown step, storage error); 2 bad usage (bad URL or option).  Errors are one
@@ -55,9 +58,11 @@ def _store(args: argparse.Namespace) -> CheckpointStore:
             raise InvalidArgumentError(f"--storage-options is not valid JSON: {exc}") from exc
         if not isinstance(options, dict):
             raise InvalidArgumentError("--storage-options must be a JSON object")
+    from storage.signing import load_key_file
     from storage.store import CheckpointStore
 
-    return CheckpointStore(args.url, storage_options=options)
+    key = load_key_file(args.checkpoint_key_file) if args.checkpoint_key_file else None
+    return CheckpointStore(args.url, storage_options=options, key=key)
 
 
 def _guarded(handler: Callable[[argparse.Namespace, CheckpointStore], int]) -> Handler:
@@ -97,7 +102,8 @@ def cmd_list(args: argparse.Namespace, store: CheckpointStore) -> int:
 def cmd_verify(args: argparse.Namespace, store: CheckpointStore) -> int:
     report = store.verify(args.step)
     for step in report.steps:
-        print(f"step {step.step}: {'ok' if step.ok else 'BAD'}")
+        signature = f" ({step.signature})" if step.signature else ""
+        print(f"step {step.step}: {'ok' if step.ok else 'BAD'}{signature}")
         for problem in step.problems:
             print(f"  {problem.path}: {problem.reason}: {problem.detail}")
     if report.ok:
@@ -170,8 +176,29 @@ def _count(node: Any) -> tuple[int, int]:
     return sum(t for t, _ in totals), sum(b for _, b in totals)
 
 
+def _check_out(store: CheckpointStore, out: str, force: bool) -> None:
+    """Refuse an --out inside the store (it would overwrite checkpoint files, even
+    the manifest) and, without --force, one that exists."""
+    import fsspec
+
+    if store.contains(out):
+        raise InvalidArgumentError(
+            f"--out {out!r} is inside the checkpoint location {store.url}; write elsewhere"
+        )
+    try:
+        fs, path = fsspec.core.url_to_fs(out)
+        exists, isdir = fs.exists(path), fs.isdir(path)
+    except (ValueError, TypeError, ImportError, OSError) as exc:
+        raise InvalidArgumentError(f"--out {out!r} cannot be opened: {exc}") from exc
+    if isdir:
+        raise InvalidArgumentError(f"--out {out!r} is a directory; name a file")
+    if exists and not force:
+        raise InvalidArgumentError(f"--out {out!r} exists; pass --force to overwrite it")
+
+
 @_guarded
 def cmd_export(args: argparse.Namespace, store: CheckpointStore) -> int:
+    _check_out(store, args.out, args.force)
     loaded = store.load_checkpoint(args.step)
     selected = _tensors_only(_select(loaded.state, args.key)) or {}
     tensors, nbytes = _count(selected)
@@ -219,6 +246,11 @@ def add_ckpt_parser(subparsers: Any) -> None:
             metavar="JSON",
             help="fsspec storage options as a JSON object, e.g. '{\"anon\": true}'",
         )
+        p.add_argument(
+            "--checkpoint-key-file",
+            metavar="PATH",
+            help="key of signed manifests: refuse unsigned or badly signed ones",
+        )
         p.set_defaults(func=handler)
         return p
 
@@ -243,7 +275,8 @@ def add_ckpt_parser(subparsers: Any) -> None:
     p = command("export", "write a plain torch.save state_dict (tensors only)", cmd_export)
     p.add_argument("--step", type=_step, help="step to export (default: newest that verifies)")
     p.add_argument("--key", help="export this sub-dict only, dotted (e.g. model)")
-    p.add_argument("--out", required=True, help="output path or URL")
+    p.add_argument("--out", required=True, help="output path or URL (not inside URL)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
 def main(argv: list[str] | None = None) -> int:

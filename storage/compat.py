@@ -1,4 +1,5 @@
-"""Check that a loaded state fits a target (a model, an optimizer, any state dict)."""
+"""Check that a loaded state fits a target (a model, an optimizer, any state dict),
+or is identical to another state."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import torch
 
 from storage.errors import StateMismatchError
-from storage.serialize import format_path
+from storage.serialize import encode_tree, flat_bytes, format_path
 
 _MAX_LISTED = 20
 
@@ -77,3 +78,27 @@ def check_compatible(target: Any, loaded: Any, *, strict: bool = True) -> None:
             + "; ".join(shown)
             + suffix
         )
+
+
+def _flatten(state: Any) -> tuple[Any, list[torch.Tensor]]:
+    tensors: list[torch.Tensor] = []
+
+    def add(_path: tuple[Any, ...], t: torch.Tensor) -> str:
+        tensors.append(t)
+        return str(len(tensors) - 1)
+
+    return encode_tree(state, add), tensors
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Whether two states are identical: same structure and keys (in order), same plain
+    values, and tensors of the same dtype and shape with the same bytes (so NaNs and
+    -0.0 compare as stored, not as numbers)."""
+    tree_a, tensors_a = _flatten(a)
+    tree_b, tensors_b = _flatten(b)
+    if tree_a != tree_b or len(tensors_a) != len(tensors_b):
+        return False
+    return all(
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(flat_bytes(x), flat_bytes(y))
+        for x, y in zip(tensors_a, tensors_b, strict=True)
+    )

@@ -41,6 +41,27 @@ class CorruptCheckpointError(StorageError):
     """A committed checkpoint failed verification (missing file, size, checksum)."""
 
 
+class UnsafePathError(CorruptCheckpointError):
+    """A path from the location (a manifest, a part record, a listing, a symlink) would
+    reach outside it, or is not a regular file where one is read; nothing was touched."""
+
+
+class SignatureError(CorruptCheckpointError):
+    """A store opened with a key found a manifest or part record it cannot trust."""
+
+
+class UnsignedError(SignatureError):
+    """The record carries no signature, and the store was given a key."""
+
+
+class BadSignatureError(SignatureError):
+    """The record's signature does not match the key (tampered, or another key)."""
+
+
+class LocationClaimedError(StorageError):
+    """Another launch of a job owns the location (its CLAIM.json names someone else)."""
+
+
 class UnsupportedFormatError(StorageError):
     """A manifest was written by a newer or unknown version of the format."""
 

@@ -9,11 +9,19 @@ message.  The commit primitive `put(..., create_only=True)` differs by backend:
   fsync the directory;
 * object stores and memory: one conditional put (`If-None-Match: *` on S3),
   since there a rename is a copy plus a delete and not atomic.
+
+Every path a primitive touches is `root/rel` with `rel` passing
+`layout.check_relative`, so it stays below the root on every backend; on local
+disk the resolved path (symlinks followed) must stay below the resolved root
+too, and what is read must be a regular file (a FIFO or device would block or
+never end).  A symlink swapped in between that check and the open is outside
+what this can stop: whoever can do that can also rewrite the files themselves.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,6 +34,7 @@ from storage.errors import (
     InvalidURLError,
     StorageAccessError,
     StorageError,
+    UnsafePathError,
 )
 from storage.retry import RetryPolicy
 
@@ -75,6 +84,17 @@ def open_location(
     return fs, root
 
 
+def process_local(fs: AbstractFileSystem) -> bool:
+    """Whether the filesystem's contents live in this process only (memory://): other
+    processes, such as the workers of one job, each see an empty one of their own."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    inner = getattr(fs, "fs", None)  # wrappers (fault injection, caches) delegate to .fs
+    return isinstance(fs, MemoryFileSystem) or (
+        isinstance(inner, AbstractFileSystem) and process_local(inner)
+    )
+
+
 class StorageIO:
     """Retried, error-translating file operations under one root."""
 
@@ -95,7 +115,57 @@ class StorageIO:
     # -- naming ---------------------------------------------------------------
 
     def path(self, rel: str) -> str:
-        return layout.join(self.root, rel) if rel else self.root
+        """`root/rel`, or UnsafePathError when that would leave the location."""
+        if not rel:
+            full = self.root
+        else:
+            layout.check_relative(rel, f"path under {self.url}:")
+            full = layout.join(self.root, rel)
+        if self.local:
+            root = os.path.realpath(self.root)
+            real = os.path.realpath(full)
+            if real != root and not real.startswith(root.rstrip("/") + "/"):
+                raise UnsafePathError(
+                    f"{self.display(rel)} resolves to {real!r}, outside the location "
+                    "(a symlink leaving it?); refused"
+                )
+        return full
+
+    def contains(self, url: str) -> bool:
+        """Whether `url` (as a user would pass it) names the location or something in it."""
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+        except (ValueError, TypeError, ImportError):
+            return False
+        if self.local and getattr(fs, "local_file", False):
+            inner, root = os.path.realpath(path), os.path.realpath(self.root)
+        elif type(fs) is type(self.fs):
+            inner, root = os.path.normpath("/" + path), os.path.normpath("/" + self.root)
+        else:
+            return False
+        return inner == root or inner.startswith(root.rstrip("/") + "/")
+
+    def confined(self, rel: str) -> bool:
+        """Whether `rel` may be touched (see `path`)."""
+        try:
+            self.path(rel)
+        except UnsafePathError:
+            return False
+        return True
+
+    def _readable(self, rel: str) -> str:
+        """The path of `rel` for reading: confined and, on local disk, a regular file."""
+        path = self.path(rel)
+        if self.local:
+            try:
+                mode = os.stat(path).st_mode
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                raise StorageAccessError(f"read {self.display(rel)}: {exc}") from exc
+            if not stat.S_ISREG(mode):
+                raise UnsafePathError(f"{self.display(rel)} is not a regular file; refused")
+        return path
 
     def display(self, rel: str = "") -> str:
         """The URL of `rel`, for messages."""
@@ -153,23 +223,43 @@ class StorageIO:
 
         return self.call("list", rel, run)
 
-    def exists(self, rel: str) -> bool:
-        path = self.path(rel)
+    def _fresh(self, rel: str, path: str, fn: Callable[[str], T]) -> T:
+        """`fn(path)` past any cached listing: other writers change things behind our back."""
 
-        def run() -> bool:
+        def run() -> T:
             self.fs.invalidate_cache(path)
-            return bool(self.fs.exists(path))
+            return fn(path)
 
         return self.call("check", rel, run)
 
-    def read_bytes(self, rel: str) -> bytes:
-        return self.call("read", rel, lambda: self.fs.cat_file(self.path(rel)))
+    def exists(self, rel: str) -> bool:
+        return bool(self._fresh(rel, self.path(rel), self.fs.exists))
+
+    def size(self, rel: str) -> int:
+        return int(self._fresh(rel, self._readable(rel), self.fs.size))
+
+    def read_bytes(self, rel: str, limit: int | None = None) -> bytes:
+        """The whole of `rel`; with `limit`, UnsafePathError if it is longer (a record
+        someone made huge must not exhaust memory)."""
+        path = self._readable(rel)
+        if limit is None:
+            return self.call("read", rel, lambda: self.fs.cat_file(path))
+
+        def run() -> bytes:
+            with self.fs.open(path, "rb") as f:
+                return f.read(limit + 1)
+
+        data = self.call("read", rel, run)
+        if len(data) > limit:
+            raise UnsafePathError(f"{self.display(rel)} is larger than {limit} bytes; refused")
+        return data
 
     def read_stream(self, rel: str, consume: Callable[[Any], T]) -> T:
         """Open `rel` for reading and hand it to `consume`; a retry reopens and starts over."""
+        path = self._readable(rel)
 
         def run() -> T:
-            with self.fs.open(self.path(rel), "rb") as f:
+            with self.fs.open(path, "rb") as f:
                 return consume(f)
 
         return self.call("read", rel, run)
@@ -208,7 +298,8 @@ class StorageIO:
         With `create_only`, raise FileExistsError if `rel` already exists."""
         if not self.local:
             mode = "create" if create_only else "overwrite"
-            self._writing("write", rel, lambda: self.fs.pipe_file(self.path(rel), data, mode=mode))
+            path = self.path(rel)
+            self._writing("write", rel, lambda: self.fs.pipe_file(path, data, mode=mode))
             return
         parent, _, name = rel.rpartition("/")
         tmp = layout.join(parent, layout.temp_name(name))
@@ -216,14 +307,22 @@ class StorageIO:
         try:
             if create_only and hasattr(self.fs, "link"):
                 # link(2) is atomic and fails with EEXIST: the local create-only rename.
-                self._writing("commit", rel, lambda: self.fs.link(self.path(tmp), self.path(rel)))
+                src, dst = self.path(tmp), self.path(rel)
+                self._writing("commit", rel, lambda: self.fs.link(src, dst))
             else:
                 if create_only and self.exists(rel):
                     raise FileExistsError(self.path(rel))
-                self._writing("rename", rel, lambda: self.fs.mv(self.path(tmp), self.path(rel)))
+                src, dst = self.path(tmp), self.path(rel)
+                self._writing("rename", rel, lambda: self.fs.mv(src, dst))
         finally:
             self.remove(tmp, missing_ok=True)
         self.fsync_dir(parent)
+
+    def move(self, rel: str, new_rel: str) -> None:
+        """Rename `rel` to `new_rel` (atomic on local disk; copy + delete elsewhere)."""
+        src, dst = self.path(rel), self.path(new_rel)
+        self._writing("rename", rel, lambda: self.fs.mv(src, dst))
+        self.fs.invalidate_cache(src)
 
     def remove(self, rel: str, *, recursive: bool = False, missing_ok: bool = True) -> None:
         path = self.path(rel)
@@ -242,7 +341,7 @@ class StorageIO:
         """Delete files (one batched request where the backend supports it)."""
         if not rels:
             return
-        paths = [self.path(rel) for rel in rels]
+        paths = [self.path(rel) for rel in rels]  # all confined before any is deleted
 
         def run() -> None:
             try:

@@ -65,6 +65,7 @@ class LoadedCheckpoint:
 class StepReport:
     step: int
     problems: tuple[FileProblem, ...] = ()
+    signature: str = ""  # "unsigned", "signed", "bad signature", ... ("" if unknown)
 
     @property
     def ok(self) -> bool:

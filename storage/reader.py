@@ -17,6 +17,7 @@ import torch
 
 from storage import layout
 from storage.checksum import Hasher, algorithm_of
+from storage.errors import UnsafePathError
 from storage.fsio import StorageIO
 from storage.manifest import FileEntry, Manifest, TensorEntry
 from storage.serialize import byte_view, dtype_from_name, flat_bytes
@@ -122,6 +123,8 @@ def read_files(
             return io.read_stream(rel, consume)
         except FileNotFoundError:
             return FileProblem(manifest.step, where, "missing", "file does not exist")
+        except UnsafePathError as exc:
+            return FileProblem(manifest.step, where, "unsafe", str(exc))
 
     files = list(manifest.files)
     if len(files) > 1 and io_threads > 1:

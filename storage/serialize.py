@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import math
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Container, Mapping
 from typing import Any
 
 import torch
@@ -46,6 +47,28 @@ def dtype_from_name(name: str) -> torch.dtype:
     if dtype is None:
         raise UnsupportedStateError(f"unknown tensor dtype {name!r} in checkpoint")
     return dtype
+
+
+_LOADABLE: frozenset[str] | None = None
+
+
+def loadable_dtypes() -> frozenset[str]:
+    """Names of the dtypes a checkpoint may hold: those a plain dense tensor can have
+    (a manifest naming a quantized or packed type is not one the writer made)."""
+    global _LOADABLE
+    if _LOADABLE is None:
+        names = set()
+        for dt, name in _DTYPE_NAMES.items():
+            try:
+                with warnings.catch_warnings():  # probing experimental types warns
+                    warnings.simplefilter("ignore")
+                    ok = not torch.empty(1, dtype=dt).is_quantized and dt.itemsize > 0
+            except (RuntimeError, TypeError, ValueError):
+                ok = False
+            if ok:
+                names.add(name)
+        _LOADABLE = frozenset(names)
+    return _LOADABLE
 
 
 def format_path(path: tuple[Any, ...]) -> str:
@@ -109,6 +132,46 @@ def decode_tree(node: Any, tensor: Callable[[str], torch.Tensor]) -> Any:
     if isinstance(node, list):
         raise ValueError("bare list in encoded state")
     return node
+
+
+MAX_TREE_DEPTH = 100  # a real state is a handful of levels; decode_tree recurses
+
+
+def check_encoded_tree(node: Any, tensor_ids: Container[str]) -> None:
+    """Raise ValueError unless `node` is exactly what `encode_tree` produces, nested at
+    most MAX_TREE_DEPTH deep and referring only to tensors in `tensor_ids`: then
+    `decode_tree` on it cannot fail or recurse without bound."""
+    stack: list[tuple[Any, int]] = [(node, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_TREE_DEPTH:
+            raise ValueError(f"encoded state nested deeper than {MAX_TREE_DEPTH}")
+        if item is None or isinstance(item, (bool, int, str)):
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError("non-finite number outside an {'f': ...} node")
+            continue
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ValueError(f"malformed node of type {type(item).__name__} in encoded state")
+        ((tag, value),) = item.items()
+        if tag == "t":
+            if not isinstance(value, str) or value not in tensor_ids:
+                raise ValueError(f"reference to unknown tensor {value!r}")
+        elif tag == "f":
+            if value not in ("nan", "inf", "-inf"):
+                raise ValueError(f"bad non-finite float {value!r}")
+        elif tag in ("l", "u") and isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif tag == "d" and isinstance(value, list):
+            for pair in value:
+                if not isinstance(pair, list) or len(pair) != 2 or not isinstance(
+                    pair[0], _KEY_TYPES
+                ):
+                    raise ValueError("malformed dict item in encoded state")
+                stack.append((pair[1], depth + 1))
+        else:
+            raise ValueError(f"unknown node {tag!r} in encoded state")
 
 
 def check_tensor(t: torch.Tensor, path: tuple[Any, ...]) -> None:

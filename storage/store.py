@@ -14,6 +14,14 @@ Commit protocol (one step, W ranks, generation G):
 
 A checkpoint exists exactly when its manifest does.  No collective is used, so
 saves can run on background threads while training owns the process group.
+
+The location is not trusted (others may write there): every path read from it
+is confined below the root (`layout.check_relative`, and on local disk no
+symlink may lead out), every record field is checked before use, retention
+deletes only files named as a save names them, and a store given a `key`
+signs what it writes and refuses what is not signed with that key.  A save that
+finds an unreadable manifest at its step moves it aside (it was never a
+commit: a commit is one atomic create) instead of mistaking it for one.
 """
 
 from __future__ import annotations
@@ -33,23 +41,31 @@ from fsspec import AbstractFileSystem
 
 from storage import layout
 from storage.checksum import ALGORITHMS
+from storage.claim import Claim, decode_claim, encode_claim
+from storage.compat import same_state
 from storage.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     FenceError,
     InvalidArgumentError,
+    LocationClaimedError,
     MissingPartsError,
     SaveAbandonedError,
     SaveTimeoutError,
+    SignatureError,
     StaleWriterError,
     StateMismatchError,
+    StorageAccessError,
     StorageError,
+    UnsafePathError,
+    UnsignedError,
 )
-from storage.fsio import StorageIO
+from storage.fsio import StorageIO, process_local
 from storage.handle import SaveHandle
 from storage.info import CheckpointInfo, LoadedCheckpoint, StepReport, VerifyReport
 from storage.manifest import (
+    MAX_RECORD_BYTES,
     FileEntry,
     Manifest,
     PartRecord,
@@ -63,6 +79,7 @@ from storage.reader import FileProblem, allocate, read_files
 from storage.retention import leftover_is_garbage, steps_to_keep
 from storage.retry import RetryPolicy
 from storage.serialize import decode_tree
+from storage.signing import check_key
 from storage.staging import StagingBuffer
 from storage.writer import PreparedSave, prepare, write_part
 
@@ -149,9 +166,17 @@ class CheckpointStore:
         fs: AbstractFileSystem | None = None,
         retry: RetryPolicy | None = None,
         config: StoreConfig | None = None,
+        key: bytes | None = None,
     ) -> None:
+        """`key`: sign manifests and part records with HMAC-SHA256 under it and refuse
+        unsigned or badly signed ones; its files are then checksummed with SHA-256
+        (a CRC can be forged to match altered bytes, so only that makes the
+        signature cover the data)."""
         self._io = StorageIO(url, retry or RetryPolicy(), storage_options=storage_options, fs=fs)
         self.config = config or StoreConfig()
+        self._key = None if key is None else check_key(key)
+        self._algorithm = "sha256" if self._key is not None else self.config.checksum
+        self._instance: str | None = None  # the claim this store commits under
         self._lock = threading.Lock()
         self._manifests: dict[int, Manifest] = {}  # committed manifests never change
         self._verified: set[int] = set()
@@ -166,6 +191,109 @@ class CheckpointStore:
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.url!r})"
+
+    @property
+    def signed(self) -> bool:
+        """Whether this store was given a key."""
+        return self._key is not None
+
+    def contains(self, url: str) -> bool:
+        """Whether `url` names this location or something inside it."""
+        return self._io.contains(url)
+
+    @property
+    def process_local(self) -> bool:
+        """Whether only this process can see the location (memory://)."""
+        return process_local(self._io.fs)
+
+    # ------------------------------------------------------- location checks
+
+    def probe(self) -> None:
+        """Write and delete a small file at the root: StorageError (naming the location)
+        unless checkpoints can be written there.  Cheap; run it before training."""
+        rel = layout.probe_name()
+        try:
+            self._io.put(rel, b"probe\n", create_only=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise StorageAccessError(
+                f"checkpoint location {self.url} is not a writable directory ({exc})"
+            ) from exc
+        self._io.remove(rel, missing_ok=False)
+
+    def current_claim(self) -> Claim | None:
+        """The claim record at the root, None if there is none."""
+        try:
+            data = self._io.read_bytes(layout.CLAIM, MAX_RECORD_BYTES)
+        except FileNotFoundError:
+            return None
+        return decode_claim(data, self._io.display(layout.CLAIM))
+
+    def claim(self, instance: str, job: str, *, takeover: bool = False) -> Claim:
+        """Make this launch (`instance` of `job`) the owner of the location; afterwards
+        commits through this store are refused once the record names someone else.
+
+        A claim by another instance raises LocationClaimedError naming it, unless
+        `takeover` (resuming a job replaces whoever ran before).  Claiming again
+        with the same instance is a no-op."""
+        for name, value in (("instance", instance), ("job", job)):
+            if not isinstance(value, str) or not value:
+                raise InvalidArgumentError(f"claim {name} must be a non-empty str, got {value!r}")
+        mine = Claim.here(job, instance)
+        where = self._io.display(layout.CLAIM)
+        try:
+            self._io.put(layout.CLAIM, encode_claim(mine), create_only=True)
+        except FileExistsError:
+            try:
+                current: Claim | None = self.current_claim()
+            except CorruptCheckpointError as exc:
+                if not takeover:
+                    raise LocationClaimedError(
+                        f"{where} is unreadable ({exc}); remove it once no job uses "
+                        f"{self.url}, or resume to take the location over"
+                    ) from exc
+                current = None
+            if current is None or current.instance != instance:
+                if not takeover and current is not None:
+                    raise LocationClaimedError(
+                        f"{self.url} is claimed by {current.describe()}; use another "
+                        "location, resume to take it over, or remove "
+                        f"{where} once that launch is gone"
+                    ) from None
+                self._io.put(layout.CLAIM, encode_claim(mine), create_only=False)
+                if current is not None:
+                    log.warning("%s: took over from %s", self.url, current.describe())
+            else:
+                mine = current
+        self._instance = instance
+        return mine
+
+    def attach_claim(self, instance: str) -> None:
+        """Commit only while the claim record names `instance` (made by another process
+        of this launch, e.g. the launcher)."""
+        if not isinstance(instance, str) or not instance:
+            raise InvalidArgumentError(f"claim instance must be a non-empty str, got {instance!r}")
+        self._instance = instance
+
+    @property
+    def claim_instance(self) -> str | None:
+        return self._instance
+
+    def check_claim(self) -> None:
+        """LocationClaimedError when this store holds a claim and the record at the root
+        names another instance (the location was taken over)."""
+        if self._instance is None:
+            return
+        try:
+            current = self.current_claim()
+        except CorruptCheckpointError as exc:
+            raise LocationClaimedError(
+                f"{self.url}: the claim record became unreadable ({exc}); refused"
+            ) from exc
+        if current is not None and current.instance != self._instance:
+            raise LocationClaimedError(
+                f"{self.url} is now claimed by {current.describe()}, not by launch "
+                f"{self._instance}; refused"
+            )
 
     def __enter__(self) -> CheckpointStore:
         return self
@@ -325,15 +453,11 @@ class CheckpointStore:
         with self._lock:
             self._inflight.add(prepared.step)
         try:
-            if self._io.exists(layout.join(step_rel, layout.MANIFEST)):
-                raise CheckpointExistsError(
-                    f"step {prepared.step} is already committed under {self.url}; "
-                    "a committed checkpoint is never overwritten"
-                )
+            self._refuse_committed(prepared.step)
             part = write_part(
                 self._io,
                 prepared,
-                algorithm=self.config.checksum,
+                algorithm=self._algorithm,
                 max_file_bytes=self.config.max_file_bytes,
                 chunk_bytes=self.config.chunk_bytes,
                 io_threads=self.config.io_threads,
@@ -343,7 +467,7 @@ class CheckpointStore:
                 record = layout.join(
                     step_rel, layout.part_record(prepared.generation, prepared.rank)
                 )
-                self._io.put(record, encode_part(part), create_only=False)
+                self._io.put(record, encode_part(part, self._key), create_only=False)
                 return CheckpointInfo(
                     step=prepared.step,
                     generation=prepared.generation,
@@ -364,6 +488,39 @@ class CheckpointStore:
             with self._lock:
                 self._inflight.discard(prepared.step)
 
+    def _refuse_committed(self, step: int) -> None:
+        """CheckpointExistsError if `step` is committed.  A manifest file that does not
+        decode is not a commit (a commit is one atomic create of a whole, valid file):
+        it is moved aside, logged, and the save goes on."""
+        rel = layout.join(layout.step_dir(step), layout.MANIFEST)
+        where = self._io.display(rel)
+        if not self._io.exists(rel):  # the common case, one cheap request
+            return
+        try:
+            data = self._io.read_bytes(rel, MAX_RECORD_BYTES)
+            existing = decode_manifest(data, where)  # a commit, signed or not, is never replaced
+        except FileNotFoundError:
+            return
+        except UnsafePathError as exc:
+            raise CorruptCheckpointError(
+                f"step {step}: {exc}; remove it to save this step again; nothing was committed"
+            ) from exc
+        except CorruptCheckpointError as exc:
+            torn = layout.join(layout.step_dir(step), layout.torn_name(layout.MANIFEST))
+            self._io.move(rel, torn)
+            with self._lock:
+                self._manifests.pop(step, None)
+            log.warning(
+                "step %d under %s had an unreadable manifest (%s); moved aside to %s",
+                step, self.url, exc, self._io.display(torn),
+            )
+            return
+        raise CheckpointExistsError(
+            f"step {step} is already committed under {self.url} (generation "
+            f"{existing.generation}, {existing.signature}); a committed checkpoint is never "
+            "overwritten"
+        )
+
     def _wait_for_parts(
         self, prepared: PreparedSave, deadline: float, timeout: float,
         abandon: Callable[[], bool] | None = None,
@@ -382,7 +539,9 @@ class CheckpointStore:
                 if layout.basename(rel) not in present:
                     continue
                 try:
-                    record = decode_part(self._io.read_bytes(rel), self._io.display(rel))
+                    data = self._io.read_bytes(rel, MAX_RECORD_BYTES)
+                    record = decode_part(data, self._io.display(rel), self._key)
+                    self._check_part_paths(record, self._io.display(rel))
                 except FileNotFoundError:
                     continue
                 except CorruptCheckpointError as exc:
@@ -418,6 +577,20 @@ class CheckpointStore:
                 )
             time.sleep(min(backoff, left))
             backoff = min(backoff * 2, self.config.poll_max_s)
+
+    def _check_part_paths(self, record: PartRecord, where: str) -> None:
+        """A part's files lie in its own writer directory of its generation, checksummed
+        with this store's algorithm: nothing else may enter the manifest."""
+        prefix = layout.generation_dir(record.generation) + "/"
+        if not record.writer.startswith(prefix) or "/" in record.writer[len(prefix):]:
+            raise CorruptCheckpointError(f"{where}: writer {record.writer!r} is not a writer dir")
+        for entry in record.files:
+            if not layout.written_by_store(entry.path) or not entry.path.startswith(
+                record.writer + "/"
+            ):
+                raise CorruptCheckpointError(f"{where}: file {entry.path!r} is not the writer's")
+            if self._key is not None and not entry.checksum.startswith("sha256:"):
+                raise SignatureError(f"{where}: {entry.path} is not checksummed with SHA-256")
 
     def _build_manifest(self, prepared: PreparedSave, parts: dict[int, PartRecord]) -> Manifest:
         files: list[FileEntry] = []
@@ -472,9 +645,10 @@ class CheckpointStore:
                     f"generation {generation} is no longer current: commit of step {step} "
                     f"to {self.url} refused and its files removed"
                 )
+        self.check_claim()
         rel = layout.join(step_rel, layout.MANIFEST)
         try:
-            self._io.put(rel, encode_manifest(manifest), create_only=True)
+            self._io.put(rel, encode_manifest(manifest, self._key), create_only=True)
         except FileExistsError:
             # A retried put whose first attempt landed finds its own manifest.
             existing = self._read_manifest(step)
@@ -489,11 +663,35 @@ class CheckpointStore:
         return CheckpointInfo.from_manifest(manifest, self._io.display(step_rel))
 
     def _discard_generation(self, step: int, generation: int) -> None:
-        rel = layout.join(layout.step_dir(step), layout.generation_dir(generation))
+        step_rel = layout.step_dir(step)
+        gen = layout.generation_dir(generation)
         try:
-            self._io.remove(rel, recursive=True)
+            files = self._io.find(layout.join(step_rel, gen))
+            self._remove_store_files(step_rel, [f"{gen}/{rel}" for rel in files])
+            self._io.remove_empty_dirs(layout.join(step_rel, gen), keep_top=False)
         except StorageError as exc:
-            log.warning("could not remove the files of refused step %d at %s: %s", step, rel, exc)
+            log.warning(
+                "could not remove the files of refused step %d at %s/%s: %s", step, step_rel,
+                gen, exc,
+            )
+
+    def _remove_store_files(
+        self, step_rel: str, rels: list[str], also: frozenset[str] = frozenset()
+    ) -> list[str]:
+        """Delete the files below `step_rel` that a save wrote (by name, or listed in
+        `also`); foreign files and paths leading outside the location stay.
+        Returns the removed paths, relative to the root."""
+        doomed = []
+        for rel in sorted(rels):
+            if not (layout.written_by_store(rel) or rel in also):
+                continue
+            path = layout.join(step_rel, rel)
+            if not self._io.confined(path):
+                log.warning("not deleting %s: it leads outside the location", path)
+                continue
+            doomed.append(path)
+        self._io.remove_many(doomed)
+        return doomed
 
     # ----------------------------------------------------------------- reading
 
@@ -505,11 +703,19 @@ class CheckpointStore:
     def _read_manifest(self, step: int) -> Manifest:
         """The manifest of `step` read from storage; FileNotFoundError if uncommitted."""
         rel = layout.join(layout.step_dir(step), layout.MANIFEST)
-        manifest = decode_manifest(self._io.read_bytes(rel), self._io.display(rel))
+        where = self._io.display(rel)
+        manifest = decode_manifest(self._io.read_bytes(rel, MAX_RECORD_BYTES), where, self._key)
         if manifest.step != step:
             raise CorruptCheckpointError(
-                f"{self._io.display(rel)}: manifest is for step {manifest.step}, not {step}"
+                f"{where}: manifest is for step {manifest.step}, not {step}"
             )
+        if self._key is not None:
+            weak = [f.path for f in manifest.files if not f.checksum.startswith("sha256:")]
+            if weak:
+                raise SignatureError(
+                    f"{where}: signed, but {weak[0]} is checksummed with a CRC that does not "
+                    "protect against tampering; refused"
+                )
         return manifest
 
     def _manifest(self, step: int) -> Manifest:
@@ -638,8 +844,32 @@ class CheckpointStore:
             )
         raise self._empty()
 
+    def _check_sizes(self, manifest: Manifest) -> None:
+        """Every file exists with its recorded size, before memory is allocated for what
+        the manifest says the files hold (a forged size could ask for terabytes)."""
+        step_rel = layout.step_dir(manifest.step)
+        for entry in manifest.files:
+            rel = layout.join(step_rel, entry.path)
+            try:
+                actual = self._io.size(rel)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(
+                    f"step {manifest.step}: {self._io.display(rel)}: missing"
+                ) from None
+            if actual != entry.size:
+                raise CorruptCheckpointError(
+                    f"step {manifest.step}: {self._io.display(rel)}: {actual} bytes, the "
+                    f"manifest says {entry.size}"
+                )
+
     def _load_manifest(self, manifest: Manifest) -> LoadedCheckpoint:
-        dest = allocate(dict(manifest.tensors))
+        self._check_sizes(manifest)
+        try:
+            dest = allocate(dict(manifest.tensors))
+        except (RuntimeError, MemoryError) as exc:
+            raise CorruptCheckpointError(
+                f"step {manifest.step}: cannot allocate its tensors ({exc})"
+            ) from exc
         problems = read_files(
             self._io,
             manifest,
@@ -663,6 +893,16 @@ class CheckpointStore:
             world_size=manifest.world_size,
             metadata=dict(manifest.metadata),
         )
+
+    def holds(self, step: int, state: Mapping[str, Any]) -> bool:
+        """Whether `step` is committed, verifies, and holds exactly `state` (same keys,
+        values, dtypes, shapes and bytes): a save that found its step committed
+        already may count as done only then."""
+        try:
+            manifest = self._read_manifest(step)
+        except FileNotFoundError:
+            return False
+        return same_state(self._load_manifest(manifest).state, state)
 
     # --------------------------------------------------------------- verifying
 
@@ -696,8 +936,15 @@ class CheckpointStore:
         except FileNotFoundError:
             return None
         except CorruptCheckpointError as exc:
+            signature = ""
+            if isinstance(exc, UnsignedError):
+                signature = "unsigned"
+            elif isinstance(exc, SignatureError):
+                signature = "bad signature"
             return StepReport(
-                step, (FileProblem(step, self._io.display(rel), "manifest", str(exc)),)
+                step,
+                (FileProblem(step, self._io.display(rel), "manifest", str(exc)),),
+                signature,
             )
         problems = read_files(
             self._io,
@@ -711,7 +958,7 @@ class CheckpointStore:
                 self._verified.discard(step)
             else:
                 self._verified.add(step)
-        return StepReport(step, tuple(problems))
+        return StepReport(step, tuple(problems), manifest.signature)
 
     # --------------------------------------------------------------- retention
 
@@ -735,22 +982,35 @@ class CheckpointStore:
                 break
         keep = steps_to_keep((s for s, _ in scanned), keep_last, keep_every, protect)
         deleted = []
-        for step, _ in scanned:
+        for step, manifest in scanned:
             if step not in keep:
-                self._delete_step(step)
+                self._delete_step(step, manifest if isinstance(manifest, Manifest) else None)
                 deleted.append(step)
         if deleted:
             log.info("pruned steps %s from %s", deleted, self.url)
         return deleted
 
-    def _delete_step(self, step: int) -> None:
+    def _delete_step(self, step: int, manifest: Manifest | None) -> None:
+        """Delete what the store wrote for `step`: its manifest first, then the files it
+        lists and every file named as a save names them (quarantined manifests too);
+        files someone else put there stay, and so does their directory."""
         step_rel = layout.step_dir(step)
         # Uncommit first: a crash after this leaves garbage for gc, never a torn checkpoint.
-        self._io.remove(layout.join(step_rel, layout.MANIFEST))
+        manifest_rel = layout.join(step_rel, layout.MANIFEST)
+        if self._io.confined(manifest_rel):
+            self._io.remove(manifest_rel)
         with self._lock:
             self._manifests.pop(step, None)
             self._verified.discard(step)
-        self._io.remove(step_rel, recursive=True)
+        try:
+            files = self._io.find(step_rel)
+        except UnsafePathError as exc:
+            log.warning("step %d under %s: not deleting its files: %s", step, self.url, exc)
+            return
+        listed = frozenset(f.path for f in manifest.files) if manifest is not None else frozenset()
+        torn = frozenset(rel for rel in files if layout.is_torn_record(rel))
+        self._remove_store_files(step_rel, list(files), listed | torn)
+        self._io.remove_empty_dirs(step_rel, keep_top=False)
 
     def gc(self, grace_s: float | None = None) -> list[str]:
         """Delete what no checkpoint references and no live writer can still commit.
@@ -777,16 +1037,20 @@ class CheckpointStore:
             if step in busy or isinstance(scanned.get(step), CorruptCheckpointError):
                 continue
             step_rel = layout.step_dir(step)
-            files = self._io.find(step_rel)
+            try:
+                found = self._io.find(step_rel)
+            except UnsafePathError as exc:
+                log.warning("gc: step %d under %s skipped: %s", step, self.url, exc)
+                continue
+            # Only what a save wrote is a candidate; anything else is someone's file.
+            files = {rel: info for rel, info in found.items() if layout.written_by_store(rel)}
             manifest = committed.get(step)
             if manifest is not None:
                 keep = {layout.MANIFEST} | {f.path for f in manifest.files}
                 doomed = [rel for rel in files if rel not in keep]
             else:
                 doomed = self._abandoned(step, files, now, grace, newest_step, newest_generation)
-            paths = [layout.join(step_rel, rel) for rel in sorted(doomed)]
-            self._io.remove_many(paths)
-            removed.extend(paths)
+            removed.extend(self._remove_store_files(step_rel, doomed))
             if manifest is not None or (newest_step is not None and step < newest_step):
                 self._io.remove_empty_dirs(step_rel, keep_top=manifest is not None)
         if removed:

@@ -226,13 +226,13 @@ class StoreContract:
         committed = set(loc.all_files(1))
         stale = [
             # another writer of the committed step
-            f"{layout.step_dir(1)}/g000000/r00000-refused/data-00000.bin",
+            f"{layout.step_dir(1)}/{layout.data_file(layout.new_writer_dir(0, 0), 0)}",
             # the temp file of a crashed commit
-            f"{layout.step_dir(1)}/.tmp-0123-manifest.json",
+            f"{layout.step_dir(1)}/{layout.temp_name(layout.MANIFEST)}",
             # an older step than the newest commit
-            f"{layout.step_dir(0)}/g000001/r00000-crashed/data-00000.bin",
+            f"{layout.step_dir(0)}/{layout.data_file(layout.new_writer_dir(1, 0), 0)}",
             # an older generation than the newest commit
-            f"{layout.step_dir(5)}/g000000/r00000-fenced/data-00000.bin",
+            f"{layout.step_dir(5)}/{layout.data_file(layout.new_writer_dir(0, 0), 0)}",
         ]
         for rel in stale:
             loc.write(rel, b"leftover")
