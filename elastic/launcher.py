@@ -134,8 +134,37 @@ def _validate(args: argparse.Namespace) -> None:
                  "hang_floor", "progress_every"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+    if args.settle < 0:
+        raise ConfigError(f"--settle must be >= 0, got {args.settle}")
+    if args.hang_factor < 1:
+        raise ConfigError(f"--hang-factor must be >= 1, got {args.hang_factor}")
     if args.job is not None:
         validate_name("job id", args.job)
+    if args.event_log is not None:
+        _check_writable_file("--event-log", args.event_log)
+    if args.ledger_dir is not None:
+        _check_directory("--ledger-dir", args.ledger_dir)
+
+
+def _check_writable_file(flag: str, path: str) -> None:
+    """A file the launcher or its workers will append to, checked before any start
+    (an uncreatable one otherwise fails every worker, restart after restart)."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path!r} is a directory; name a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path!r}: cannot create files under {probe!r}")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path!r} is not writable")
+
+
+def _check_directory(flag: str, path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path!r} exists and is not a directory")
+    _check_writable_file(flag, os.path.join(path, "probe"))
 
 
 CLAIM_KEY = "checkpoint-claim"  # under the job's ctl/: the launch that owns the location
@@ -220,6 +249,10 @@ class ElasticLauncher:
         self.launch_id = f"{_safe_host()}-{os.getpid()}"
         self._next_evict_check = 0.0
         self._killed: set[str] = set()
+        self._respawns: list[tuple[float, int, int]] = []
+        self._quick_failures = 0
+        self._formed = False
+        self._next_waiting_report = time.monotonic() + 2.0
         self.etcd_lost = False
 
     def run(self) -> int:
@@ -262,6 +295,12 @@ class ElasticLauncher:
                    else ""),
                 job=self.job, etcd=etcd_url, nproc=args.nproc, joining=joining,
             )
+            if not joining and self.base_config.min_workers > args.nproc:
+                self.events.emit(
+                    "note", f"--min-workers {self.base_config.min_workers} is above the "
+                    f"{args.nproc} worker(s) this launcher starts: training starts once other "
+                    f"launchers add {self.base_config.min_workers - args.nproc} (elastic run "
+                    f"--job {self.job} --etcd {etcd_url} -n N {args.script})")
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self._on_signal)
             for i in range(args.nproc):
@@ -385,7 +424,9 @@ class ElasticLauncher:
     def _supervise(self) -> int:
         failed = False
         stop_deadline: float | None = None
-        while any(w.proc.returncode is None for w in self.workers.values()):
+        while (any(w.proc.returncode is None for w in self.workers.values())
+               or self._respawns):
+            self._respawn_due()
             if self.stop_requested is not None and stop_deadline is None:
                 stop_deadline = time.monotonic() + self.args.stop_grace
             if stop_deadline is not None and time.monotonic() > stop_deadline:
@@ -397,6 +438,7 @@ class ElasticLauncher:
                 worker, rc = self.exits.get(timeout=0.5)
             except queue.Empty:
                 self._kill_evicted()
+                self._report_waiting()
                 continue
             self.events.emit("exit", f"worker {worker.member_id} exited with {rc}",
                              member=worker.member_id, rc=rc)
@@ -413,8 +455,7 @@ class ElasticLauncher:
                 failed = True
                 continue
             self.restarts += 1
-            self._spawn(worker.local_rank,
-                        f"{self.launch_id}-{worker.local_rank}-r{self.restarts}")
+            self._schedule_respawn(worker)
         if self._job_done():
             self.events.emit("done", f"job {self.job} finished")
             return 0
@@ -422,8 +463,75 @@ class ElasticLauncher:
             return EXIT_INTERRUPTED
         if failed:
             return EXIT_FAILED
+        if not self._ever_formed():
+            self.events.emit(
+                "never_joined", f"every worker exited without joining job {self.job}: does "
+                f"{self.args.script} train through elastic (Trainer(...).fit())? A torchrun "
+                "script needs --torchrun-compat")
+            return EXIT_FAILED
         # Our workers left or were stopped while the job goes on elsewhere.
         return EXIT_STOPPED
+
+    def _ever_formed(self) -> bool:
+        try:
+            return retry_call(lambda: self.client.get(self.keys.gen)[0] is not None,
+                              what="reading the generation", timeout=self.args.etcd_timeout)
+        except ElasticError:
+            return True  # unknown: say nothing rather than something wrong
+
+    # While no World has formed, say every so often what it waits for (a job
+    # with --min-workers above the workers present waits for other launchers).
+    WAITING_EVERY_S = 10.0
+
+    def _report_waiting(self) -> None:
+        now = time.monotonic()
+        if now < self._next_waiting_report or self._formed:
+            return
+        self._next_waiting_report = now + self.WAITING_EVERY_S
+        try:
+            if self.client.get(self.keys.gen)[0] is not None:
+                self._formed = True
+                return
+            present = len(list(self.client.get_prefix(self.keys.members, keys_only=True)))
+        except Exception:  # a courtesy line; etcd trouble is reported elsewhere
+            return
+        want = self.base_config.min_workers
+        if present < want:
+            self.events.emit(
+                "waiting", f"waiting for {want} workers ({present} present): start "
+                f"{want - present} more with: elastic run --job {self.job} --etcd "
+                f"{self.args.etcd} -n {want - present} {self.args.script}",
+                present=present, want=want)
+
+    # Restarts back off: a worker that fails soon after its start again and
+    # again (a bug in the script, a machine problem) is restarted after 0.5 s,
+    # 1 s, 2 s, ... up to 30 s instead of in a tight loop; a worker that ran
+    # for a while before failing is replaced at once.
+    BACKOFF_FIRST_S = 0.5
+    BACKOFF_MAX_S = 30.0
+    QUICK_FAILURE_S = 30.0
+
+    def _schedule_respawn(self, worker: _Worker) -> None:
+        lived = time.monotonic() - worker.started
+        self._quick_failures = self._quick_failures + 1 if lived < self.QUICK_FAILURE_S else 0
+        delay = 0.0
+        if self._quick_failures > 1:
+            delay = min(self.BACKOFF_FIRST_S * 2 ** (self._quick_failures - 2),
+                        self.BACKOFF_MAX_S)
+            self.events.emit("backoff", f"worker {worker.member_id} failed "
+                             f"{self._quick_failures} times in a row within "
+                             f"{self.QUICK_FAILURE_S:.0f}s of its start: restarting in "
+                             f"{delay:.1f}s", member=worker.member_id, seconds=delay)
+        self._respawns.append((time.monotonic() + delay, worker.local_rank, self.restarts))
+
+    def _respawn_due(self) -> None:
+        now = time.monotonic()
+        due = [r for r in self._respawns if r[0] <= now]
+        if self.stop_requested is not None:
+            due, self._respawns = [], []  # the job is stopping: replace nobody
+        self._respawns = [r for r in self._respawns if r not in due]
+        for _, local_rank, n in due:
+            self._spawn(local_rank, f"{self.launch_id}-{local_rank}-r{n}")
 
     def _no_restart(self, worker: _Worker, rc: int) -> str | None:
         """Why a restart cannot help (one line), or None."""

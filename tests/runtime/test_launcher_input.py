@@ -76,3 +76,84 @@ def test_checkpoint_every_without_a_location_on_an_external_etcd_is_refused(tmp_
                          cwd=str(tmp_path))
     assert rc != 0
     assert "--checkpoint-every needs a location" in err, err
+
+
+@pytest.mark.parametrize("make_args,expected", [
+    (lambda d: ["--settle", "-5", CLASSIFIER], "--settle must be >= 0, got -5.0"),
+    (lambda d: ["--hang-factor", "0.5", CLASSIFIER], "--hang-factor must be >= 1"),
+    (lambda d: ["--hang-floor", "0", CLASSIFIER], "--hang-floor must be > 0"),
+    (lambda d: ["--ledger-dir", _file(d, "ledger"), CLASSIFIER], "exists and is not a directory"),
+    (lambda d: ["--event-log", _file(d, "f") + "/events.jsonl", CLASSIFIER],
+     "cannot create files under"),
+    (lambda d: ["--event-log", d, CLASSIFIER], "is a directory; name a file"),
+])
+def test_unusable_settings_are_refused_before_any_worker_starts(tmp_path, make_args, expected):
+    d = str(tmp_path / "in")
+    os.makedirs(d)
+    rc, err, _ = run_cli(*make_args(d), cwd=str(tmp_path))
+    assert rc != 0
+    assert expected in err, err
+    assert "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["in"], "nothing may be started on bad input"
+
+
+def _file(d: str, name: str) -> str:
+    path = os.path.join(d, name)
+    with open(path, "w") as f:
+        f.write("x")
+    return path
+
+
+def _events(path: str) -> list[dict]:
+    from elastic.events import read_events
+
+    return read_events(path)
+
+
+def test_restarts_of_a_script_that_keeps_failing_back_off(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nsys.exit(1)\n")
+    log = str(tmp_path / "events.jsonl")
+    rc, err, _ = run_cli("--max-restarts", "5", "--event-log", log, "--no-checkpoint",
+                         str(script), cwd=str(tmp_path), timeout=120)
+    assert rc != 0
+    events = _events(log)
+    delays = [e["seconds"] for e in events if e["event"] == "backoff"]
+    assert delays == [0.5, 1.0, 2.0, 4.0], delays
+    # Each delayed respawn starts no sooner than its delay after the exit it follows.
+    exits = [e["t"] for e in events if e["event"] == "exit"]
+    spawns = [e["t"] for e in events if e["event"] == "spawn"]
+    assert len(spawns) == 6 and len(exits) == 6
+    for delay, gone, again in zip(delays, exits[1:5], spawns[2:], strict=True):
+        assert again - gone >= delay - 0.05, (delay, gone, again)
+
+
+def test_script_that_never_joins_the_job_is_a_clear_failure(tmp_path):
+    script = tmp_path / "plain.py"
+    script.write_text("print('no Trainer here')\n")
+    rc, err, _ = run_cli("--no-checkpoint", str(script), cwd=str(tmp_path))
+    assert rc != 0
+    assert "exited without joining job" in err and "Trainer" in err, err
+
+
+def test_min_workers_above_the_local_workers_says_what_it_waits_for(tmp_path):
+    log = str(tmp_path / "events.jsonl")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "elastic.cli", "run", "-n", "1", "--min-workers", "3",
+         "--no-checkpoint", "--event-log", log, CLASSIFIER], cwd=str(tmp_path),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        from tests.helpers.wait import wait_until
+
+        found = wait_until(
+            lambda: os.path.exists(log) and [e for e in _events(log) if e["event"] == "waiting"
+                                             and e["present"] == 1],
+            60, "a 'waiting for 3 workers (1 present)' line")
+        assert found[0]["want"] == 3, found
+        notes = [e for e in _events(log) if e["event"] == "note"]
+        assert notes, "no note at launch about --min-workers"
+    finally:
+        import signal as _signal
+
+        os.killpg(proc.pid, _signal.SIGKILL)
+        proc.wait(timeout=30)
