@@ -302,6 +302,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                       socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise EtcdError(f"port {port} on {host} is taken ({exc.strerror}): choose another "
+                            "--port, or leave it out for a free one") from exc
+
+
 @dataclass
 class EmbeddedEtcd:
     """A single-node etcd with a private data dir, on loopback unless ``host`` says otherwise.
@@ -343,12 +354,31 @@ class EmbeddedEtcd:
         if self.process is not None and self.process.poll() is None:
             return self
         binary = find_etcd_binary(self.binary)
+        if self.data_dir is not None and os.path.exists(self.data_dir) \
+                and not os.path.isdir(self.data_dir):
+            raise EtcdError(f"etcd data dir {self.data_dir!r} exists and is not a directory")
         if self.data_dir is None:
             self.data_dir = tempfile.mkdtemp(prefix="elastic-etcd-")
             self._owns_dir = True
-        os.makedirs(self.data_dir, exist_ok=True)
+        try:
+            return self._start(binary)
+        except BaseException:
+            # A failed start, or Ctrl-C during it, leaves no server and no
+            # temporary directory behind.
+            self.stop()
+            raise
+
+    def _start(self, binary: str) -> EmbeddedEtcd:
+        try:
+            os.makedirs(self.data_dir, exist_ok=True)
+        except OSError as exc:
+            raise EtcdError(f"cannot create etcd data dir {self.data_dir!r}: {exc}") from exc
         self._log_path = os.path.join(self.data_dir, "etcd.log")
         fixed_ports = self.client_port is not None
+        if fixed_ports:
+            # A taken port would make etcd exit while whatever holds the port
+            # (another etcd, say) answers our health check: check it first.
+            _check_port_free(self.host, self.client_port)
         last_error = ""
         for _ in range(self.start_attempts):
             if not fixed_ports:
@@ -388,7 +418,7 @@ class EmbeddedEtcd:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 return False, f"etcd exited with {self.process.returncode}: {self._log_tail()}"
-            if self._healthy():
+            if self._healthy() and self.process.poll() is None:
                 return True, ""
             time.sleep(0.05)
         self._terminate(kill=True)
