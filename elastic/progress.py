@@ -63,6 +63,12 @@ class RunStats:
     steps: deque = field(default_factory=deque)  # (t, step) of the latest steps
 
     def apply(self, ev: dict[str, Any]) -> None:
+        try:
+            self._apply(ev)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass  # a malformed record (not one of ours) must not stop the view
+
+    def _apply(self, ev: dict[str, Any]) -> None:
         kind = ev.get("event")
         if kind == "step":
             self.step = int(ev.get("step", self.step))
@@ -233,7 +239,12 @@ class ProgressView:
                         if line in self._seen_errors:
                             continue
                         self._seen_errors.add(line)
-                self.write(line, stream)
+                try:
+                    self.write(line, stream)
+                except (OSError, ValueError):
+                    # Our console is gone (a closed pipe): keep draining, or the
+                    # worker would block on a full pipe.
+                    continue
 
     # -- the line ---------------------------------------------------------------
 
