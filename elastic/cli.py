@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from . import argtypes
-from .errors import ConfigError, ElasticError
+from .errors import ConfigError, ElasticError, EtcdError
 from .etcd import EmbeddedEtcd, EtcdConfig, connect
 from .keys import Keyspace
 
@@ -78,6 +78,8 @@ def _status_once(args: argparse.Namespace, client: object, keys: Keyspace,
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .status import read_log_progress
+
     keys = Keyspace(args.job, args.etcd_prefix)
     if args.watch is not None and args.watch <= 0:
         raise ConfigError(f"--watch must be > 0 seconds, got {args.watch}")
@@ -91,7 +93,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         while True:
-            text, finished = _status_once(args, client, keys, log)
+            try:
+                text, finished = _status_once(args, client, keys, log)
+            except EtcdError:
+                if not (log and read_log_progress(log).finished):
+                    raise
+                # A finished job's embedded etcd stops with its launcher; the log
+                # still tells how it ended.
+                text, finished = read_log_progress(log).to_text() + (
+                    "\netcd does not answer any more: the job finished and its etcd stopped"
+                ), True
             stamp = time.strftime("%H:%M:%S")
             print(f"{clear}{text}\n-- {stamp}, every {args.watch:g}s"
                   + ("; the job finished" if finished else "; Ctrl-C stops watching"),

@@ -36,7 +36,7 @@ from .etcd import EmbeddedEtcd, EtcdConfig, connect, free_port, retry_call
 from .events import EventLog
 from .exitcodes import EXIT_FAILED, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_STOPPED
 from .keys import Keyspace, validate_name
-from .preflight import check_script
+from .preflight import check_script, torchrun_advice, torchrun_failure
 from .procutil import dying_with_parent
 from .progress import ProgressConfig, ProgressView
 
@@ -539,6 +539,9 @@ class ElasticLauncher:
         if rc == EXIT_FATAL:
             return (f"worker {worker.member_id} stopped on an error a restart cannot fix "
                     "(the line above): not restarting it")
+        if torchrun_failure(self.progress.stderr_tail(worker.proc.pid)):
+            return (f"worker {worker.member_id} ran a torchrun-style init_process_group(): "
+                    + torchrun_advice(self.args.script, self.args.nproc))
         if not self.etcd_lost:
             try:
                 retry_call(lambda: self.client.get(self.keys.gen), what="checking etcd",

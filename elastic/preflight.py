@@ -39,6 +39,11 @@ def is_torchrun_script(source: str) -> bool:
     return inits and not imports_elastic
 
 
+def torchrun_advice(path: str, nproc: int) -> str:
+    return (f"re-run with --torchrun-compat, e.g. elastic run --torchrun-compat -n {nproc} "
+            f"{path}")
+
+
 def check_script(path: str, nproc: int) -> None:
     """Raise ConfigError (one line naming what to do) for a script that cannot run as is."""
     try:
@@ -49,6 +54,14 @@ def check_script(path: str, nproc: int) -> None:
     if is_torchrun_script(source):
         raise ConfigError(
             f"{path} is a torchrun script (it calls init_process_group() and does not use "
-            f"the elastic Trainer): re-run with --torchrun-compat, e.g. "
-            f"elastic run --torchrun-compat -n {nproc} {path}"
+            f"the elastic Trainer): {torchrun_advice(path, nproc)}"
         )
+
+
+# What torch.distributed's env:// rendezvous raises without torchrun's variables.
+_ENV_INIT_FAILURE = "environment variable RANK expected"
+
+
+def torchrun_failure(stderr_lines: list[str]) -> bool:
+    """A worker died in an env:// init_process_group (a torchrun script the scan missed)."""
+    return any(_ENV_INIT_FAILURE in line for line in stderr_lines)

@@ -63,6 +63,12 @@ class RunStats:
     steps: deque = field(default_factory=deque)  # (t, step) of the latest steps
 
     def apply(self, ev: dict[str, Any]) -> None:
+        try:
+            self._apply(ev)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass  # a malformed record (not one of ours) must not stop the view
+
+    def _apply(self, ev: dict[str, Any]) -> None:
         kind = ev.get("event")
         if kind == "step":
             self.step = int(ev.get("step", self.step))
@@ -181,6 +187,7 @@ class ProgressView:
         self._seen_errors: set[str] = set()
         self._stop = threading.Event()
         self._readers: list[threading.Thread] = []
+        self._by_pid: dict[int, tuple[list[threading.Thread], deque]] = {}
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
         self._thread.start()
 
@@ -201,23 +208,43 @@ class ProgressView:
 
     def forward(self, proc: subprocess.Popen) -> None:
         """Copy a worker's piped stdout and stderr through :meth:`write`."""
-        for pipe, stream in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
+        threads: list[threading.Thread] = []
+        last_err: deque = deque(maxlen=20)
+        for pipe, stream, keep in ((proc.stdout, sys.stdout, None),
+                                   (proc.stderr, sys.stderr, last_err)):
             if pipe is not None:
-                t = threading.Thread(target=self._pump, args=(pipe, stream), daemon=True)
+                t = threading.Thread(target=self._pump, args=(pipe, stream, keep), daemon=True)
                 t.start()
-                self._readers.append(t)
+                threads.append(t)
+        self._readers += threads
+        self._by_pid[proc.pid] = (threads, last_err)
 
-    def _pump(self, pipe: IO[bytes], stream: IO[str]) -> None:
+    def stderr_tail(self, pid: int, timeout: float = 2.0) -> list[str]:
+        """The last lines a worker that exited wrote to stderr (read to its end, bounded)."""
+        threads, lines = self._by_pid.get(pid, ([], deque()))
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return list(lines)
+
+    def _pump(self, pipe: IO[bytes], stream: IO[str], keep: deque | None) -> None:
         with pipe:
             for raw in iter(pipe.readline, b""):
                 line = raw.decode(errors="replace")
+                if keep is not None:
+                    keep.append(line)
                 if line.startswith("elastic: error:"):
                     # Every local worker hits the same bad setting: say it once.
                     with self._lock:
                         if line in self._seen_errors:
                             continue
                         self._seen_errors.add(line)
-                self.write(line, stream)
+                try:
+                    self.write(line, stream)
+                except (OSError, ValueError):
+                    # Our console is gone (a closed pipe): keep draining, or the
+                    # worker would block on a full pipe.
+                    continue
 
     # -- the line ---------------------------------------------------------------
 

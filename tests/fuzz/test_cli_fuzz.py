@@ -177,4 +177,5 @@ def test_nonsense_arguments_are_refused_with_one_line(tmp_path, stopped_before_s
     with open(victim, "rb") as f:
         assert f.read() == b"precious", "a case overwrote an existing file"
     print(f"{len(cases)} command-line cases")
-    assert not problems, "\n".join(f"{' '.join(map(repr, a))}: {w} {e}" for a, w, e in problems[:15])
+    assert not problems, "\n".join(f"{' '.join(map(repr, a))}: {w} {e}"
+                                   for a, w, e in problems[:15])

@@ -106,3 +106,16 @@ def test_a_joining_worker_whose_etcd_vanished_is_not_restarted(
     assert "etcd" in line and "still running" in line
     assert "does not answer: not restarting worker" in err
     assert _spawns(log) == 1
+
+
+def test_a_torchrun_init_the_scan_cannot_see_fails_once_per_worker_without_restarts(
+        tmp_path: Any) -> None:
+    (tmp_path / "helper.py").write_text(
+        "import torch.distributed as dist\n\n\ndef setup():\n    dist.init_process_group('gloo')\n")
+    (tmp_path / "main.py").write_text("import helper\n\nhelper.setup()\n")
+    rc, _, err = run_logged(["run", "-n", "2", "--no-checkpoint", "--event-log", "ev.jsonl",
+                             str(tmp_path / "main.py")], tmp_path)
+    assert rc != 0
+    advice = [ln for ln in err.splitlines() if "re-run with --torchrun-compat" in ln]
+    assert len(advice) == 2, err[-3000:]  # one per worker, naming what to do
+    assert _spawns(str(tmp_path / "ev.jsonl")) == 2  # no restart loop

@@ -165,3 +165,10 @@ def test_forwarded_error_lines_of_several_workers_are_said_once(tmp_path: Any) -
                 p.wait(timeout=10)
     assert captured_err.getvalue() == "elastic: error: bad x\n"
     assert captured_out.getvalue() == "hello\nhello\n"
+
+
+def test_malformed_records_are_skipped_not_fatal() -> None:
+    st = RunStats()
+    for ev in [{"event": "step", "step": "x"}, {"event": "step"}, [], *_events()]:
+        st.apply(ev)  # type: ignore[arg-type]
+    assert format_line(st).startswith("step 40/100")

@@ -97,3 +97,31 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path: Any) -> None:
 def test_plot_of_a_missing_log_is_one_line(tmp_path: Any) -> None:
     rc, _, err = run_logged(["plot", "nope.jsonl"], tmp_path, timeout=60)
     assert rc == 1 and err == "elastic: error: event log 'nope.jsonl' does not exist\n"
+
+
+def test_watch_shows_a_finished_job_whose_etcd_stopped_as_finished(
+        fresh_etcd: Any, keys: Keyspace, make_client: Any, tmp_path: Any) -> None:
+    client = make_client(fresh_etcd.url)
+    client.put(keys.gen, "1")
+    log = tmp_path / "ev.jsonl"
+    log.write_text("".join(json.dumps(e) + "\n" for e in [
+        {"t": 1.0, "event": "generation", "gen": 1, "world": ["a"], "step": 0,
+         "total_steps": 2, "global_batch": 4},
+        {"t": 2.0, "event": "step", "step": 1, "gen": 1, "world": 1, "loss": 0.5},
+        {"t": 3.0, "event": "step", "step": 2, "gen": 1, "world": 1, "loss": 0.25},
+        {"t": 3.1, "event": "finished", "step": 2, "gen": 1, "loss": 0.25}]))
+    watch = subprocess.Popen(
+        [*ELASTIC, "status", "--job", keys.job, "--etcd", fresh_etcd.url, "--watch", "0.2",
+         "--etcd-timeout", "1", "--event-log", str(log)], cwd=tmp_path, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert watch.stdout is not None
+        first = [watch.stdout.readline() for _ in range(6)]
+        assert any(f"job {keys.job}: generation 1" in ln for ln in first), first
+        fresh_etcd.stop()
+        out, err = watch.communicate(timeout=120)
+    finally:
+        _end(watch)
+    assert watch.returncode == 0, err
+    assert "etcd does not answer any more: the job finished" in out
+    assert "step 2/2" in out and "training finished" in out
