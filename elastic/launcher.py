@@ -208,12 +208,26 @@ def _check_checkpoint(args: argparse.Namespace, joining: bool, job: str, client:
                 f"{args.checkpoint!r} already holds checkpoints (newest step {latest.step}); "
                 "pass --resume to continue from it, or use an empty location"
             )
-        instance = f"{job}-{uuid.uuid4().hex[:12]}"
-        store.claim(instance, job, takeover=args.resume)
     except StorageError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
-    retry_call(lambda: client.put(keys.ctl + CLAIM_KEY, instance),
-               what="recording the checkpoint claim", timeout=args.etcd_timeout)
+    # One claim per job, not per launcher: the launchers of one job start
+    # side by side (one per host) and must all adopt the claim of whichever
+    # recorded it in etcd first; only that one writes it into the location.
+    claim_key = keys.ctl + CLAIM_KEY
+    instance = f"{job}-{uuid.uuid4().hex[:12]}"
+    tx = client.transactions
+    created, resp = retry_call(lambda: client.transaction(
+        compare=[tx.version(claim_key) == 0], success=[tx.put(claim_key, instance)],
+        failure=[tx.get(claim_key)],
+    ), what="recording the checkpoint claim", timeout=args.etcd_timeout)
+    if not created:
+        return  # another launcher of this job claimed the location; its workers' claim is ours
+    try:
+        store.claim(instance, job, takeover=args.resume)
+    except StorageError as exc:
+        retry_call(lambda: client.delete(claim_key), what="withdrawing the checkpoint claim",
+                   timeout=args.etcd_timeout)
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def _member_addresses(client: object, keys: Keyspace, timeout: float) -> list[tuple[str, str]]:

@@ -247,6 +247,25 @@ class TestBed:
         self.wait_healthy(urls, timeout)
         return ",".join(urls), servers
 
+    def etcd_leader(self, urls: str, timeout: float = 30.0, host: int = 0) -> int:
+        """Index (in ``urls``, comma-separated) of the cluster's current leader."""
+        probe = (
+            "import sys, etcd3\n"
+            "for u in sys.argv[1].split(','):\n"
+            "    h, p = u.split('//')[1].rsplit(':', 1)\n"
+            "    try:\n"
+            "        c = etcd3.client(host=h, port=int(p), timeout=5)\n"
+            "        print(c.status().leader.client_urls[0]); sys.exit(0)\n"
+            "    except Exception:\n"
+            "        continue\n"
+            "sys.exit(1)\n"
+        )
+        proc = self.hosts[host].run([sys.executable, "-c", probe, urls], stdout=subprocess.PIPE)
+        out, _ = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise AssertionError(f"no etcd member of {urls} named a leader")
+        return urls.split(",").index(out.decode().strip())
+
     def wait_healthy(self, urls: Sequence[str], timeout: float, host: int = 0) -> None:
         """Wait until every etcd in ``urls`` reports healthy, probed from inside a host."""
         probe = (

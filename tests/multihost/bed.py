@@ -29,7 +29,8 @@ class HostLauncher:
     """``elastic run ... -n 1`` on one host of the bed."""
 
     def __init__(self, host: Host, workdir: str, *, job: str, etcd: str,
-                 extra: list[str] | None = None, train: bool = True) -> None:
+                 extra: list[str] | None = None, train: bool = True,
+                 train_args: list[str] | None = None) -> None:
         self.host = host
         self.dir = os.path.join(workdir, f"h{host.index}")
         os.makedirs(self.dir, exist_ok=True)
@@ -38,7 +39,7 @@ class HostLauncher:
         self.log_path = os.path.join(self.dir, "launcher.log")
         argv = [sys.executable, "-m", "elastic.cli", "run", "--job", job, "--etcd", etcd,
                 "-n", "1", "--event-log", self.event_log, *FAST, *(extra or []), LINEAR,
-                *TRAIN_ARGS, "--out", self.out]
+                *(TRAIN_ARGS if train_args is None else train_args), "--out", self.out]
         with open(self.log_path, "ab") as log:
             self.proc = host.run(argv, env=host_env(), cwd=self.dir, stdout=log,
                                  stderr=subprocess.STDOUT)

@@ -1,0 +1,158 @@
+"""Hosts fail as real ones do: a cable pulled, a machine gone, the etcd leader lost.
+
+Three hosts (network namespaces on a bridge), one launcher with one worker on
+each, a shared checkpoint directory. Whatever happens to one host, the others
+go on and the job ends with the one-host result, every sample once; the side
+of a partition that lost etcd trains no step and commits nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import pytest
+
+from elastic.ledger import check_ledger
+from tests.helpers.wait import wait_until
+from tests.runtime.harness import Job, max_abs_diff
+
+from .bed import LINEAR, HostLauncher, host_env
+
+TOLERANCE = 1e-5
+STEPS = 60
+BATCH = 32
+TRAIN = ["--max-steps", str(STEPS), "--epochs", "1", "--step-time", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def slow_reference(tmp_path_factory: pytest.TempPathFactory):
+    job = Job(tmp_path_factory.mktemp("mh-failures-ref"), nproc=2, script=LINEAR,
+              script_args=TRAIN)
+    try:
+        assert job.wait(180) == 0, job.log_tail()
+        yield job.out
+    finally:
+        job.close()
+
+
+def _start(bed, tmp_path, job_id: str, etcd: str) -> list[HostLauncher]:
+    common = ["--min-workers", "2", "--checkpoint", f"file://{tmp_path}/ck",
+              "--checkpoint-every", "10", "--ledger-dir", str(tmp_path / "ledger")]
+    return [HostLauncher(h, str(tmp_path), job=job_id, etcd=etcd, extra=common, train_args=TRAIN)
+            for h in bed.hosts]
+
+
+def _events(launchers: list[HostLauncher]) -> list[dict]:
+    return sorted((e for x in launchers for e in x.events()), key=lambda e: e["t"])
+
+
+def _member_of(launcher: HostLauncher) -> str:
+    spawns = [e for e in launcher.events() if e["event"] == "spawn"]
+    return spawns[0]["member"]
+
+
+def _wait(launchers, predicate, timeout: float, what: str):
+    try:
+        return wait_until(lambda: predicate(_events(launchers)), timeout, what, interval=0.1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n" + "\n".join(x.log_tail() for x in launchers)) from None
+
+
+def _step_reached(n: int):
+    return lambda evs: [e for e in evs if e["event"] == "step" and e["step"] >= n]
+
+
+def _finish_and_check(launchers, tmp_path, reference: str) -> list[dict]:
+    for x in launchers:
+        assert x.wait(240) == 0, "\n".join(y.log_tail() for y in launchers)
+    finals = [x.out for x in launchers if os.path.exists(x.out)]
+    assert finals, "no host wrote the final parameters"
+    for out in finals:
+        diff = max_abs_diff(out, reference)
+        assert diff <= TOLERANCE, f"{out} differs from the one-host result by {diff}"
+    report = check_ledger(str(tmp_path / "ledger"), 2048, epochs=[0])
+    assert report.epochs[0] == STEPS * BATCH and not report.duplicated, report
+    events = _events(launchers)
+    # One World per generation, whoever reported it: never two Worlds at once.
+    worlds: dict[int, tuple] = {}
+    for e in events:
+        if e["event"] == "generation":
+            assert worlds.setdefault(e["gen"], tuple(e["world"])) == tuple(e["world"]), e
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert len(steps) == len(set(steps)), "a step was completed twice"
+    return events
+
+
+def _commits(bed, etcd: str, job_id: str) -> list[dict]:
+    proc = bed.hosts[0].run([sys.executable, "-m", "tests.multihost.dump", etcd, job_id],
+                            env=host_env(), cwd=os.path.dirname(os.path.dirname(
+                                os.path.dirname(os.path.abspath(__file__)))),
+                            stdout=-1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    return json.loads(out)["commits"]
+
+
+def test_link_down_host_is_left_behind_trains_nothing_and_rejoins(
+        make_bed, tmp_path, job_id, slow_reference):
+    bed = make_bed(3)
+    etcd = bed.etcd_single(str(tmp_path / "etcd"))  # on host 0: host 2 is the minority
+    launchers = _start(bed, tmp_path, job_id, etcd)
+    _wait(launchers, _step_reached(15), 180, "step 15")
+    cut = launchers[2]
+    victim = _member_of(cut)
+    t_down = time.time()
+    bed.hosts[2].link_down()
+    try:
+        gone = _wait(launchers, lambda evs: [e for e in evs if e["event"] == "generation"
+                                              and victim not in e["world"]], 60,
+                     "a World without the cut-off host")
+        partition_gen = gone[0]["gen"]
+        _wait(launchers, _step_reached(gone[0]["step"] + 10), 120, "ten steps without it")
+    finally:
+        t_up = time.time()
+        bed.hosts[2].link_up()
+    events = _finish_and_check(launchers, tmp_path, slow_reference)
+    # The cut-off side trained no step of the Worlds formed without it...
+    with open(tmp_path / "ledger" / f"ledger-{victim}.jsonl") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    gens_without = {e["gen"] for e in events if e["event"] == "generation"
+                    and victim not in e["world"]}
+    assert not [r for r in records if r["gen"] in gens_without]
+    assert partition_gen in gens_without
+    # ...and committed nothing while it was cut off.
+    during = [c for c in _commits(bed, etcd, job_id) if t_down <= c["at"] <= t_up]
+    assert during, "no checkpoint was committed during the partition"
+    assert not [c for c in during if c["by"] == victim], during
+
+
+@pytest.mark.slow
+def test_lost_host_costs_one_reform_and_the_result_stays_exact(
+        make_bed, tmp_path, job_id, slow_reference):
+    bed = make_bed(3)
+    etcd = bed.etcd_single(str(tmp_path / "etcd"))
+    launchers = _start(bed, tmp_path, job_id, etcd)
+    _wait(launchers, _step_reached(15), 180, "step 15")
+    victim = _member_of(launchers[2])
+    bed.hosts[2].kill_all()  # launcher and worker: nobody revokes the lease
+    _wait(launchers, lambda evs: [e for e in evs if e["event"] == "generation"
+                                  and victim not in e["world"]], 60, "a World without the host")
+    survivors = launchers[:2]
+    _finish_and_check(survivors, tmp_path, slow_reference)
+
+
+@pytest.mark.slow
+def test_etcd_leader_killed_mid_run_redoes_no_step(make_bed, tmp_path, job_id, slow_reference):
+    bed = make_bed(3)
+    etcd, servers = bed.etcd_cluster(str(tmp_path / "etcd"))
+    launchers = _start(bed, tmp_path, job_id, etcd)
+    _wait(launchers, _step_reached(15), 180, "step 15")
+    leader = bed.etcd_leader(etcd)
+    servers[leader].kill()
+    servers[leader].wait(timeout=30)
+    _finish_and_check(launchers, tmp_path, slow_reference)
+    for x in launchers:
+        assert [e for e in x.events() if e["event"] == "done"], x.log_tail()
