@@ -152,6 +152,7 @@ class TestBed:
             raise ValueError(f"bad test bed size {n} or net {net}")
         tag = f"{PREFIX}{os.getpid()}"
         self.bridge = f"{tag}br"
+        self._etcd_members: dict[int, tuple[list[str], str]] = {}
         self.hosts = [
             Host(i, f"{tag}-h{i}", f"{tag}v{i}", SUBNET.format(net=net, host=i + 1))
             for i in range(n)
@@ -243,9 +244,17 @@ class TestBed:
                         "--initial-cluster-token", os.path.basename(data_dir),
                         "--log-level", "warn"]
                 servers.append(h.run(argv, stdout=log, stderr=subprocess.STDOUT))
+            self._etcd_members[h.index] = (argv, os.path.join(member_dir, "etcd.log"))
         urls = [f"http://{h.address}:2379" for h in members]
         self.wait_healthy(urls, timeout)
         return ",".join(urls), servers
+
+    def restart_etcd_member(self, index: int) -> subprocess.Popen:
+        """Start cluster member ``index`` again on its data dir (after a kill)."""
+        argv, log_path = self._etcd_members[index]
+        argv = [a if a != "new" else "existing" for a in argv]
+        with open(log_path, "ab") as log:
+            return self.hosts[index].run(argv, stdout=log, stderr=subprocess.STDOUT)
 
     def etcd_leader(self, urls: str, timeout: float = 30.0, host: int = 0) -> int:
         """Index (in ``urls``, comma-separated) of the cluster's current leader."""

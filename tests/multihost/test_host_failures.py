@@ -145,7 +145,8 @@ def test_lost_host_costs_one_reform_and_the_result_stays_exact(
 
 
 @pytest.mark.slow
-def test_etcd_leader_killed_mid_run_redoes_no_step(make_bed, tmp_path, job_id, slow_reference):
+def test_etcd_leader_killed_and_restarted_mid_run_redoes_no_step(
+        make_bed, tmp_path, job_id, slow_reference):
     bed = make_bed(3)
     etcd, servers = bed.etcd_cluster(str(tmp_path / "etcd"))
     launchers = _start(bed, tmp_path, job_id, etcd)
@@ -153,6 +154,32 @@ def test_etcd_leader_killed_mid_run_redoes_no_step(make_bed, tmp_path, job_id, s
     leader = bed.etcd_leader(etcd)
     servers[leader].kill()
     servers[leader].wait(timeout=30)
+    # The killed member comes back on its data dir and catches up, while
+    # training goes on through the other two.
+    _wait(launchers, _step_reached(30), 120, "step 30 on two etcd members")
+    bed.restart_etcd_member(leader)
+    bed.wait_healthy(etcd.split(","), 60)
     _finish_and_check(launchers, tmp_path, slow_reference)
     for x in launchers:
         assert [e for e in x.events() if e["event"] == "done"], x.log_tail()
+
+
+@pytest.mark.slow
+def test_partitioned_host_with_an_etcd_member_leaves_the_quorum_to_the_others(
+        make_bed, tmp_path, job_id, slow_reference):
+    # Host 2 runs a worker and one of three etcd members: cut off, its member
+    # loses the quorum and its worker its session; the other two go on.
+    bed = make_bed(3)
+    etcd, _servers = bed.etcd_cluster(str(tmp_path / "etcd"))
+    launchers = _start(bed, tmp_path, job_id, etcd)
+    _wait(launchers, _step_reached(15), 180, "step 15")
+    victim = _member_of(launchers[2])
+    bed.hosts[2].link_down()
+    try:
+        gone = _wait(launchers, lambda evs: [e for e in evs if e["event"] == "generation"
+                                              and victim not in e["world"]], 60,
+                     "a World without the cut-off host")
+        _wait(launchers, _step_reached(gone[0]["step"] + 10), 120, "ten steps without it")
+    finally:
+        bed.hosts[2].link_up()
+    _finish_and_check(launchers, tmp_path, slow_reference)
