@@ -120,7 +120,7 @@ class EtcdConfig:
             m = _URL_PART.match(rest.rstrip("/"))
             if not m:
                 raise ConfigError(
-                    f"etcd: malformed endpoint {part!r} in {url!r}; expected host:port "
+                    f"etcd: malformed endpoint {rest!r} in {url!r}; expected host:port "
                     "or [IPv6]:port"
                 )
             endpoints.append((m["host"].strip("[]"), int(m["port"])))

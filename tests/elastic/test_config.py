@@ -35,6 +35,11 @@ def test_bad_rendezvous_settings_are_refused(kwargs: dict, named: str) -> None:
     ("http://localhost", "malformed endpoint"),
     ("http://localhost:99999", "invalid endpoint"),
     ("http://a:1,,b:2", "malformed endpoint"),
+    ("http://a:2379,https://b:2379", "mixes http and https"),
+    ("a:2379,http://b:2379", "malformed URL"),
+    ("http://a:2379,ftp://b:2379", "unsupported scheme 'ftp'"),
+    ("http://::1:2379", "malformed endpoint"),
+    ("http://a:2379,http://", "malformed endpoint"),
 ])
 def test_malformed_etcd_urls_are_refused(url: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment) as err:

@@ -5,6 +5,8 @@ Every namespace, device and process is removed at teardown, pass or fail.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -12,7 +14,6 @@ import pytest
 
 from tests.helpers import netns
 from tests.helpers.netns import TestBed
-from tests.runtime.harness import Job
 
 from .bed import LINEAR, TRAIN_ARGS
 
@@ -39,15 +40,17 @@ def make_bed(bed_available: None) -> Iterator[Callable[[int], TestBed]]:
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Final parameters of the same training on one host (two workers, embedded etcd)."""
-    job = Job(tmp_path_factory.mktemp("mh-reference"), nproc=2, script=LINEAR,
-              script_args=TRAIN_ARGS)
-    try:
-        assert job.wait(180) == 0, job.log_tail()
-        yield job.out
-    finally:
-        job.close()
+    tmp = tmp_path_factory.mktemp("mh-reference")
+    out = str(tmp / "final.pt")
+    # On timeout run() kills the launcher; its workers and etcd die with it.
+    done = subprocess.run(
+        [sys.executable, "-m", "elastic.cli", "run", "-n", "2", "--no-checkpoint",
+         "--event-log", str(tmp / "events.jsonl"), LINEAR, *TRAIN_ARGS, "--out", out],
+        cwd=tmp, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
 
 
 @pytest.fixture
