@@ -27,7 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .addr import mixed_hosts, this_host
+from .addr import local_address, mixed_hosts, this_host
 from .config import RuntimeConfig
 from .errors import ConfigError, ElasticError
 from .etcd import EmbeddedEtcd, EtcdConfig, connect, free_port, retry_call
@@ -121,6 +121,8 @@ def _validate(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
     if args.job is not None:
         validate_name("job id", args.job)
+    if args.host is not None:
+        local_address(args.host)  # before anything starts; the route needs etcd's URL
 
 
 def _check_checkpoint(args: argparse.Namespace, joining: bool) -> None:
