@@ -158,7 +158,8 @@ class WorkerGroup:
         # device from GLOO_SOCKET_IFNAME or the host name, which often resolves
         # to 127.0.0.1), so the interface owning this host's address is named
         # through the environment, read when the group is created. A value the
-        # user set wins.
+        # user set wins. gloo takes the interface's first address: for an IPv6
+        # host address on an interface that also holds IPv4, that is the IPv4 one.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", self._store_host.host.interface)
         if "nccl" in self.backend:
             os.environ.setdefault("NCCL_SOCKET_IFNAME", self._store_host.host.interface)

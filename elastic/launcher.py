@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import argtypes
-from .addr import mixed_hosts, this_host
+from .addr import local_address, mixed_hosts, this_host
 from .config import RuntimeConfig
 from .errors import ConfigError, ElasticError
 from .etcd import EmbeddedEtcd, EtcdConfig, connect, free_port, retry_call
@@ -145,6 +145,8 @@ def _validate(args: argparse.Namespace) -> None:
         _check_writable_file("--event-log", args.event_log)
     if args.ledger_dir is not None:
         _check_directory("--ledger-dir", args.ledger_dir)
+    if args.host is not None:
+        local_address(args.host)  # before anything starts; the route needs etcd's URL
 
 
 def _check_writable_file(flag: str, path: str) -> None:

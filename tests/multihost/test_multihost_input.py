@@ -60,3 +60,18 @@ def test_etcd_with_every_member_dead_fails_within_the_stated_bound(make_bed, tmp
     # 3 s of retries plus starting an interpreter and importing the runtime.
     assert took < 40, took
     assert not launcher.events()
+
+
+def test_joining_a_job_whose_member_advertises_loopback_is_refused_naming_that_member(
+        make_bed, tmp_path, job_id):
+    bed = make_bed(2)
+    etcd = bed.etcd_single(str(tmp_path / "etcd"))
+    stranded = HostLauncher(bed.hosts[1], str(tmp_path), job=job_id, etcd=etcd,
+                            extra=["--host", "127.0.0.1", "--min-workers", "2"])
+    wait_members(bed.hosts[0], etcd, job_id, 1, timeout=120)
+    joiner = HostLauncher(bed.hosts[0], str(tmp_path), job=job_id, etcd=etcd)
+    assert joiner.wait(60) == 1, joiner.log_tail()
+    log = joiner.log_tail()
+    assert "advertises the loopback address 127.0.0.1, which this host " \
+           f"({bed.hosts[0].address}) cannot reach" in log, log
+    assert stranded.proc.poll() is None, stranded.log_tail()
