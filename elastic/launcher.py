@@ -331,8 +331,10 @@ class ElasticLauncher:
     # -- setup -----------------------------------------------------------------
 
     def _job_running(self) -> bool:
-        gen = self.client.get(self.keys.gen)[0]
-        done = self.client.get(self.keys.done)[0]
+        # Retried: an etcd election ("leader changed") must not fail a start.
+        gen, done = retry_call(
+            lambda: (self.client.get(self.keys.gen)[0], self.client.get(self.keys.done)[0]),
+            what="reading the job's state", timeout=self.args.etcd_timeout)
         if done is not None:
             raise ConfigError(
                 f"job {self.job} already finished (at step {done.decode()}); use a new --job"
