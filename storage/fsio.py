@@ -319,9 +319,10 @@ class StorageIO:
         self.fsync_dir(parent)
 
     def move(self, rel: str, new_rel: str) -> None:
-        """Rename `rel` to `new_rel` (atomic on local disk; copy + delete elsewhere)."""
+        """Rename `rel` to `new_rel` (atomic on local disk; copy + delete elsewhere);
+        FileNotFoundError if `rel` is gone (someone else moved it first)."""
         src, dst = self.path(rel), self.path(new_rel)
-        self._writing("rename", rel, lambda: self.fs.mv(src, dst))
+        self.call("rename", rel, lambda: self.fs.mv(src, dst))
         self.fs.invalidate_cache(src)
 
     def remove(self, rel: str, *, recursive: bool = False, missing_ok: bool = True) -> None:

@@ -453,7 +453,7 @@ class CheckpointStore:
         with self._lock:
             self._inflight.add(prepared.step)
         try:
-            self._refuse_committed(prepared.step)
+            self._refuse_committed(prepared.step, quarantine=prepared.rank == 0)
             part = write_part(
                 self._io,
                 prepared,
@@ -488,10 +488,10 @@ class CheckpointStore:
             with self._lock:
                 self._inflight.discard(prepared.step)
 
-    def _refuse_committed(self, step: int) -> None:
+    def _refuse_committed(self, step: int, *, quarantine: bool) -> None:
         """CheckpointExistsError if `step` is committed.  A manifest file that does not
         decode is not a commit (a commit is one atomic create of a whole, valid file):
-        it is moved aside, logged, and the save goes on."""
+        the save goes on, and the committer (`quarantine`) moves it aside and logs it."""
         rel = layout.join(layout.step_dir(step), layout.MANIFEST)
         where = self._io.display(rel)
         if not self._io.exists(rel):  # the common case, one cheap request
@@ -506,8 +506,13 @@ class CheckpointStore:
                 f"step {step}: {exc}; remove it to save this step again; nothing was committed"
             ) from exc
         except CorruptCheckpointError as exc:
+            if not quarantine:
+                return
             torn = layout.join(layout.step_dir(step), layout.torn_name(layout.MANIFEST))
-            self._io.move(rel, torn)
+            try:
+                self._io.move(rel, torn)
+            except FileNotFoundError:
+                return  # moved by someone else meanwhile
             with self._lock:
                 self._manifests.pop(step, None)
             log.warning(

@@ -93,3 +93,28 @@ def test_a_keyed_run_signs_its_checkpoints_and_resume_needs_a_signed_one(tmp_pat
     rc, err, _ = run_cli("--checkpoint", plain, "--resume", "--checkpoint-key-file", str(key),
                          CLASSIFIER, *SHORT, cwd=str(tmp_path), timeout=90)
     assert rc != 0 and "no committed checkpoint signed with the key" in err, err
+
+
+def test_a_launcher_joining_a_running_job_does_not_claim_its_location(
+        tmp_path, etcd_url, jobs):
+    # The first launcher claims the location and trains; the joiner adds a worker.
+    # Were the joiner to claim, it would be refused instead of joining.
+    ck = f"file://{tmp_path}/ck"
+    long = ["--max-steps", "300", "--step-time", "0.05"]
+    first = Job(tmp_path / "a", nproc=1, etcd_url=etcd_url, job="joined", script_args=long,
+                extra=["--checkpoint", ck], name="first")
+    jobs.append(first)
+    first.wait_step(1)
+    owner = CheckpointStore(ck).current_claim()
+    assert owner is not None and owner.job == "joined"
+    joiner = Job(tmp_path / "b", nproc=1, etcd_url=etcd_url, job="joined", script_args=long,
+                 extra=["--checkpoint", ck], name="joiner")
+    jobs.append(joiner)
+    joiner.wait_for(lambda evs: any(e["event"] == "launch" and e.get("joining") for e in evs),
+                    90, "the joiner to launch as a joiner")
+    first.wait_for(lambda evs: any(e["event"] == "generation" and len(e["world"]) == 2
+                                   for e in evs), 90, "a World of both workers")
+    assert first.wait(180) == 0, first.log_tail()
+    assert joiner.wait(60) == 0, joiner.log_tail()
+    assert CheckpointStore(ck).current_claim() == owner
+    assert [c.step for c in CheckpointStore(ck).list()] == [300]

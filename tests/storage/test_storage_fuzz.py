@@ -271,8 +271,8 @@ class Case:
 
     def m_symlink_data(self) -> None:
         victim = self.rng.choice(self.data)
-        if victim.is_symlink() or not victim.exists():
-            return
+        if victim.is_symlink() or not victim.is_file():
+            return  # already a link or a FIFO
         copy_path = self.sentinel / f"copy-{victim.name}"
         shutil.copy(victim, copy_path)
         victim.unlink()
@@ -299,7 +299,7 @@ class Case:
 
     def m_fifo(self) -> None:
         target = self.rng.choice([self.step_dir / layout.MANIFEST, *self.data])
-        if target.is_symlink() or not target.exists():
+        if target.is_symlink() or not target.is_file():
             return
         target.unlink()
         os.mkfifo(target)

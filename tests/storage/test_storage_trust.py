@@ -24,7 +24,7 @@ from storage import (
     layout,
 )
 from storage.cli import main
-from tests.storage.testlib import FAST_RETRY, Location, assert_same
+from tests.storage.testlib import FAST_RETRY, Location, assert_same, save_ranks
 from tests.storage.trustlib import (
     WatchedFileSystem,
     first_data_file,
@@ -189,6 +189,14 @@ def test_a_save_over_a_truncated_manifest_moves_it_aside_and_commits(
     assert len(torn) == 1  # kept for an operator, and gc does not delete it
     local_location.store().gc(grace_s=0.0)
     assert local_location.exists(torn[0])
+
+
+def test_a_multi_rank_save_over_a_truncated_manifest_commits(local_location: Location) -> None:
+    local_location.store().save(20, state(1))
+    local_location.truncate(local_location.manifest(20))
+    results = save_ranks(local_location, 20, state(20), 3, timeout=30)
+    assert results[0].committed and not results[1].committed and not results[2].committed
+    assert_same(state(20), local_location.store().load()[1])
 
 
 def test_a_save_over_a_valid_commit_is_still_refused(local_location: Location) -> None:
