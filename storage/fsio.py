@@ -161,6 +161,8 @@ class StorageIO:
                 mode = os.stat(path).st_mode
             except FileNotFoundError:
                 raise
+            except NotADirectoryError as exc:  # a file where a directory should be
+                raise FileNotFoundError(path) from exc
             except OSError as exc:
                 raise StorageAccessError(f"read {self.display(rel)}: {exc}") from exc
             if not stat.S_ISREG(mode):

@@ -100,7 +100,7 @@ def test_a_launcher_joining_a_running_job_does_not_claim_its_location(
     # The first launcher claims the location and trains; the joiner adds a worker.
     # Were the joiner to claim, it would be refused instead of joining.
     ck = f"file://{tmp_path}/ck"
-    long = ["--max-steps", "300", "--step-time", "0.05"]
+    long = ["--max-steps", "300", "--epochs", "6", "--step-time", "0.05"]
     first = Job(tmp_path / "a", nproc=1, etcd_url=etcd_url, job="joined", script_args=long,
                 extra=["--checkpoint", ck], name="first")
     jobs.append(first)

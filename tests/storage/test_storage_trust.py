@@ -372,3 +372,14 @@ def test_reseal_helper_really_reseals(local_location: Location) -> None:
     local_location.write(rel, reseal(json.loads(local_location.read(rel))))
     assert local_location.store().verify().ok
     fsspec.filesystem("file").invalidate_cache()
+
+
+def test_a_file_named_like_a_step_directory_is_not_a_checkpoint(local_location: Location) -> None:
+    local_location.store().save(20, state(20))
+    Path(local_location.path(layout.step_dir(30))).write_bytes(b"not a directory")
+    store = local_location.store()
+    assert [i.step for i in store.list()] == [20] and store.latest().step == 20
+    assert store.load()[0] == 20 and store.verify().ok
+    store.gc(grace_s=0.0)
+    store.prune(keep_last=1)
+    assert Path(local_location.path(layout.step_dir(30))).read_bytes() == b"not a directory"
