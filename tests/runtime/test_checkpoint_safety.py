@@ -118,3 +118,29 @@ def test_a_launcher_joining_a_running_job_does_not_claim_its_location(
     assert joiner.wait(60) == 0, joiner.log_tail()
     assert CheckpointStore(ck).current_claim() == owner
     assert [c.step for c in CheckpointStore(ck).list()] == [300]
+
+
+def test_a_final_step_committed_with_other_contents_fails_the_run_loudly(
+        tmp_path, etcd_url, jobs):
+    # Step 8 is committed but its data is damaged, so the resumed run restores
+    # step 4 and trains to 8 again: its final save meets that commit, which does
+    # not hold its state. Counting "already committed" as success here would end
+    # the run "finished" with no usable final checkpoint.
+    ck = f"file://{tmp_path}/ck"
+    first = Job(tmp_path / "a", nproc=1, etcd_url=etcd_url, script_args=SHORT,
+                extra=["--checkpoint", ck, "--checkpoint-every", "4"], name="first")
+    jobs.append(first)
+    assert first.wait(120) == 0, first.log_tail()
+    data = sorted((tmp_path / "ck" / layout.step_dir(8)).rglob("data-*.bin"))[0]
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x10
+    data.write_bytes(bytes(damaged))
+    again = Job(tmp_path / "b", nproc=1, etcd_url=etcd_url, script_args=SHORT,
+                extra=["--checkpoint", ck, "--resume", "--max-restarts", "0"], name="again")
+    jobs.append(again)
+    assert again.wait(120) != 0, again.log_tail()
+    assert [e["step"] for e in again.events() if e["event"] == "restore"] == [4]
+    failed = [e for e in again.events() if e["event"] == "checkpoint_failed"]
+    assert failed and "step 8 is already committed" in failed[-1]["error"], again.log_tail()
+    assert "cannot be read back" in failed[-1]["error"]
+    assert not any(e["event"] == "finished" for e in again.events())
