@@ -244,15 +244,9 @@ class StorageIO:
         """The whole of `rel`; with `limit`, UnsafePathError if it is longer (a record
         someone made huge must not exhaust memory)."""
         path = self._readable(rel)
-        if limit is None:
-            return self.call("read", rel, lambda: self.fs.cat_file(path))
-
-        def run() -> bytes:
-            with self.fs.open(path, "rb") as f:
-                return f.read(limit + 1)
-
-        data = self.call("read", rel, run)
-        if len(data) > limit:
+        end = None if limit is None else limit + 1
+        data = self.call("read", rel, lambda: self.fs.cat_file(path, start=0, end=end))
+        if limit is not None and len(data) > limit:
             raise UnsafePathError(f"{self.display(rel)} is larger than {limit} bytes; refused")
         return data
 
