@@ -383,3 +383,13 @@ def test_a_file_named_like_a_step_directory_is_not_a_checkpoint(local_location: 
     store.gc(grace_s=0.0)
     store.prune(keep_last=1)
     assert Path(local_location.path(layout.step_dir(30))).read_bytes() == b"not a directory"
+
+
+def test_a_keyed_committer_refuses_an_unsigned_part(local_location: Location) -> None:
+    from storage import MissingPartsError
+
+    parts = save_ranks(local_location, 20, state(20), 2, ranks=[1])  # written without the key
+    assert parts[1].committed is False
+    with pytest.raises(MissingPartsError, match="unsigned"):
+        local_location.store(key=KEY).save(20, state(20), rank=0, world_size=2, timeout=1.0)
+    assert not local_location.exists(local_location.manifest(20))
