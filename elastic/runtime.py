@@ -311,8 +311,13 @@ class Trainer:
         # unless --resume was given, and claimed it for this launch, so a
         # checkpoint found here is ours while the claim still names us.
         if self._store is not None:
+            from storage import LocationClaimedError
+
             _attach_claim(self._store, self.client, self.keys, cfg.etcd_timeout)
-            self._store.check_claim()
+            try:
+                self._store.check_claim()
+            except LocationClaimedError as exc:  # another launch owns it: not ours to load
+                raise ElasticError(f"not restoring from {cfg.checkpoint}: {exc}") from exc
         if self._store is not None and self._store.latest() is not None:
             loaded = self._store.load_checkpoint()
             self.state.load_checkpoint_dict(loaded.state)

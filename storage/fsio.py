@@ -161,6 +161,8 @@ class StorageIO:
                 mode = os.stat(path).st_mode
             except FileNotFoundError:
                 raise
+            except NotADirectoryError as exc:  # a file where a directory should be
+                raise FileNotFoundError(path) from exc
             except OSError as exc:
                 raise StorageAccessError(f"read {self.display(rel)}: {exc}") from exc
             if not stat.S_ISREG(mode):
@@ -242,15 +244,9 @@ class StorageIO:
         """The whole of `rel`; with `limit`, UnsafePathError if it is longer (a record
         someone made huge must not exhaust memory)."""
         path = self._readable(rel)
-        if limit is None:
-            return self.call("read", rel, lambda: self.fs.cat_file(path))
-
-        def run() -> bytes:
-            with self.fs.open(path, "rb") as f:
-                return f.read(limit + 1)
-
-        data = self.call("read", rel, run)
-        if len(data) > limit:
+        end = None if limit is None else limit + 1
+        data = self.call("read", rel, lambda: self.fs.cat_file(path, start=0, end=end))
+        if limit is not None and len(data) > limit:
             raise UnsafePathError(f"{self.display(rel)} is larger than {limit} bytes; refused")
         return data
 
@@ -319,9 +315,10 @@ class StorageIO:
         self.fsync_dir(parent)
 
     def move(self, rel: str, new_rel: str) -> None:
-        """Rename `rel` to `new_rel` (atomic on local disk; copy + delete elsewhere)."""
+        """Rename `rel` to `new_rel` (atomic on local disk; copy + delete elsewhere);
+        FileNotFoundError if `rel` is gone (someone else moved it first)."""
         src, dst = self.path(rel), self.path(new_rel)
-        self._writing("rename", rel, lambda: self.fs.mv(src, dst))
+        self.call("rename", rel, lambda: self.fs.mv(src, dst))
         self.fs.invalidate_cache(src)
 
     def remove(self, rel: str, *, recursive: bool = False, missing_ok: bool = True) -> None:

@@ -109,6 +109,14 @@ def is_torn_record(rel: str) -> bool:
     return bool(_TORN_RE.fullmatch(rel))
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_relative(path: object, what: str = "path") -> str:
     """`path` if it is a safe relative path, else UnsafePathError naming it.
 
@@ -129,6 +137,8 @@ def check_relative(path: object, what: str = "path") -> str:
         problem = "contains a backslash"
     elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
         problem = "contains a control character"
+    elif not path.isascii() and not _encodable(path):
+        problem = "is not valid unicode (a lone surrogate)"
     elif "://" in path or path.startswith("~"):
         problem = "looks like a URL or a home directory"
     else:

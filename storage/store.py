@@ -239,32 +239,36 @@ class CheckpointStore:
             if not isinstance(value, str) or not value:
                 raise InvalidArgumentError(f"claim {name} must be a non-empty str, got {value!r}")
         mine = Claim.here(job, instance)
-        where = self._io.display(layout.CLAIM)
         try:
             self._io.put(layout.CLAIM, encode_claim(mine), create_only=True)
         except FileExistsError:
-            try:
-                current: Claim | None = self.current_claim()
-            except CorruptCheckpointError as exc:
-                if not takeover:
-                    raise LocationClaimedError(
-                        f"{where} is unreadable ({exc}); remove it once no job uses "
-                        f"{self.url}, or resume to take the location over"
-                    ) from exc
-                current = None
-            if current is None or current.instance != instance:
-                if not takeover and current is not None:
-                    raise LocationClaimedError(
-                        f"{self.url} is claimed by {current.describe()}; use another "
-                        "location, resume to take it over, or remove "
-                        f"{where} once that launch is gone"
-                    ) from None
-                self._io.put(layout.CLAIM, encode_claim(mine), create_only=False)
-                if current is not None:
-                    log.warning("%s: took over from %s", self.url, current.describe())
-            else:
-                mine = current
+            mine = self._claim_existing(mine, takeover)
         self._instance = instance
+        return mine
+
+    def _claim_existing(self, mine: Claim, takeover: bool) -> Claim:
+        """`claim` when a record exists already: ours, taken over, or refused."""
+        where = self._io.display(layout.CLAIM)
+        try:
+            current = self.current_claim()
+        except CorruptCheckpointError as exc:
+            if not takeover:
+                raise LocationClaimedError(
+                    f"{where} is unreadable ({exc}); remove it once no job uses "
+                    f"{self.url}, or resume to take the location over"
+                ) from exc
+            current = None
+        if current is not None and current.instance == mine.instance:
+            return current
+        if not takeover:
+            owner = current.describe() if current is not None else "another launch"
+            raise LocationClaimedError(
+                f"{self.url} is claimed by {owner}; use another location, resume to take "
+                f"it over, or remove {where} once that launch is gone"
+            )
+        self._io.put(layout.CLAIM, encode_claim(mine), create_only=False)
+        if current is not None:
+            log.warning("%s: took over from %s", self.url, current.describe())
         return mine
 
     def attach_claim(self, instance: str) -> None:
@@ -453,7 +457,7 @@ class CheckpointStore:
         with self._lock:
             self._inflight.add(prepared.step)
         try:
-            self._refuse_committed(prepared.step)
+            self._refuse_committed(prepared.step, quarantine=prepared.rank == 0)
             part = write_part(
                 self._io,
                 prepared,
@@ -488,10 +492,10 @@ class CheckpointStore:
             with self._lock:
                 self._inflight.discard(prepared.step)
 
-    def _refuse_committed(self, step: int) -> None:
+    def _refuse_committed(self, step: int, *, quarantine: bool) -> None:
         """CheckpointExistsError if `step` is committed.  A manifest file that does not
         decode is not a commit (a commit is one atomic create of a whole, valid file):
-        it is moved aside, logged, and the save goes on."""
+        the save goes on, and the committer (`quarantine`) moves it aside and logs it."""
         rel = layout.join(layout.step_dir(step), layout.MANIFEST)
         where = self._io.display(rel)
         if not self._io.exists(rel):  # the common case, one cheap request
@@ -506,8 +510,13 @@ class CheckpointStore:
                 f"step {step}: {exc}; remove it to save this step again; nothing was committed"
             ) from exc
         except CorruptCheckpointError as exc:
+            if not quarantine:
+                return
             torn = layout.join(layout.step_dir(step), layout.torn_name(layout.MANIFEST))
-            self._io.move(rel, torn)
+            try:
+                self._io.move(rel, torn)
+            except FileNotFoundError:
+                return  # moved by someone else meanwhile
             with self._lock:
                 self._manifests.pop(step, None)
             log.warning(

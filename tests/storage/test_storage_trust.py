@@ -24,7 +24,7 @@ from storage import (
     layout,
 )
 from storage.cli import main
-from tests.storage.testlib import FAST_RETRY, Location, assert_same
+from tests.storage.testlib import FAST_RETRY, Location, assert_same, save_ranks
 from tests.storage.trustlib import (
     WatchedFileSystem,
     first_data_file,
@@ -189,6 +189,14 @@ def test_a_save_over_a_truncated_manifest_moves_it_aside_and_commits(
     assert len(torn) == 1  # kept for an operator, and gc does not delete it
     local_location.store().gc(grace_s=0.0)
     assert local_location.exists(torn[0])
+
+
+def test_a_multi_rank_save_over_a_truncated_manifest_commits(local_location: Location) -> None:
+    local_location.store().save(20, state(1))
+    local_location.truncate(local_location.manifest(20))
+    results = save_ranks(local_location, 20, state(20), 3, timeout=30)
+    assert results[0].committed and not results[1].committed and not results[2].committed
+    assert_same(state(20), local_location.store().load()[1])
 
 
 def test_a_save_over_a_valid_commit_is_still_refused(local_location: Location) -> None:
@@ -364,3 +372,24 @@ def test_reseal_helper_really_reseals(local_location: Location) -> None:
     local_location.write(rel, reseal(json.loads(local_location.read(rel))))
     assert local_location.store().verify().ok
     fsspec.filesystem("file").invalidate_cache()
+
+
+def test_a_file_named_like_a_step_directory_is_not_a_checkpoint(local_location: Location) -> None:
+    local_location.store().save(20, state(20))
+    Path(local_location.path(layout.step_dir(30))).write_bytes(b"not a directory")
+    store = local_location.store()
+    assert [i.step for i in store.list()] == [20] and store.latest().step == 20
+    assert store.load()[0] == 20 and store.verify().ok
+    store.gc(grace_s=0.0)
+    store.prune(keep_last=1)
+    assert Path(local_location.path(layout.step_dir(30))).read_bytes() == b"not a directory"
+
+
+def test_a_keyed_committer_refuses_an_unsigned_part(local_location: Location) -> None:
+    from storage import MissingPartsError
+
+    parts = save_ranks(local_location, 20, state(20), 2, ranks=[1])  # written without the key
+    assert parts[1].committed is False
+    with pytest.raises(MissingPartsError, match="unsigned"):
+        local_location.store(key=KEY).save(20, state(20), rank=0, world_size=2, timeout=1.0)
+    assert not local_location.exists(local_location.manifest(20))
