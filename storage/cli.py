@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -224,6 +225,17 @@ def _step(value: str) -> int:
     return step
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {value!r}") from None
+    # NaN compares false with everything: it must not pass as an age.
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value!r}")
+    return seconds
+
+
 def _positive(value: str) -> int:
     n = _step(value)
     if n < 1:
@@ -270,7 +282,7 @@ def add_ckpt_parser(subparsers: Any) -> None:
     )
 
     p = command("gc", "delete leftovers of uncommitted or refused saves", cmd_gc)
-    p.add_argument("--grace", type=float, help="age in seconds after which leftovers go")
+    p.add_argument("--grace", type=_seconds, help="age in seconds after which leftovers go")
 
     p = command("export", "write a plain torch.save state_dict (tensors only)", cmd_export)
     p.add_argument("--step", type=_step, help="step to export (default: newest that verifies)")

@@ -38,9 +38,9 @@ def load_key_file(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_KEY_BYTES + 3)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise InvalidArgumentError(
-            f"checkpoint key file {path!r} cannot be read: {exc.strerror or exc}"
+            f"checkpoint key file {path!r} cannot be read: {getattr(exc, 'strerror', None) or exc}"
         ) from exc
     data = data.removesuffix(b"\n").removesuffix(b"\r")
     try:
