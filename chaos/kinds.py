@@ -202,8 +202,12 @@ class KillHost(WorkerFault):
         if len(running) < 2:
             record["detail"] = "only one launcher runs: killing it would end the job"
             return False
-        procs.send_signal(launcher, signal.SIGKILL)  # first, so that it respawns nobody
+        # Stopped first, so that it respawns nobody and its workers, listed now, are
+        # not reparented yet (they are once it is dead).
+        procs.send_signal(launcher, signal.SIGSTOP)
         workers = procs.children_with_token(launcher, target.token)
+        workers |= {p for _, p in target.spawned_by(launcher) if procs.belongs(p, target.token)}
+        procs.send_signal(launcher, signal.SIGKILL)
         for p in workers:
             procs.send_signal(p, signal.SIGCONT)  # a stopped process must see the kill
             procs.send_signal(p, signal.SIGKILL)

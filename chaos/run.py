@@ -28,7 +28,7 @@ from chaos import expectations as ex
 from chaos import invariants as inv
 from chaos import scenarios as sc
 from chaos.faults import WorkerFaults
-from chaos.procs import TOKEN_ENV, alive, environ_has, processes_with_token, send_signal
+from chaos.procs import TOKEN_ENV, alive, belongs, environ_has, processes_with_token, send_signal
 from chaos.results import Reference, RunResult
 from chaos.spec import JOINER, KINDS, TRIGGERS, FaultSpec, inject
 
@@ -249,6 +249,11 @@ class Run:
     def launchers_running(self) -> list[int]:
         return [lp.proc.pid for lp in self.launched
                 if lp.segment == self.segment.index and lp.proc.poll() is None]
+
+    def live_workers(self) -> list[tuple[str, int]]:
+        """(member id, pid) of this segment's workers still running (in a World or not)."""
+        return [(e["member"], int(e["pid"])) for e in self.segment.tail.of("spawn")
+                if belongs(int(e["pid"]), self.token)]
 
     def spawned_by(self, launcher_pid: int) -> list[tuple[str, int]]:
         source = f"launcher-{launcher_pid}"

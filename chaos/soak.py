@@ -1,14 +1,17 @@
 """``elastic chaos soak``: one long training run under a random fault every few seconds.
 
-The run trains for ``(faults + 2) * every_steps`` steps (``every_steps`` is
-``--every`` seconds at the step time), on two launchers (hosts) to begin with.
-At each multiple of ``every_steps`` the soak draws a fault kind (seeded) from
-kill, freeze, hang, leave, join and kill-host, given the World as it is then:
-it keeps the worker count between ``max(2, W - 1)`` and ``W + 2`` (a join when it
-got low, no leave or kill-host at the low mark, no join at the high mark) and
-kills a host only while another launcher runs.  Each fault waits for the one
-before it and for its step, so all of them fire before training ends, and the
-run's time bound stops everything in any case.  At the end: the five
+The run trains for ``(faults + 1) * every_steps`` steps (``every_steps`` is
+``--every`` seconds at the step time) plus a tail of about 30 s (so that
+workers started by the last faults join before the end), on two launchers
+(hosts) to begin with.  At each multiple of ``every_steps`` the soak draws a
+fault kind (seeded) from kill, freeze, hang, leave, join and kill-host, given
+the job as it is then: it keeps the number of live workers (in the World or
+starting up) between ``max(2, W - 1)`` and ``W + 2`` (a join when it got low, no
+leave or kill-host at the low mark, no join at the high mark), aims worker
+faults at a rank of the current World, and kills a host only while another
+launcher runs.  Each fault waits for the one before it and for its step, so
+all of them fire before training ends, and the run's time bound stops
+everything in any case.  At the end: the five
 invariants (against a failure-free reference of the same training), each
 fault kind's expectation, and a report (``soak.json``, ``soak.md`` next to the
 usual ``report.md``).
@@ -54,6 +57,7 @@ SOAK_KINDS = ("kill-worker", "freeze-worker", "hang-worker", "leave", "join", "k
 REMOVES = ("leave", "kill-host")  # faults after which nobody replaces the victims
 COLLECTIVE_TIMEOUT = 60.0  # far above the lease TTL: a frozen peer is found by its lease
 FREEZE_LONGEST_S = 30.0
+TAIL_S = 30.0  # training after the last fault, at the nominal step time
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ class SoakConfig:
     @property
     def train(self) -> sc.TrainConfig:
         base = sc.TrainConfig()
-        steps = (self.faults + 2) * self.every_steps
+        steps = (self.faults + 1) * self.every_steps + math.ceil(TAIL_S / self.step_time)
         return replace(base, epochs=max(1, math.ceil(steps / base.steps_per_epoch)))
 
     @property
@@ -138,12 +142,16 @@ class Soak(Run):
         return False
 
     def _draw(self, at: int) -> FaultSpec:
-        return draw(self.rng, self.config, at, size=len(self.world()) or self.config.workers,
-                    hosts=len(self.launchers_running()))
+        world = len(self.world()) or self.config.workers
+        return draw(self.rng, self.config, at, live=max(world, len(self.live_workers())),
+                    world=world, hosts=len(self.launchers_running()))
 
 
-def draw(rng: random.Random, cfg: SoakConfig, at: int, size: int, hosts: int) -> FaultSpec:
-    """The next fault for a World of ``size`` workers on ``hosts`` running launchers."""
+def draw(rng: random.Random, cfg: SoakConfig, at: int, live: int, world: int,
+         hosts: int) -> FaultSpec:
+    """The next fault for ``live`` workers (``world`` of them in the World) on ``hosts``
+    running launchers."""
+    size = live
     allowed = [k for k in cfg.kinds
                if not (k in REMOVES and size <= cfg.low)
                and not (k == "kill-host" and hosts < 2)
@@ -154,7 +162,7 @@ def draw(rng: random.Random, cfg: SoakConfig, at: int, size: int, hosts: int) ->
     if kind == "join":
         return FaultSpec(kind, at, count=max(1, min(2, cfg.workers - size)))
     duration = FREEZE_LONGEST_S if kind == "freeze-worker" else 0.0
-    return FaultSpec(kind, at, rank=rng.randrange(size), duration_s=duration)
+    return FaultSpec(kind, at, rank=rng.randrange(world), duration_s=duration)
 
 
 def run_soak(config: SoakConfig, settings: Settings, report_dir: str,
