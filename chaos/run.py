@@ -56,6 +56,7 @@ class EventTail:
     def __init__(self, path: str) -> None:
         self.path = path
         self.events: list[dict[str, Any]] = []
+        self._by_name: dict[str, list[dict[str, Any]]] = {}  # a soak logs ~10^5 events
         self._offset = 0
         self._partial = b""
 
@@ -76,10 +77,12 @@ class EventTail:
             except json.JSONDecodeError:
                 continue  # a writer killed mid-line
         self.events.extend(new)
+        for e in new:
+            self._by_name.setdefault(str(e.get("event")), []).append(e)
         return new
 
     def of(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("event") == name]
+        return list(self._by_name.get(name, ()))
 
 
 @dataclass
@@ -188,8 +191,9 @@ class RunPlan:
 
 
 class Run:
-    """One job under a fault schedule: processes, fault firing, artifacts. Implements
-    :class:`chaos.faults.Target`."""
+    """One job under a fault schedule: processes, fault firing, artifacts. It is the
+    :class:`chaos.spec.Target` faults act on and the :class:`chaos.spec.RunView`
+    triggers and expectations read."""
 
     def __init__(self, plan: RunPlan, settings: Settings, run_dir: str) -> None:
         self.plan = plan
