@@ -2,6 +2,10 @@
 
     elastic chaos list
     elastic chaos run --all --seeds 3 --report chaos-report/
+    elastic chaos soak --faults 100 --report chaos-soak/
+
+A fault kind is one registered class (``KINDS``, see ``chaos/kinds.py``); so is
+a trigger (``TRIGGERS``, ``chaos/triggers.py``).
 
 Importing ``chaos`` (or its CLI) does not import torch; the names below load
 their module on first use.
@@ -13,9 +17,12 @@ from typing import Any
 
 __all__ = [
     "INVARIANTS",
+    "KINDS",
     "SCENARIOS",
+    "TRIGGERS",
     "Check",
     "Fault",
+    "FaultKind",
     "FaultPlan",
     "FaultSpec",
     "FaultyFileSystem",
@@ -23,10 +30,13 @@ __all__ = [
     "Scenario",
     "Schedule",
     "Settings",
+    "SoakConfig",
     "StorageFault",
     "Suite",
+    "Trigger",
     "add_chaos_parser",
     "run_one",
+    "run_soak",
 ]
 
 _LAZY = {
@@ -35,16 +45,22 @@ _LAZY = {
     "Fault": "chaos.faultfs",
     "FaultPlan": "chaos.faultfs",
     "FaultyFileSystem": "chaos.faultfs",
-    "FaultSpec": "chaos.faults",
+    "FaultSpec": "chaos.spec",
+    "FaultKind": "chaos.spec",
+    "Trigger": "chaos.spec",
+    "KINDS": "chaos.spec",
+    "TRIGGERS": "chaos.spec",
+    "SoakConfig": "chaos.soak",
+    "run_soak": "chaos.soak",
     "StorageFault": "chaos.faults",
     "SCENARIOS": "chaos.scenarios",
     "Scenario": "chaos.scenarios",
     "Schedule": "chaos.scenarios",
-    "RunPlan": "chaos.runner",
-    "Settings": "chaos.runner",
+    "RunPlan": "chaos.run",
+    "Settings": "chaos.run",
     "Suite": "chaos.runner",
     "add_chaos_parser": "chaos.runner",
-    "run_one": "chaos.runner",
+    "run_one": "chaos.run",
 }
 
 

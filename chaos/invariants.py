@@ -179,8 +179,16 @@ def check_exactly_once(records: list[dict[str, Any]], expected: dict[int, list[i
         if extra:
             problems.append(f"epoch {epoch}: samples not in this epoch {_ids(extra)}")
     if problems:
-        return Check(EXACTLY_ONCE, False, "; ".join(problems))
-    counts = ", ".join(f"epoch {e}: {sum(seen[e].values())}" for e in sorted(seen))
+        # A soak has thousands of epochs: name the first few problems only.
+        more = f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else ""
+        return Check(EXACTLY_ONCE, False, "; ".join(problems[:8]) + more)
+    sizes = {e: sum(seen[e].values()) for e in sorted(seen)}
+    if len(sizes) > 8:
+        counts = (f"{len(sizes)} epochs of {min(sizes.values())}"
+                  + (f"-{max(sizes.values())}" if max(sizes.values()) > min(sizes.values())
+                     else "") + " samples")
+    else:
+        counts = ", ".join(f"epoch {e}: {n}" for e, n in sizes.items())
     return Check(EXACTLY_ONCE, True, f"{total_steps} steps, each sample once ({counts})")
 
 

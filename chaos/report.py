@@ -12,12 +12,10 @@ import datetime
 import json
 import os
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from chaos.invariants import INVARIANTS
-
-if TYPE_CHECKING:
-    from chaos.runner import Reference, RunResult
+from chaos.results import Reference, RunResult
 
 
 def _stamp(t: float) -> str:

@@ -21,28 +21,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from chaos.faults import (
-    JOIN,
-    JOINER,
-    KILL_ALL_RESUME,
-    KILL_ETCD,
-    KILL_WORKER,
-    ON_CHECKPOINT,
-    ON_FAILURE,
-    ON_FULL_WORLD,
-    ON_JOINER_READY,
-    ON_RENDEZVOUS,
-    PAUSE_ETCD,
-    PAUSE_WORKER,
-    RESTART_ETCD,
-    SLOW_RANK,
-    STEP_EXCEPTION,
-    FaultSpec,
-    StorageFault,
-    manifest_glob,
-    part_glob,
-    shard_glob,
+from chaos.expectations import (
+    EXPECT_ALL_COMMITTED,
+    EXPECT_CHECKPOINT_FAILED,
+    EXPECT_DAMAGE_DETECTED,
+    EXPECT_FAULTS_FIRED,
+    EXPECT_JOINED,
+    EXPECT_NO_EVICTION,
+    EXPECT_STALE_REFUSED,
+    EXPECTATIONS,
 )
+from chaos.faults import StorageFault, manifest_glob, part_glob, shard_glob
+from chaos.spec import JOINER, FaultSpec
 
 
 @dataclass(frozen=True)
@@ -111,14 +101,9 @@ class Shape:
         return list(range(self.checkpoint_every, self.total_steps, self.checkpoint_every))
 
 
-# Named expectations a scenario may add to the five invariants (see runner.py).
-EXPECT_NO_EVICTION = "no-eviction"  # one World for the whole run, no failed collective
-EXPECT_CHECKPOINT_FAILED = "checkpoint-failure-reported"  # the storage error surfaced
-EXPECT_ALL_COMMITTED = "all-checkpoints-committed"  # transient faults absorbed by retries
-EXPECT_STALE_REFUSED = "stale-commit-refused"  # a zombie's commit was refused
-EXPECT_DAMAGE_DETECTED = "damage-detected"  # an injected torn/flipped file fails verify
-EXPECT_JOINED = "joiners-trained"  # the World grew beyond the initial workers
-EXPECT_FAULTS_FIRED = "faults-fired"  # every scheduled fault fired (always checked)
+__all__ = ["EXPECT_ALL_COMMITTED", "EXPECT_CHECKPOINT_FAILED", "EXPECT_DAMAGE_DETECTED",
+           "EXPECT_FAULTS_FIRED", "EXPECT_JOINED", "EXPECT_NO_EVICTION", "EXPECT_STALE_REFUSED",
+           "SCENARIOS", "Scenario", "Schedule", "Shape", "TrainConfig", "get", "smoke"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +120,15 @@ class Scenario:
     min_workers: int = 1
     expect: tuple[str, ...] = ()
     smoke: bool = False
+    launchers: int = 1  # `elastic run` processes sharing the workers (hosts)
+    collective_timeout: float | None = None  # None: the suite's setting
+
+    def __post_init__(self) -> None:
+        for name in self.expect:
+            EXPECTATIONS[name]  # raises on an unknown name
+        if not 1 <= self.launchers <= self.workers:
+            raise ValueError(f"scenario {self.name}: launchers must be in 1..workers "
+                             f"({self.workers}), got {self.launchers}")
 
     @property
     def shape(self) -> Shape:
@@ -159,70 +153,70 @@ def _after_checkpoint(rng: random.Random, s: Shape, first: int = 0) -> tuple[int
 
 
 def kill_worker(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec(KILL_WORKER, _mid(rng, s), rank=rng.randrange(s.workers)),))
+    return Schedule((FaultSpec("kill-worker", _mid(rng, s), rank=rng.randrange(s.workers)),))
 
 
 def kill_rank0(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec(KILL_WORKER, _mid(rng, s), rank=0),))
+    return Schedule((FaultSpec("kill-worker", _mid(rng, s), rank=0),))
 
 
 def kill_two(rng: random.Random, s: Shape) -> Schedule:
     step = _mid(rng, s)
     a, b = rng.sample(range(s.workers), 2)
     # Both ranks refer to the same World: the second kill follows within milliseconds.
-    return Schedule((FaultSpec(KILL_WORKER, step, rank=a),
-                     FaultSpec(KILL_WORKER, step, rank=b)))
+    return Schedule((FaultSpec("kill-worker", step, rank=a),
+                     FaultSpec("kill-worker", step, rank=b)))
 
 
 def kill_same_rank(rng: random.Random, s: Shape) -> Schedule:
     rank = rng.randrange(1, s.workers)
     first = rng.randint(3, 6)
-    again = FaultSpec(KILL_WORKER, 0, on=ON_FULL_WORLD, rank=rank)
-    return Schedule((FaultSpec(KILL_WORKER, first, rank=rank), again, again))
+    again = FaultSpec("kill-worker", 0, on="full-world", rank=rank)
+    return Schedule((FaultSpec("kill-worker", first, rank=rank), again, again))
 
 
 def zombie(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec(PAUSE_WORKER, _mid(rng, s), rank=rng.randrange(1, s.workers),
+    return Schedule((FaultSpec("pause-worker", _mid(rng, s), rank=rng.randrange(1, s.workers),
                                duration_s=30.0),))
 
 
 def zombie_rank0(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec(PAUSE_WORKER, _mid(rng, s), rank=0, duration_s=30.0),))
+    return Schedule((FaultSpec("pause-worker", _mid(rng, s), rank=0, duration_s=30.0),))
 
 
 def zombie_rank0_saving(rng: random.Random, s: Shape) -> Schedule:
     ckpt = rng.choice(s.checkpoints[:-1])
     # Hold rank 0's commit (reading the other ranks' part records) long enough
     # for it to be frozen mid-save; it resumes after a newer World formed.
-    hold = StorageFault("delay", part_glob(ckpt), ops=("cat",), times=None,
+    hold = StorageFault("delay", path=part_glob(ckpt), ops=("cat",), times=None,
                         delay_s=1.5, step=ckpt)
-    return Schedule((FaultSpec(PAUSE_WORKER, ckpt, on=ON_CHECKPOINT, rank=0, delay_s=0.3,
+    return Schedule((FaultSpec("pause-worker", ckpt, on="checkpoint", rank=0, delay_s=0.3,
                                duration_s=30.0),), storage=(hold,))
 
 
 def step_exception(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec(STEP_EXCEPTION, _mid(rng, s), rank=rng.randrange(s.workers)),))
+    return Schedule((FaultSpec("step-exception", _mid(rng, s), rank=rng.randrange(s.workers)),))
 
 
 def step_exception_twice(rng: random.Random, s: Shape) -> Schedule:
     first = _mid(rng, s, 0.15, 0.3)
-    return Schedule((FaultSpec(STEP_EXCEPTION, first, rank=rng.randrange(s.workers)),
-                     FaultSpec(STEP_EXCEPTION, first + rng.randint(4, 10),
+    return Schedule((FaultSpec("step-exception", first, rank=rng.randrange(s.workers)),
+                     FaultSpec("step-exception", first + rng.randint(4, 10),
                                rank=rng.randrange(s.workers - 1))))
 
 
 def slow_rank(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec(SLOW_RANK, _mid(rng, s), rank=rng.randrange(s.workers)),),
+    return Schedule((FaultSpec("slow-rank", _mid(rng, s), rank=rng.randrange(s.workers)),),
                     slow_step_s=round(rng.uniform(1.5, 2.5), 2), slow_steps=rng.randint(3, 5))
 
 
 def etcd_kill(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec(KILL_ETCD, _mid(rng, s),
+    return Schedule((FaultSpec("kill-etcd", _mid(rng, s),
                                duration_s=round(rng.uniform(0.5, 3.0), 2)),))
 
 
 def etcd_pause(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec(PAUSE_ETCD, _mid(rng, s),
+    return Schedule((FaultSpec("pause-etcd", _mid(rng, s),
                                duration_s=round(rng.uniform(1.0, 4.0), 2)),))
 
 
@@ -230,43 +224,44 @@ def etcd_kill_during_save(rng: random.Random, s: Shape) -> Schedule:
     ckpt = rng.choice(s.checkpoints[:-1])
     # Slow the shard writes so the commit (and its fenced etcd transaction)
     # comes while etcd is down.
-    slow = StorageFault("delay", shard_glob(ckpt), ops=("write",), times=None, delay_s=0.5,
+    slow = StorageFault("delay", path=shard_glob(ckpt), ops=("write",), times=None, delay_s=0.5,
                         step=ckpt)
-    return Schedule((FaultSpec(KILL_ETCD, ckpt, on=ON_CHECKPOINT,
+    return Schedule((FaultSpec("kill-etcd", ckpt, on="checkpoint",
                                duration_s=round(rng.uniform(1.5, 3.0), 2)),), storage=(slow,))
 
 
 def etcd_outage_with_crash(rng: random.Random, s: Shape) -> Schedule:
     step = _mid(rng, s)
-    return Schedule((FaultSpec(KILL_ETCD, step),
-                     FaultSpec(KILL_WORKER, step, rank=rng.randrange(s.workers),
+    return Schedule((FaultSpec("kill-etcd", step),
+                     FaultSpec("kill-worker", step, rank=rng.randrange(s.workers),
                                delay_s=round(rng.uniform(0.2, 1.0), 2)),
-                     FaultSpec(RESTART_ETCD, step, delay_s=round(rng.uniform(1.0, 3.0), 2))))
+                     FaultSpec("restart-etcd", step, delay_s=round(rng.uniform(1.0, 3.0), 2))))
 
 
 def storage_transient(rng: random.Random, s: Shape) -> Schedule:
     ckpt = rng.choice(s.checkpoints)
     rank = rng.randrange(s.workers)
     return Schedule(storage=(
-        StorageFault("fail", shard_glob(ckpt, rank), ops=("write",), times=rng.randint(1, 3),
+        StorageFault("fail", path=shard_glob(ckpt, rank), ops=("write",), times=rng.randint(1, 3),
                      step=ckpt),
-        StorageFault("fail", manifest_glob(ckpt), ops=("write",), times=1, step=ckpt),
-        StorageFault("fail", part_glob(ckpt), ops=("cat",), times=rng.randint(1, 2), step=ckpt),
+        StorageFault("fail", path=manifest_glob(ckpt), ops=("write",), times=1, step=ckpt),
+        StorageFault("fail", path=part_glob(ckpt), ops=("cat",), times=rng.randint(1, 2),
+                     step=ckpt),
     ))
 
 
 def storage_permanent(rng: random.Random, s: Shape) -> Schedule:
     ckpt = rng.choice(s.checkpoints)
     return Schedule(storage=(
-        StorageFault("fail", shard_glob(ckpt, 0), ops=("write",), times=None, step=ckpt,
+        StorageFault("fail", path=shard_glob(ckpt, 0), ops=("write",), times=None, step=ckpt,
                      permanent=True),))
 
 
 def storage_latency(rng: random.Random, s: Shape) -> Schedule:
     return Schedule(storage=(
-        StorageFault("delay", "step-*/g*/r*/data-*", ops=("write",), times=None,
+        StorageFault("delay", path="step-*/g*/r*/data-*", ops=("write",), times=None,
                      delay_s=round(rng.uniform(0.3, 1.0), 2)),
-        StorageFault("delay", "step-*/*manifest.json", ops=("write",), times=None,
+        StorageFault("delay", path="step-*/*manifest.json", ops=("write",), times=None,
                      delay_s=round(rng.uniform(0.1, 0.5), 2)),
     ))
 
@@ -274,24 +269,24 @@ def storage_latency(rng: random.Random, s: Shape) -> Schedule:
 def _damaged_then_resumed(action: str) -> Callable[[random.Random, Shape], Schedule]:
     def draw(rng: random.Random, s: Shape) -> Schedule:
         ckpt, kill_at = _after_checkpoint(rng, s, first=1)
-        damage = StorageFault(action, shard_glob(ckpt, rng.randrange(s.workers)),
+        damage = StorageFault(action, path=shard_glob(ckpt, rng.randrange(s.workers)),
                               ops=("write",), times=1, keep=0.5, step=ckpt)
-        return Schedule((FaultSpec(KILL_ALL_RESUME, kill_at),), storage=(damage,))
+        return Schedule((FaultSpec("kill-all-resume", kill_at),), storage=(damage,))
 
     return draw
 
 
 def join_burst(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec(JOIN, rng.randint(2, 6), count=2),))
+    return Schedule((FaultSpec("join", rng.randint(2, 6), count=2),))
 
 
 def kill_during_save(rng: random.Random, s: Shape) -> Schedule:
     ckpt = rng.choice(s.checkpoints[:-1])
     rank = rng.randrange(s.workers)
     # A slow shard write keeps the victim inside its save when the kill lands.
-    slow = StorageFault("delay", shard_glob(ckpt, rank), ops=("write",), times=None,
+    slow = StorageFault("delay", path=shard_glob(ckpt, rank), ops=("write",), times=None,
                         delay_s=1.5, step=ckpt)
-    return Schedule((FaultSpec(KILL_WORKER, ckpt, on=ON_CHECKPOINT, rank=rank, delay_s=0.4),),
+    return Schedule((FaultSpec("kill-worker", ckpt, on="checkpoint", rank=rank, delay_s=0.4),),
                     storage=(slow,))
 
 
@@ -299,8 +294,8 @@ def kill_during_rendezvous(rng: random.Random, s: Shape) -> Schedule:
     a, b = rng.sample(range(s.workers), 2)
     # The first kill brings a replacement; the second lands while it waits in
     # the settle window (or while a World is being gathered).
-    return Schedule((FaultSpec(KILL_WORKER, _mid(rng, s, 0.1, 0.2), rank=a),
-                     FaultSpec(KILL_WORKER, 0, on=ON_RENDEZVOUS, rank=b)))
+    return Schedule((FaultSpec("kill-worker", _mid(rng, s, 0.1, 0.2), rank=a),
+                     FaultSpec("kill-worker", 0, on="rendezvous", rank=b)))
 
 
 def freeze_joiner(rng: random.Random, s: Shape) -> Schedule:
@@ -308,15 +303,33 @@ def freeze_joiner(rng: random.Random, s: Shape) -> Schedule:
     # With --min-workers 2 the survivor cannot carry on alone: the job waits
     # (forming a World with the frozen member fails) until the joiner thaws,
     # notices its lease is gone, and joins again.
-    return Schedule((FaultSpec(KILL_WORKER, _mid(rng, s, 0.1, 0.2), rank=rng.randrange(s.workers)),
-                     FaultSpec(PAUSE_WORKER, 0, on=ON_JOINER_READY, rank=JOINER,
+    step = _mid(rng, s, 0.1, 0.2)
+    return Schedule((FaultSpec("kill-worker", step, rank=rng.randrange(s.workers)),
+                     FaultSpec("pause-worker", 0, on="joiner-ready", rank=JOINER,
                                duration_s=round(rng.uniform(4.0, 8.0), 1))))
 
 
 def kill_on_failure(rng: random.Random, s: Shape) -> Schedule:
     a, b = rng.sample(range(s.workers), 2)
-    return Schedule((FaultSpec(STEP_EXCEPTION, _mid(rng, s), rank=a),
-                     FaultSpec(KILL_WORKER, 0, on=ON_FAILURE, rank=b)))
+    return Schedule((FaultSpec("step-exception", _mid(rng, s), rank=a),
+                     FaultSpec("kill-worker", 0, on="failure", rank=b)))
+
+
+def hang_worker(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec("hang-worker", _mid(rng, s), rank=rng.randrange(s.workers)),))
+
+
+def freeze_worker(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec("freeze-worker", _mid(rng, s), rank=rng.randrange(s.workers),
+                               duration_s=30.0),))
+
+
+def kill_host(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec("kill-host", _mid(rng, s), rank=rng.randrange(s.workers)),))
+
+
+def leave(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec("leave", _mid(rng, s), rank=rng.randrange(s.workers)),))
 
 
 def no_faults(rng: random.Random, s: Shape) -> Schedule:
@@ -325,13 +338,13 @@ def no_faults(rng: random.Random, s: Shape) -> Schedule:
 
 def kill_all_resume(rng: random.Random, s: Shape) -> Schedule:
     _, kill_at = _after_checkpoint(rng, s)
-    return Schedule((FaultSpec(KILL_ALL_RESUME, kill_at),))
+    return Schedule((FaultSpec("kill-all-resume", kill_at),))
 
 
 def kill_all_resume_twice(rng: random.Random, s: Shape) -> Schedule:
     first = rng.choice(s.checkpoints[:2]) + rng.randint(2, s.checkpoint_every - 3)
     second = s.checkpoints[-2] + rng.randint(2, s.checkpoint_every - 3)
-    return Schedule((FaultSpec(KILL_ALL_RESUME, first), FaultSpec(KILL_ALL_RESUME, second)))
+    return Schedule((FaultSpec("kill-all-resume", first), FaultSpec("kill-all-resume", second)))
 
 
 def _scenarios() -> dict[str, Scenario]:
@@ -397,6 +410,16 @@ def _scenarios() -> dict[str, Scenario]:
                  checkpoint_every=8, bound_s=90.0),
         Scenario("kill-all-resume-twice", "kill everything and resume, two times",
                  kill_all_resume_twice, bound_s=180.0),
+        Scenario("hang-worker", "one rank's training thread hangs while its lease lives: it "
+                 "is evicted by progress detection and replaced", hang_worker, smoke=True,
+                 collective_timeout=60.0),
+        Scenario("freeze-worker", "SIGSTOP a worker under a 120 s collective timeout: the "
+                 "survivors abandon the collective when its lease expires", freeze_worker,
+                 collective_timeout=120.0),
+        Scenario("kill-host", "SIGKILL one of two launchers and every worker it started",
+                 kill_host, workers=4, launchers=2),
+        Scenario("leave", "SIGTERM one worker: it leaves at the next step boundary, the others "
+                 "carry on without a replacement", leave),
     ]
     return {s.name: s for s in all_}
 

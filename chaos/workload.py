@@ -9,8 +9,10 @@ What it adds for the suite, none of it inside the product code:
 * ``CHAOS_WORKER_FAULTS`` (JSON, see :class:`chaos.faults.WorkerFaults`): the
   checkpoint store of this worker reads and writes through a
   :class:`~chaos.faultfs.FaultyFileSystem` with that plan.
-* SIGUSR1: the next step raises inside ``loss_fn`` (an exception in the step).
-  SIGUSR2: the next ``slow_steps`` steps take ``slow_step_s`` longer.
+* The signal of every fault kind that acts inside the worker (``signal`` and
+  ``in_worker`` of its class in ``chaos/kinds.py``): SIGUSR1 makes the next step
+  raise inside ``loss_fn``, SIGUSR2 makes the next ``slow_steps`` steps take
+  ``slow_step_s`` longer, SIGPWR hangs the main thread for good.
 * ``--break COMPONENT`` plugs in a deliberately broken component, to show that
   the invariant checks catch it:
   ``sampler`` (shares are not re-split after a World change),
@@ -37,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from chaos.faults import BREAKS, SLOW_RANK_SIGNAL, STEP_EXCEPTION_SIGNAL, WorkerFaults
+from chaos.faults import BREAKS, KINDS, WorkerFaults
+from chaos.spec import FaultKind
 
 DIM, CLASSES, HIDDEN = 16, 4, 32
 
@@ -70,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 class _Chaos:
-    """Signal-driven in-step faults (the handlers only set flags)."""
+    """Signal-driven in-step faults: each kind's handler sets a flag here (or hangs)."""
 
     def __init__(self, faults: WorkerFaults) -> None:
         self.faults = faults
@@ -78,11 +81,9 @@ class _Chaos:
         self.slow_left = 0
 
     def install(self) -> None:
-        signal.signal(STEP_EXCEPTION_SIGNAL, lambda *_: self.raise_next.set())
-        signal.signal(SLOW_RANK_SIGNAL, lambda *_: self._slow())
-
-    def _slow(self) -> None:
-        self.slow_left = self.faults.slow_steps
+        for kind in KINDS.values():
+            if kind.signal is not None and type(kind).in_worker is not FaultKind.in_worker:
+                signal.signal(kind.signal, lambda *_, k=kind: k.in_worker(self))
 
     def in_step(self) -> None:
         if self.raise_next.is_set():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from chaos import invariants as inv
 from chaos import scenarios as sc
-from chaos.faults import KILL_WORKER, ON_CHECKPOINT, FaultSpec, StorageFault, shard_glob
+from chaos.faults import FaultSpec, StorageFault, shard_glob
 from chaos.runner import RunPlan
 from tests.chaos.conftest import explain, run_plan
 
@@ -39,8 +39,8 @@ def test_store_that_writes_the_manifest_first_leaves_a_torn_checkpoint(
     ckpt = scenario.shape.checkpoints[1]
     # Rank 0 commits; its slow shard write keeps it inside the save when it is killed.
     schedule = sc.Schedule(
-        (FaultSpec(KILL_WORKER, ckpt, on=ON_CHECKPOINT, rank=0, delay_s=0.4),),
-        storage=(StorageFault("delay", shard_glob(ckpt, 0), ops=("write",), times=None,
+        (FaultSpec("kill-worker", ckpt, on="checkpoint", rank=0, delay_s=0.4),),
+        storage=(StorageFault("delay", path=shard_glob(ckpt, 0), ops=("write",), times=None,
                               delay_s=1.5, step=ckpt),))
     plan = RunPlan("kill-during-save", 0, scenario, schedule, breaks=("store",))
     result = run_plan(plan, chaos_reference, str(tmp_path / "run"))

@@ -1,0 +1,300 @@
+"""The fault kinds, one class each (see :class:`chaos.spec.FaultKind`).
+
+A kind validates its spec, describes it, fires it against the running job and
+says what it expects of the run afterwards; a kind that acts inside the
+workload names the signal it sends and what the workload does on it
+(``in_worker``).  Registering the class is all it takes to use the kind in a
+scenario, in the soak and in the workload.
+
+Worker kinds find their victim by *rank in the current World*; the runner maps
+rank to member id (``generation`` events) and member id to pid (``spawn``
+events) at the moment the fault fires.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from typing import Any
+
+from chaos import procs
+from chaos.invariants import Check
+from chaos.spec import KINDS, FaultKind, FaultSpec, RunView, Target
+
+
+def _after(run: RunView, name: str, t: float) -> list[dict[str, Any]]:
+    return [e for e in run.events(name) if e.get("t", 0.0) >= t]
+
+
+def _exits(run: RunView, member: str) -> list[int | None]:
+    return [e.get("rc") for e in run.events("exit") if e.get("member") == member]
+
+
+# -- faults aimed at one worker --------------------------------------------------------
+
+
+class WorkerFault(FaultKind):
+    """Finds the worker at ``spec.rank`` and acts on its pid."""
+
+    needs_rank = True
+
+    def fire(self, spec: FaultSpec, target: Target, record: dict[str, Any]) -> bool:
+        assert spec.rank is not None
+        found = target.worker(spec.rank)
+        if found is None:
+            record["detail"] = f"no running worker at rank {spec.rank}"
+            return False
+        member, pid = found
+        record.update(member=member, pid=pid, rank=spec.rank)
+        fired = self.act(spec, target, member, pid, record)
+        if not fired:
+            record["detail"] = f"pid {pid} was already gone"
+        return fired
+
+    def act(self, spec: FaultSpec, target: Target, member: str, pid: int,
+            record: dict[str, Any]) -> bool:
+        assert self.signal is not None
+        return procs.send_signal(pid, self.signal)
+
+
+@KINDS.register
+class KillWorker(WorkerFault):
+    name = "kill-worker"
+    summary = "SIGKILL one worker"
+    signal = signal.SIGKILL
+
+    def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
+        rcs = _exits(run, record["member"])
+        return [Check(self.name, -signal.SIGKILL in rcs,
+                      f"{record['member']}: its launcher saw exit code(s) {rcs}")]
+
+
+@KINDS.register
+class PauseWorker(WorkerFault):
+    """SIGSTOP past the lease TTL, SIGCONT once a World without it formed (a zombie).
+
+    No expectation of its own: a frozen *joiner* (``zombie-joiner``) is not in any
+    World, so no World "without it" needs to form while it is stopped.
+    """
+
+    name = "pause-worker"
+    summary = "SIGSTOP one worker past its lease TTL, SIGCONT once evicted"
+
+    def act(self, spec: FaultSpec, target: Target, member: str, pid: int,
+            record: dict[str, Any]) -> bool:
+        stopped = time.monotonic()
+        fired = procs.send_signal(pid, signal.SIGSTOP)
+        try:
+            evicted = fired and target.wait_evicted(member, spec.duration_s)
+        finally:
+            procs.send_signal(pid, signal.SIGCONT)
+        record.update(evicted=evicted, stopped_s=round(time.monotonic() - stopped, 3))
+        return fired
+
+
+@KINDS.register
+class FreezeWorker(PauseWorker):
+    """A frozen peer under a collective timeout far above the lease TTL: the survivors
+    must abandon the collective when its lease goes, not when the timeout ends."""
+
+    name = "freeze-worker"
+    summary = "SIGSTOP one worker until a World without it formed, with a long collective timeout"
+
+    def validate(self, spec: FaultSpec) -> None:
+        super().validate(spec)
+        if spec.duration_s <= 0:
+            raise ValueError(f"fault {self.name} needs duration_s > 0 (the longest it "
+                             f"stays frozen), got {spec.duration_s!r}")
+
+    def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
+        until = record["t"] + record.get("stopped_s", 0.0)
+        timed_out = [e for e in _after(run, "failure", record["t"])
+                     if e["t"] <= until and "timed out" in json.dumps(e).lower()]
+        return [Check(self.name, bool(record.get("evicted")) and not timed_out,
+                      f"{record['member']} frozen {record.get('stopped_s')}s, a World without "
+                      f"it formed: {bool(record.get('evicted'))}; collective time-outs "
+                      f"meanwhile: {len(timed_out)}")]
+
+
+@KINDS.register
+class StepException(WorkerFault):
+    name = "step-exception"
+    summary = "the workload raises inside its next training step"
+    signal = signal.SIGUSR1
+
+    def in_worker(self, worker: Any) -> None:
+        worker.raise_next.set()
+
+    def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
+        failures = _after(run, "failure", record["t"])
+        return [Check(self.name, bool(failures),
+                      f"{len(failures)} failed collective(s) recorded after it")]
+
+
+@KINDS.register
+class SlowRank(WorkerFault):
+    """The workload's next ``slow_steps`` steps take ``slow_step_s`` longer (both from
+    the schedule, handed to the workers at launch)."""
+
+    name = "slow-rank"
+    summary = "one worker's next steps run slower"
+    signal = signal.SIGUSR2
+
+    def in_worker(self, worker: Any) -> None:
+        worker.slow_left = worker.faults.slow_steps
+
+
+@KINDS.register
+class HangWorker(WorkerFault):
+    """The workload's main thread blocks forever in the signal handler while its
+    other threads (the lease keepalive) go on: only progress detection finds it."""
+
+    name = "hang-worker"
+    summary = "one worker's training thread hangs while its lease stays alive"
+    signal = signal.SIGPWR  # SIGUSR1/SIGUSR2 are taken by step-exception and slow-rank
+
+    def in_worker(self, worker: Any) -> None:
+        threading.Event().wait()  # no timeout: the hang under test; its launcher kills it
+
+    def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
+        member = record["member"]
+        by_peer = [e for e in run.events("evict") if member in e.get("members", ())]
+        killed = [e for e in run.events("evicted") if e.get("member") == member]
+        return [Check(self.name, bool(by_peer) and bool(killed),
+                      f"{member}: evicted by a peer {len(by_peer)}x, killed by its "
+                      f"launcher {len(killed)}x")]
+
+
+@KINDS.register
+class Leave(WorkerFault):
+    """SIGTERM to one worker: it leaves at the next step boundary and is not replaced."""
+
+    name = "leave"
+    summary = "SIGTERM one worker: a graceful leave at the next step boundary"
+    signal = signal.SIGTERM
+
+    def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
+        member = record["member"]
+        left = [e for e in run.events("leave") if e.get("source") == member]
+        rcs = _exits(run, member)
+        clean = bool(rcs) and all(rc in (0, 3) for rc in rcs)
+        return [Check(self.name, bool(left) and clean,
+                      f"{member}: 'leave' events {len(left)}, exit code(s) {rcs}")]
+
+
+@KINDS.register
+class KillHost(WorkerFault):
+    """SIGKILL the launcher of the worker at ``rank`` and every worker it started (a
+    host gone), in a job with two or more launchers; nothing replaces them."""
+
+    name = "kill-host"
+    summary = "SIGKILL one launcher and all of its workers"
+
+    def act(self, spec: FaultSpec, target: Target, member: str, pid: int,
+            record: dict[str, Any]) -> bool:
+        launcher = procs.parent(pid)
+        running = target.launchers_running()
+        if launcher not in running:
+            record["detail"] = f"the launcher of {member} (pid {launcher}) is not running"
+            return False
+        if len(running) < 2:
+            record["detail"] = "only one launcher runs: killing it would end the job"
+            return False
+        # Stopped first, so that it respawns nobody and its workers, listed now, are
+        # not reparented yet (they are once it is dead).
+        procs.send_signal(launcher, signal.SIGSTOP)
+        workers = procs.children_with_token(launcher, target.token)
+        workers |= {p for _, p in target.spawned_by(launcher) if procs.belongs(p, target.token)}
+        procs.send_signal(launcher, signal.SIGKILL)
+        for p in workers:
+            procs.send_signal(p, signal.SIGCONT)  # a stopped process must see the kill
+            procs.send_signal(p, signal.SIGKILL)
+        record.update(launchers_killed=[launcher],
+                      members=[m for m, p in target.spawned_by(launcher) if p in workers])
+        return True
+
+    def detail(self, spec: FaultSpec) -> str:
+        return " (its launcher and all of its workers)"
+
+    def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
+        gone = set(record.get("members", ()))
+        after = [e for e in _after(run, "generation", record["t"]) if not gone & set(e["world"])]
+        return [Check(self.name, bool(gone) and bool(after),
+                      f"host of {sorted(gone)}: {len(after)} World(s) without them formed")]
+
+
+# -- faults of the etcd server ----------------------------------------------------------
+
+
+@KINDS.register
+class KillEtcd(FaultKind):
+    name = "kill-etcd"
+    summary = "SIGKILL etcd; restart it on the same data dir and port after duration_s"
+
+    def fire(self, spec: FaultSpec, target: Target, record: dict[str, Any]) -> bool:
+        target.etcd.kill()
+        if spec.duration_s:  # 0: left down until a restart-etcd
+            time.sleep(spec.duration_s)  # the outage itself
+            target.etcd.restart()
+        return True
+
+
+@KINDS.register
+class RestartEtcd(FaultKind):
+    name = "restart-etcd"
+    summary = "bring back an etcd killed with duration 0"
+
+    def fire(self, spec: FaultSpec, target: Target, record: dict[str, Any]) -> bool:
+        target.etcd.restart()
+        return True
+
+
+@KINDS.register
+class PauseEtcd(FaultKind):
+    name = "pause-etcd"
+    summary = "SIGSTOP etcd for duration_s, then SIGCONT"
+
+    def fire(self, spec: FaultSpec, target: Target, record: dict[str, Any]) -> bool:
+        target.etcd.pause()
+        try:
+            time.sleep(spec.duration_s)  # the outage itself
+        finally:
+            target.etcd.resume()
+        return True
+
+
+# -- faults of the job as a whole ---------------------------------------------------------
+
+
+@KINDS.register
+class Join(FaultKind):
+    """A second ``elastic run --job same -n count``: more workers join the running job."""
+
+    name = "join"
+    summary = "start count more workers for the job (a new launcher)"
+
+    def detail(self, spec: FaultSpec) -> str:
+        return f" ({spec.count} worker(s))"
+
+    def fire(self, spec: FaultSpec, target: Target, record: dict[str, Any]) -> bool:
+        record["detail"], record["launcher"] = target.join(spec.count)
+        return True
+
+    def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
+        source = f"launcher-{record['launcher']}"
+        joined = {e["member"] for e in run.events("spawn") if e.get("source") == source}
+        trained = [e for e in run.events("generation") if joined & set(e["world"])]
+        return [Check(self.name, bool(trained),
+                      f"{len(joined)} joiner(s) spawned, in {len(trained)} World(s)")]
+
+
+@KINDS.register
+class KillAllResume(FaultKind):
+    name = "kill-all-resume"
+    summary = "SIGKILL every launcher and worker, then start the job with --resume"
+
+    def fire(self, spec: FaultSpec, target: Target, record: dict[str, Any]) -> bool:
+        record["detail"] = target.kill_all_and_resume()
+        return True
