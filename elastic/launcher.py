@@ -83,7 +83,7 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hang-floor", type=argtypes.seconds, default=5.0, metavar="S",
                    help="a rank that reaches a step's all-reduce later than max(S, "
                         "FACTOR x median step time) after its peers is evicted as hung "
-                        "(default 5)")
+                        "(default 5; never later than 0.9 x --collective-timeout)")
     p.add_argument("--hang-factor", type=argtypes.factor, default=10.0, metavar="FACTOR",
                    help="see --hang-floor (default 10)")
     p.add_argument("--settle", type=argtypes.seconds_or_zero, default=0.3, metavar="S",

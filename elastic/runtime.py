@@ -393,7 +393,11 @@ class Trainer:
         return HangWatch(
             client=self.client, keys=self.keys, lease_id=self.rdzv.session.lease_id,
             member_id=self.config.member_id, world=group.world, step=step,
-            bound_s=self.clock.bound(), broken=lambda: self.rdzv.world_broken(gen),
+            # Judged before the collective times out: a timed-out collective
+            # re-forms, and the rendezvous then waits for the hung rank, whose
+            # lease is alive (seen with --collective-timeout below the floor).
+            bound_s=min(self.clock.bound(), 0.9 * self.config.collective_timeout),
+            broken=lambda: self.rdzv.world_broken(gen),
             on_evict=lambda hung, why: self.events.emit(
                 "evict", f"evicted {', '.join(hung)}: {why}", members=hung, step=step,
                 gen=gen, reason=why),

@@ -121,6 +121,23 @@ def test_rank_whose_training_thread_hangs_is_evicted_and_replaced(
     assert_matches_reference(job, reference)
 
 
+def test_hung_rank_is_evicted_before_a_short_collective_timeout(
+        tmp_path, etcd_url, reference, jobs):
+    # Collective timeout 4 s (FAST) below the default 5 s floor: the hang is
+    # still judged (at 0.9 x 4 s), not left to a timed-out collective whose
+    # re-form would wait for the hung rank's live lease.
+    job = Job(tmp_path, nproc=3, etcd_url=etcd_url, script=HANGABLE)
+    jobs.append(job)
+    job.wait_step(20)
+    victim = job.world()[1]
+    os.kill(job.pid_of(victim), signal.SIGUSR1)
+    evicted = job.wait_for(lambda evs: [e for e in evs if e["event"] == "evict"], 60,
+                           "the hung rank's eviction")
+    assert evicted[0]["members"] == [victim], evicted
+    assert job.wait(180) == 0, job.log_tail()
+    assert_matches_reference(job, reference)
+
+
 def test_slow_rank_is_not_evicted(tmp_path, etcd_url, reference, jobs):
     # One rank turns 0.5 s slower per step, at once more than 10 x the median
     # step time so far: its peers wait for it in every all-reduce, but it
