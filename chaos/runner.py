@@ -42,6 +42,7 @@ from chaos.run import (
     run_reference,
 )
 from chaos.soak import add_soak_parser
+from elastic import argtypes
 
 __all__ = ["ChaosError", "EventTail", "Reference", "Run", "RunPlan", "RunResult", "Settings",
            "Suite", "_dying_with_us", "add_chaos_parser", "processes_with_token", "run_one",
@@ -103,24 +104,9 @@ def _progress_line(r: RunResult) -> str:
 # -- command line ---------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+# One set of value types for every command (NaN and infinities refused).
+_positive_int = argtypes.count
+_positive_float = argtypes.positive
 
 
 def add_chaos_parser(subparsers: Any) -> None:

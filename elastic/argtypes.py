@@ -21,6 +21,14 @@ def _number(text: str) -> float:
     return value
 
 
+def positive(text: str) -> float:
+    """A finite number > 0 (a tolerance, a scale)."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def seconds(text: str) -> float:
     """A duration > 0."""
     value = _number(text)

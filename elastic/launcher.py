@@ -135,10 +135,6 @@ def _validate(args: argparse.Namespace) -> None:
                  "hang_floor", "progress_every"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
-    if args.settle < 0:
-        raise ConfigError(f"--settle must be >= 0, got {args.settle}")
-    if args.hang_factor < 1:
-        raise ConfigError(f"--hang-factor must be >= 1, got {args.hang_factor}")
     if args.job is not None:
         validate_name("job id", args.job)
     if args.event_log is not None:

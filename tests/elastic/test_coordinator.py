@@ -51,11 +51,18 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return c
 
 
+BROKEN: list[bool] = []  # the ``broken`` flag of every request_reform, in order
+
+
 def make(**cfg: Any) -> tuple[Coordinator, FakeClient, list[int]]:
     client, bumps = FakeClient(), []
+    BROKEN.clear()
     rdzv = types.SimpleNamespace(
         keys=KEYS, config=RendezvousConfig(**cfg), client=client, id=LEADER,
-        request_reform=lambda gen: bumps.append(gen) or True,
+        request_reform=lambda gen, broken=False: bumps.append(gen) or BROKEN.append(broken)
+        or True,
+        # marking a World broken while a re-form is already being gathered
+        fenced_txn=lambda gen, ops: BROKEN.append(True) or True,
     )
     return Coordinator(rdzv), client, bumps  # type: ignore[arg-type]
 
@@ -128,6 +135,9 @@ def test_departed_member_requests_one_reform(clock: Clock) -> None:
     assert coord.decide(snap) is None
     assert coord.decide(snap) is None  # the bump is on its way: no second request
     assert bumps == [1] and client.sent == []
+    # A member is gone: the World is broken, so members blocked in a
+    # collective with it stop waiting.
+    assert BROKEN == [True]
 
 
 def test_settled_joiner_requests_reform_only_when_there_is_room(clock: Clock) -> None:
@@ -138,6 +148,7 @@ def test_settled_joiner_requests_reform_only_when_there_is_room(clock: Clock) ->
     clock.now += 0.6
     coord.decide(snap)
     assert bumps == [1]
+    assert BROKEN == [False]  # a joiner breaks nothing: running collectives complete
 
     full, _, full_bumps = make(settle_s=0.0, max_workers=2)
     assert full.decide(snap) is None

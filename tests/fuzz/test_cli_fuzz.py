@@ -53,7 +53,9 @@ def stopped_before_starting(monkeypatch):
     monkeypatch.setattr(cli, "connect", started, raising=False)
     try:
         import chaos.runner as runner
+        import chaos.soak as soak
         monkeypatch.setattr(runner.Suite, "run", started)
+        monkeypatch.setattr(soak, "run_soak", started)
     except ImportError:
         pass
     try:
@@ -74,10 +76,11 @@ def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
 
 
 def _kind(action: argparse.Action) -> str | None:
-    if action.type is int or getattr(action.type, "__name__", "") in ("_positive_int", "_step",
-                                                                         "_positive"):
+    name = getattr(action.type, "__name__", "")
+    if action.type is int or name in ("_step", "_positive", "count", "count_or_zero", "port"):
         return "int"
-    if action.type is float or getattr(action.type, "__name__", "") == "_positive_float":
+    if action.type is float or name in ("_seconds", "seconds", "seconds_or_zero", "factor",
+                                        "positive"):
         return "float"
     return None
 

@@ -79,9 +79,10 @@ def test_checkpoint_every_without_a_location_on_an_external_etcd_is_refused(tmp_
 
 
 @pytest.mark.parametrize("make_args,expected", [
-    (lambda d: ["--settle", "-5", CLASSIFIER], "--settle must be >= 0, got -5.0"),
-    (lambda d: ["--hang-factor", "0.5", CLASSIFIER], "--hang-factor must be >= 1"),
-    (lambda d: ["--hang-floor", "0", CLASSIFIER], "--hang-floor must be > 0"),
+    (lambda d: ["--settle", "-5", CLASSIFIER], "argument --settle: must be >= 0 seconds, got -5"),
+    (lambda d: ["--hang-factor", "0.5", CLASSIFIER], "argument --hang-factor: must be >= 1"),
+    (lambda d: ["--hang-floor", "0", CLASSIFIER], "argument --hang-floor: must be > 0 seconds"),
+    (lambda d: ["--lease-ttl", "nan", CLASSIFIER], "argument --lease-ttl: 'nan' is not a finite"),
     (lambda d: ["--ledger-dir", _file(d, "ledger"), CLASSIFIER], "exists and is not a directory"),
     (lambda d: ["--event-log", _file(d, "f") + "/events.jsonl", CLASSIFIER],
      "cannot create files under"),
