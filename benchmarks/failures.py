@@ -26,10 +26,16 @@ numbers completed more than once), whether the job finished, and the final
 parameters' max abs difference from a failure-free run of the same size
 (tolerance 1e-5, chaos.invariants). torchrun (c10d rendezvous, --max-restarts
 3, checkpoint every 20 steps, TORCH_GLOO_LAZY_INIT=1 unless
---torchrun-default-gloo) runs under kill, freeze, hang and host-loss: seconds
-from the fault to the first step of a restarted attempt, steps redone; a
-trial with no such step within --give-up seconds counts as not recovered.
-``--curve`` repeats the kill at each worker count.
+--torchrun-default-gloo) runs under kill, freeze, hang and host-loss (3
+agents, the first hosting the c10d store; the last one dies): seconds from the
+fault to the first step of a restarted attempt, steps redone. A trial with no
+such step within --give-up seconds counts as not recovered; after
+--stop-after such trials in a row the rest of that fault's trials on that
+side are not run (torchrun has no detector for a freeze or a hang short of
+gloo's 30 min timeout: each of those trials costs the whole give-up).
+``--curve`` repeats the kill at each worker count (--curve-trials times;
+the recovery alone: the job is stopped once it recovered). ``--faults ''``
+runs the curve only.
 
 Writes failures.json (every trial) and failures.md (the tables) to --out.
 """
@@ -82,6 +88,7 @@ class BenchConfig:
     trials: int = 5
     workers: int = 3
     curve: tuple[int, ...] = ()
+    curve_trials: int = 3
     steps: int = 120
     fault_step: int = 30
     step_time: float = 0.05
@@ -98,8 +105,10 @@ class BenchConfig:
         unknown = [f for f in self.faults if f not in FAULTS]
         if unknown:
             raise ValueError(f"unknown fault {unknown[0]!r} (known: {', '.join(FAULTS)})")
-        if self.trials < 1:
-            raise ValueError(f"--trials must be >= 1, got {self.trials}")
+        for name in ("trials", "curve_trials"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
+                                 f"got {getattr(self, name)}")
         if self.workers < 2:
             raise ValueError(f"--workers must be >= 2 (one to lose), got {self.workers}")
         if any(n < 2 for n in self.curve):
@@ -250,8 +259,10 @@ def kill_tree(root: int) -> float:
 
 
 def measure(job: ElasticJob, cfg: BenchConfig, trial: int, inject: ElasticFault,
-            reference: dict | None, reform: bool = True) -> dict:
-    """Fault at step ``cfg.fault_step`` of a full World, then let the job finish."""
+            reference: dict | None, reform: bool = True, finish: bool = True) -> dict:
+    """Fault at step ``cfg.fault_step`` of a full World, then let the job finish
+    and compare its parameters with ``reference`` (unless ``finish`` is False:
+    the recovery alone)."""
     if not job.wait_full(cfg.fault_step):
         return {"recovered": False, "error": f"no full World reached step {cfg.fault_step}"}
     gen, _ = job.world()
@@ -263,15 +274,17 @@ def measure(job: ElasticJob, cfg: BenchConfig, trial: int, inject: ElasticFault,
     finally:
         injected.after()
     survivors = [p for p in job.launchers if p not in injected.lost]
-    finished = job.wait_finished(survivors, cfg.job_timeout)
+    finished = finish and job.wait_finished(survivors, cfg.job_timeout)
     events = job.events()
-    out: dict[str, Any] = {"recovered": bool(after), "finished": finished,
-                           "redone": steps_redone(events),
+    out: dict[str, Any] = {"recovered": bool(after), "redone": steps_redone(events),
                            "fault_at_step": last_step_before(events, injected.t),
                            **injected.detail}
     if after:
         out["seconds"] = (after[0]["t"] - injected.t if reform
                           else longest_pause(events, injected.t))
+    if not finish:
+        return out
+    out["finished"] = finished
     finals = load_params(job.out_dir) if os.path.isdir(job.out_dir) else {}
     if finals and reference is not None:
         out["max_abs_diff"] = max(max_param_diff(p, reference) for p in finals.values())
@@ -314,18 +327,19 @@ class Runner:
         return self._refs[workers]
 
     def local(self, trial: int, inject: ElasticFault, workers: int | None = None,
-              hangable: bool = False) -> dict:
+              hangable: bool = False, finish: bool = True) -> dict:
         workers = workers or self.cfg.workers
-        ref = self.reference(workers)
+        ref = self.reference(workers) if finish else None
         job = ElasticJob.new(self.tmp, workers)
         try:
             job.start(self.etcd.url, workers, self.cfg, hangable)
-            return measure(job, self.cfg, trial, inject, ref)
+            return measure(job, self.cfg, trial, inject, ref, finish=finish)
         finally:
             job.close()
 
-    def kill(self, trial: int, workers: int | None = None) -> dict:
-        return self.local(trial, _signal_member(signal.SIGKILL, _alternate), workers)
+    def kill(self, trial: int, workers: int | None = None, finish: bool = True) -> dict:
+        return self.local(trial, _signal_member(signal.SIGKILL, _alternate), workers,
+                          finish=finish)
 
     def freeze(self, trial: int) -> dict:
         return self.local(trial, freeze)
@@ -447,7 +461,7 @@ def _seconds(s: dict) -> str:
     if "skipped" in s:
         return "skipped"
     if "median_s" not in s:
-        return "n/a"
+        return "not recovered"
     return f"{s['median_s']:.2f} ({s['min_s']:.2f}-{s['max_s']:.2f})"
 
 
@@ -485,11 +499,11 @@ def markdown(cfg: BenchConfig, results: dict[str, Any]) -> str:
         f"after {cfg.stop_after} such in a row). Final params: "
         f"trials whose final parameters equal the failure-free run within {DEFAULT_TOLERANCE:g} "
         "(largest max abs diff).",
-        "",
-        "| fault | this runtime median s (min-max) | redone | recovered | final params "
-        "| torchrun median s | redone | recovered |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    if cfg.faults:
+        lines += ["", "| fault | this runtime median s (min-max) | redone | recovered "
+                  "| final params | torchrun median s | redone | recovered |",
+                  "|---|---|---|---|---|---|---|---|"]
     for fault in cfg.faults:
         e = results["elastic"][fault]["summary"]
         t = results["torchrun"].get(fault, {}).get("summary", {"skipped": "does not apply"})
@@ -498,14 +512,14 @@ def markdown(cfg: BenchConfig, results: dict[str, Any]) -> str:
         reason = e.get("skipped")
         lines.append(f"| {fault} | {_seconds(e)}" + (f": {reason}" if reason else "")
                      + f" | {_redone(e)} | {_recovered(e)} | {_params(e)} | "
-                     + ("n/a" if fault not in TORCHRUN_FAULTS else _seconds(t))
+                     + ("does not apply" if fault not in TORCHRUN_FAULTS else _seconds(t))
                      + f" | {_redone(t)} | {_recovered(t)} |")
     if cfg.curve:
-        lines += ["", "| workers | kill: median s (min-max) | recovered | final params |",
-                  "|---|---|---|---|"]
+        lines += ["", f"Kill curve ({cfg.curve_trials} trial(s) per size, recovery only):", "",
+                  "| workers | median s (min-max) | redone | recovered |", "|---|---|---|---|"]
         for n in cfg.curve:
             s = results["curve"][str(n)]["summary"]
-            lines.append(f"| {n} | {_seconds(s)} | {_recovered(s)} | {_params(s)} |")
+            lines.append(f"| {n} | {_seconds(s)} | {_redone(s)} | {_recovered(s)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -531,32 +545,36 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             for side, fn in sides:
                 results[side][fault] = repeat(cfg, f"{side} {fault}",
                                               lambda i, f=fault, fn=fn: fn(f, i))
+        # The curve measures the recovery alone: no run to the end, no reference.
         for n in cfg.curve:
-            results["curve"][str(n)] = repeat(cfg, f"curve {n} workers",
-                                              lambda i, n=n: runner.kill(i, workers=n))
+            results["curve"][str(n)] = repeat(
+                cfg, f"curve {n} workers", lambda i, n=n: runner.kill(i, workers=n, finish=False),
+                trials=cfg.curve_trials)
     return results
 
 
-def repeat(cfg: BenchConfig, label: str, trial: Callable[[int], dict]) -> dict[str, Any]:
-    trials: list[dict] = []
-    for i in range(cfg.trials):
+def repeat(cfg: BenchConfig, label: str, trial: Callable[[int], dict],
+           trials: int | None = None) -> dict[str, Any]:
+    n = cfg.trials if trials is None else trials
+    done: list[dict] = []
+    for i in range(n):
         t0 = time.monotonic()
         r = trial(i)
         r["wall_s"] = round(time.monotonic() - t0, 1)
-        trials.append(r)
-        print(f"{label} trial {i + 1}/{cfg.trials}: {r}", file=sys.stderr, flush=True)
+        done.append(r)
+        print(f"{label} trial {i + 1}/{n}: {r}", file=sys.stderr, flush=True)
         if "skipped" in r:
             break
-        tail = trials[-cfg.stop_after:] if cfg.stop_after else []
+        tail = done[-cfg.stop_after:] if cfg.stop_after else []
         if len(tail) == cfg.stop_after and not any(t.get("recovered") for t in tail) \
-                and i + 1 < cfg.trials:
+                and i + 1 < n:
             print(f"{label}: {cfg.stop_after} unrecovered in a row, stopping", file=sys.stderr,
                   flush=True)
             break
-    s = summary(trials)
-    if "trials" in s and s["trials"] < cfg.trials:
+    s = summary(done)
+    if "trials" in s and s["trials"] < n:
         s["stopped_early"] = True
-    return {"trials": trials, "summary": s}
+    return {"trials": done, "summary": s}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -577,6 +595,8 @@ def parse(argv: list[str] | None = None) -> BenchConfig:
     ap.add_argument("--workers", type=int, default=d.workers)
     ap.add_argument("--curve", type=_ints, default=(), metavar="N,N,...",
                     help="also run the kill at each of these worker counts")
+    ap.add_argument("--curve-trials", type=int, default=d.curve_trials,
+                    help=f"trials per worker count of the curve (default {d.curve_trials})")
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--fault-step", type=int, default=d.fault_step)
     ap.add_argument("--step-time", type=float, default=d.step_time,
@@ -596,7 +616,8 @@ def parse(argv: list[str] | None = None) -> BenchConfig:
     try:
         return BenchConfig(
             faults=tuple(f.strip() for f in args.faults.split(",") if f.strip()),
-            trials=args.trials, workers=args.workers, curve=args.curve, steps=args.steps,
+            trials=args.trials, workers=args.workers, curve=args.curve,
+            curve_trials=args.curve_trials, steps=args.steps,
             fault_step=args.fault_step, step_time=args.step_time, give_up=args.give_up,
             job_timeout=args.job_timeout, stop_after=args.stop_after,
             torchrun=not args.no_torchrun,
