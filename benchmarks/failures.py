@@ -26,8 +26,8 @@ numbers completed more than once), whether the job finished, and the final
 parameters' max abs difference from a failure-free run of the same size
 (tolerance 1e-5, chaos.invariants). torchrun (c10d rendezvous, --max-restarts
 3, checkpoint every 20 steps, TORCH_GLOO_LAZY_INIT=1 unless
---torchrun-default-gloo) runs under kill, freeze, hang and host-loss (3
-agents, the first hosting the c10d store; the last one dies): seconds from the
+--torchrun-default-gloo) runs under kill, freeze, hang and host-loss (one
+agent per host, the first hosting the c10d store; the last dies): seconds from the
 fault to the first step of a restarted attempt, steps redone. A trial with no
 such step within --give-up seconds counts as not recovered; after
 --stop-after such trials in a row the rest of that fault's trials on that
@@ -368,7 +368,8 @@ class Runner:
                     leader = cluster.leader()
                     t = time.time()
                     cluster.kill(leader)
-                    return Injected(t, detail={"killed_leader": leader})
+                    # Which of the --etcd endpoints (clients start on the first).
+                    return Injected(t, detail={"killed_leader": cluster.urls.index(leader)})
                 return measure(job, self.cfg, trial, kill_leader, ref, reform=False)
             finally:
                 job.close()
