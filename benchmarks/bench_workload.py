@@ -8,6 +8,11 @@
 Both use the same MLP, data, global batch and per-step sleep (standing in for
 a bigger model's compute), and write one JSON line per completed step (rank 0)
 to $BENCH_EVENTS for the elastic side's event log format.
+
+``--hangable``: SIGUSR1 hangs the main (training) thread in a handler that never
+returns while the process's other threads go on (benchmarks/failures.py's
+"hang" fault). ``--out-dir`` (elastic): a worker that trained to the last step
+writes its parameters to ``<member id>.pt`` there.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -37,6 +44,22 @@ def make_model(hidden: int) -> torch.nn.Module:
                                torch.nn.Linear(hidden, 10))
 
 
+_never = threading.Event()
+
+
+def _hang(_signum: int, _frame: object) -> None:
+    _never.wait()  # no timeout: this is the hang under test; the benchmark kills the process
+
+
+def write_final(model: torch.nn.Module, out_dir: str) -> None:
+    member = os.environ.get("ELASTIC_MEMBER_ID", str(os.getpid()))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{member}.pt")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+
+
 def run_elastic(args: argparse.Namespace) -> int:
     from elastic import Trainer
 
@@ -51,6 +74,9 @@ def run_elastic(args: argparse.Namespace) -> int:
 
     result = Trainer(model, opt, make_data(), loss_fn=loss_fn, global_batch_size=args.batch,
                      max_steps=args.steps, epochs=1000).fit()
+    # Only a worker that trained to the end holds the job's final parameters.
+    if args.out_dir and result.final:
+        write_final(model, args.out_dir)
     return result.exit_code
 
 
@@ -108,7 +134,12 @@ def main() -> int:
     p.add_argument("--step-time", type=float, default=0.0)
     p.add_argument("--ckpt", default=None)
     p.add_argument("--ckpt-every", type=int, default=20)
+    p.add_argument("--hangable", action="store_true",
+                   help="SIGUSR1 hangs the training thread forever")
+    p.add_argument("--out-dir", default=None, help="elastic: final parameters go here")
     args = p.parse_args()
+    if args.hangable:
+        signal.signal(signal.SIGUSR1, _hang)
     return run_elastic(args) if args.mode == "elastic" else run_ddp(args)
 
 

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from elastic.etcd import EmbeddedEtcd, free_port  # noqa: E402
+from elastic.procutil import dying_with_parent  # noqa: E402
 
 WORKLOAD = os.path.join(HERE, "bench_workload.py")
 
@@ -106,7 +108,9 @@ class Group:
 
     def start(self, args: list[str], env: dict[str, str], log: str) -> subprocess.Popen:
         with open(log, "ab") as f:
-            p = subprocess.Popen(args, env=env, stdout=f, stderr=f, start_new_session=True)
+            # Dies with this process even when it is killed outright.
+            p = subprocess.Popen(dying_with_parent(args), env=env, stdout=f, stderr=f,
+                                 start_new_session=True)
         self.procs.append(p)
         return p
 
@@ -127,14 +131,22 @@ class Group:
 
 
 def elastic_cmd(job: str, etcd: str, events: str, n: int, steps: int, step_time: float,
-                extra: list[str] | None = None) -> list[str]:
+                extra: list[str] | None = None,
+                script_args: list[str] | None = None) -> list[str]:
     return [sys.executable, "-m", "elastic.cli", "run", "-n", str(n), "--job", job,
             "--etcd", etcd, "--event-log", events, *(extra or []), WORKLOAD, "elastic",
-            "--steps", str(steps), "--step-time", str(step_time)]
+            "--steps", str(steps), "--step-time", str(step_time), *(script_args or [])]
 
 
 def steps_of(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("event") == "step"]
+
+
+def steps_redone(events: list[dict]) -> int:
+    """How many step numbers were completed more than once (across generations
+    or torchrun attempts): work a failure threw away."""
+    seen = Counter(e["step"] for e in steps_of(events))
+    return sum(1 for n in seen.values() if n > 1)
 
 
 def trial_elastic_kill(tmp: str, etcd: str, step_time: float, give_up: float) -> dict:
@@ -191,46 +203,100 @@ def trial_elastic_join(tmp: str, etcd: str, step_time: float, give_up: float) ->
 
 
 def torchrun_cmd(job: str, port: int, steps: int, step_time: float, ckpt: str | None,
-                 n: int = 3) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                 n: int = 3, nnodes: str = "1", script_args: list[str] | None = None,
+                 extra: list[str] | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes,
            "--nproc-per-node", str(n), "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", job, "--max-restarts", "3",
-           WORKLOAD, "ddp", "--steps", str(steps), "--step-time", str(step_time)]
+           *(extra or []), WORKLOAD, "ddp", "--steps", str(steps), "--step-time", str(step_time),
+           *(script_args or [])]
     if ckpt:
         cmd += ["--ckpt", ckpt, "--ckpt-every", "20"]
     return cmd
 
 
-def trial_torchrun_kill(tmp: str, step_time: float, give_up: float, lazy: bool) -> dict:
+def workers_of(agent: subprocess.Popen, log: str, local_rank: int) -> list[int]:
+    """Pids of ``agent``'s training processes of ``local_rank`` in the job logging to ``log``."""
+    return [p for p in descendants(agent.pid)
+            if environ_of(p).get("LOCAL_RANK") == str(local_rank)
+            and environ_of(p).get("BENCH_EVENTS") == log]
+
+
+# Injects a fault into a running torchrun job (its agents, its step log): the
+# time of the fault, or why it could not be injected.
+TorchrunFault = Callable[[list[subprocess.Popen], str], "float | str"]
+
+
+def signal_local_rank(sig: int, local_rank: int = 1) -> TorchrunFault:
+    """A fault: ``sig`` to ``local_rank`` of the first agent."""
+    def fault(agents: list[subprocess.Popen], log: str) -> float | str:
+        victims = workers_of(agents[0], log, local_rank)
+        if not victims:
+            return f"worker of local rank {local_rank} not found"
+        t = time.time()
+        for pid in victims:
+            os.kill(pid, sig)
+        return t
+    return fault
+
+
+def trial_torchrun(tmp: str, step_time: float, give_up: float, lazy: bool, *,
+                   fault: TorchrunFault | None = None, agents: int = 1, nproc: int = 3,
+                   at_step: int = 30, script_args: list[str] | None = None) -> dict:
+    """torchrun (``agents`` agents of ``nproc`` workers, one rendezvous) under
+    ``fault`` (default: SIGKILL of local rank 1) at step ``at_step``: seconds
+    from the fault to the first step of a restarted attempt, steps redone."""
+    fault = fault or signal_local_rank(signal.SIGKILL)
     job = f"tk{uuid.uuid4().hex[:6]}"
     log = os.path.join(tmp, f"{job}.jsonl")
     env = dict(os.environ, BENCH_EVENTS=log)
     if lazy:
         env["TORCH_GLOO_LAZY_INIT"] = "1"
+    port = free_port()
+    nnodes = "1" if agents == 1 else f"1:{agents}"
+
+    def rdzv_host(i: int) -> list[str]:
+        # Every agent here matches the endpoint's host name, so each would try
+        # to host the rendezvous store and the fastest would: on real machines
+        # only the endpoint's does. Say so, so the lost "host" is never it.
+        return [] if agents == 1 else ["--rdzv-conf", f"is_host={int(i == 0)}"]
+
     g = Group()
     try:
-        agent = g.start(torchrun_cmd(job, free_port(), 2000, step_time,
-                                     os.path.join(tmp, f"{job}.pt")),
-                        env, os.path.join(tmp, f"{job}.out"))
-        if not wait_for(lambda: any(e["step"] >= 30 for e in steps_of(read_jsonl(log))), 180):
-            return {"recovered": False, "error": "never reached step 30"}
-        victims = [p for p in descendants(agent.pid)
-                   if environ_of(p).get("LOCAL_RANK") == "1"
-                   and environ_of(p).get("BENCH_EVENTS") == log]
-        if not victims:
-            return {"recovered": False, "error": "worker of local rank 1 not found"}
-        t_kill = time.time()
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
+        started = [g.start(torchrun_cmd(job, port, 2000, step_time,
+                                        os.path.join(tmp, f"{job}.pt"), n=nproc,
+                                        nnodes=nnodes, script_args=script_args,
+                                        extra=rdzv_host(i)),
+                           env, os.path.join(tmp, f"{job}.{i}.out"))
+                   for i in range(agents)]
+        world = agents * nproc
+        if not wait_for(lambda: any(e["step"] >= at_step and e["world"] == world
+                                    for e in steps_of(read_jsonl(log))), 180):
+            return {"recovered": False, "error": f"never reached step {at_step}"}
+        t_fault = fault(started, log)
+        if isinstance(t_fault, str):
+            return {"recovered": False, "error": t_fault}
         after = wait_for(lambda: [e for e in steps_of(read_jsonl(log))
                                   if e["attempt"] >= 1], give_up)
         if not after:
             return {"recovered": False}
-        before = max(e["step"] for e in steps_of(read_jsonl(log)) if e["t"] <= t_kill)
-        return {"recovered": True, "seconds": after[0]["t"] - t_kill,
-                "redone": before - (after[0]["step"] - 1)}
+        before = last_step_before(read_jsonl(log), t_fault) or 0
+        # Redone steps are counted once the restarted attempt got past the fault.
+        wait_for(lambda: any(e["attempt"] >= 1 and e["step"] > before
+                             for e in steps_of(read_jsonl(log))), give_up)
+        return {"recovered": True, "seconds": after[0]["t"] - t_fault,
+                "redone": steps_redone(read_jsonl(log)), "fault_at_step": before}
     finally:
         g.close()
+
+
+def last_step_before(events: list[dict], t: float) -> int | None:
+    done = [e["step"] for e in steps_of(events) if e["t"] <= t]
+    return max(done) if done else None
+
+
+def trial_torchrun_kill(tmp: str, step_time: float, give_up: float, lazy: bool) -> dict:
+    return trial_torchrun(tmp, step_time, give_up, lazy)
 
 
 def steady_interval(log: str) -> float | None:
