@@ -43,8 +43,12 @@ def _hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | Non
             stream.flush()
         except (OSError, ValueError):
             pass
-    sys.stderr.write(error_line(exc) + "\n")
-    sys.stderr.flush()
+    # The real stderr: torch.distributed's own excepthook (installed when a
+    # process group forms) calls this one with sys.stderr swapped for a buffer
+    # it prints afterwards, with a rank prefix; os._exit below would lose it.
+    err = sys.__stderr__ or sys.stderr
+    err.write(error_line(exc) + "\n")
+    err.flush()
     # The interpreter would exit 1 after any hook; the launcher needs the code.
     # The Trainer's own resources were released by fit()'s finally already.
     os._exit(exit_code_for(exc))

@@ -265,6 +265,7 @@ class ElasticLauncher:
         self._respawns: list[tuple[float, int, int]] = []
         self._quick_failures = 0
         self._formed = False
+        self._launched = time.monotonic()
         self._next_waiting_report = time.monotonic() + 2.0
         self.etcd_lost = False
 
@@ -501,6 +502,11 @@ class ElasticLauncher:
     def _report_waiting(self) -> None:
         now = time.monotonic()
         if now < self._next_waiting_report or self._formed:
+            return
+        # Workers need seconds to start (torch's import): say nothing early
+        # unless this launcher alone cannot reach the minimum.
+        if (self.base_config.min_workers <= self.args.nproc
+                and now - self._launched < self.WAITING_EVERY_S * 3):
             return
         self._next_waiting_report = now + self.WAITING_EVERY_S
         try:

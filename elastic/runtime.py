@@ -319,7 +319,19 @@ class Trainer:
             except LocationClaimedError as exc:  # another launch owns it: not ours to load
                 raise ElasticError(f"not restoring from {cfg.checkpoint}: {exc}") from exc
         if self._store is not None and self._store.latest() is not None:
-            loaded = self._store.load_checkpoint()
+            from storage import (
+                CheckpointNotFoundError,
+                CorruptCheckpointError,
+                InvalidArgumentError,
+            )
+
+            try:
+                loaded = self._store.load_checkpoint()
+            except (CorruptCheckpointError, CheckpointNotFoundError,
+                    InvalidArgumentError) as exc:
+                # No committed checkpoint verifies: a restarted worker would
+                # read the same bytes and fail the same way.
+                raise ConfigError(f"cannot restore from {cfg.checkpoint}: {exc}") from exc
             self.state.load_checkpoint_dict(loaded.state)
             self.events.emit("restore", f"restored step {loaded.step} from {cfg.checkpoint}",
                              step=loaded.step)

@@ -72,3 +72,29 @@ def test_resuming_a_finished_run_ends_at_once_on_its_final_checkpoint(tmp_path, 
     assert [e["step"] for e in again.events() if e["event"] == "restore"] == [8]
     assert not [e for e in again.events() if e["event"] == "checkpoint_failed"]
     assert [c.step for c in CheckpointStore(ck).list()] == [8]
+
+
+def test_resume_from_a_checkpoint_that_does_not_verify_stops_without_restarts(tmp_path, jobs):
+    import glob
+    import os
+
+    ck = f"file://{tmp_path}/ck"
+    first = Job(tmp_path / "first", nproc=1, script_args=SHORT, extra=["--checkpoint", ck])
+    jobs.append(first)
+    assert first.wait(120) == 0, first.log_tail()
+    data = [p for p in glob.glob(f"{tmp_path}/ck/**/data-*", recursive=True)
+            if os.path.getsize(p)]
+    assert data, "no data file written"
+    with open(data[0], "r+b") as f:  # a bit flip the checksum catches
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    again = Job(tmp_path / "again", nproc=2, script_args=SHORT,
+                extra=["--checkpoint", ck, "--resume", "--max-restarts", "5"])
+    jobs.append(again)
+    assert again.wait(120) != 0
+    log = again.log_tail(20000)
+    assert "cannot restore from" in log, log
+    assert "Traceback" not in log, log
+    spawns = [e for e in again.events() if e["event"] == "spawn"]
+    assert len(spawns) == 2, f"restarted a worker that cannot restore: {len(spawns)} spawns"
