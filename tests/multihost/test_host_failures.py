@@ -111,7 +111,11 @@ def test_link_down_host_is_left_behind_trains_nothing_and_rejoins(
                                               and victim not in e["world"]], 60,
                      "a World without the cut-off host")
         partition_gen = gone[0]["gen"]
-        _wait(launchers, _step_reached(gone[0]["step"] + 10), 120, "ten steps without it")
+        # Ten steps on, and a checkpoint committed without the cut-off host
+        # (an async save commits a step or so after it starts).
+        _wait(launchers, lambda evs: _step_reached(gone[0]["step"] + 10)(evs) and [
+            e for e in evs if e["event"] == "checkpoint_committed"
+            and e["step"] > gone[0]["step"]], 120, "ten steps and a commit without it")
     finally:
         t_up = time.time()
         bed.hosts[2].link_up()
