@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T", int, float)
 
 
 def _number(text: str) -> float:
@@ -21,38 +25,6 @@ def _number(text: str) -> float:
     return value
 
 
-def positive(text: str) -> float:
-    """A finite number > 0 (a tolerance, a scale)."""
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def seconds(text: str) -> float:
-    """A duration > 0."""
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
-    return value
-
-
-def seconds_or_zero(text: str) -> float:
-    """A duration >= 0."""
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
-    return value
-
-
-def factor(text: str) -> float:
-    """A multiplier >= 1."""
-    value = _number(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def _integer(text: str) -> int:
     try:
         return int(text)
@@ -60,25 +32,43 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
 
 
+def _checked(text: str, parse: Callable[[str], T], ok: Callable[[T], bool], what: str) -> T:
+    value = parse(text)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
+def positive(text: str) -> float:
+    """A finite number > 0 (a tolerance, a scale)."""
+    return _checked(text, _number, lambda v: v > 0, "> 0")
+
+
+def seconds(text: str) -> float:
+    """A duration > 0."""
+    return _checked(text, _number, lambda v: v > 0, "> 0 seconds")
+
+
+def seconds_or_zero(text: str) -> float:
+    """A duration >= 0."""
+    return _checked(text, _number, lambda v: v >= 0, ">= 0 seconds")
+
+
+def factor(text: str) -> float:
+    """A multiplier >= 1."""
+    return _checked(text, _number, lambda v: v >= 1, ">= 1")
+
+
 def count(text: str) -> int:
     """A count >= 1."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+    return _checked(text, _integer, lambda v: v >= 1, ">= 1")
 
 
 def count_or_zero(text: str) -> int:
     """A count >= 0."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+    return _checked(text, _integer, lambda v: v >= 0, ">= 0")
 
 
 def port(text: str) -> int:
     """A TCP port, 1-65535."""
-    value = _integer(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port between 1 and 65535, got {text}")
-    return value
+    return _checked(text, _integer, lambda v: 1 <= v <= 65535, "a port between 1 and 65535")
