@@ -24,8 +24,13 @@ def _clone(tmp_path: Any) -> str:
 
 
 def _plan(root: str, target: str) -> list[str]:
-    done = subprocess.run(["make", "-n", target], cwd=root, capture_output=True, text=True,
-                          timeout=60)
+    # Under `make test` (as CI runs the suite) MAKELEVEL and MAKEFLAGS are
+    # inherited and a nested make prints "Entering directory" lines; the plan
+    # must be the one a user's own shell gets.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
+    done = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=root,
+                          capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
 
