@@ -35,6 +35,10 @@ class RuntimeConfig:
     hang_floor: float = 5.0
     hang_factor: float = 10.0
     join_timeout: float = 600.0
+    # How long a worker whose session is gone keeps trying to register again
+    # while etcd is out of reach: a partition may heal, an etcd that stopped
+    # for good (its job finished) must not hold the worker for join_timeout.
+    etcd_outage: float = 120.0
     checkpoint: str | None = None
     checkpoint_every: int = 0  # steps; 0 = only the final checkpoint
     checkpoint_timeout: float = 120.0
@@ -62,7 +66,7 @@ class RuntimeConfig:
             )
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        for name in ("lease_ttl", "collective_timeout", "join_timeout", "checkpoint_timeout",
+        for name in ("lease_ttl", "collective_timeout", "join_timeout", "etcd_outage", "checkpoint_timeout",
                      "etcd_timeout", "hang_floor"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -90,6 +90,9 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                    help="wait S quiet seconds after a join before re-forming (default 0.3)")
     p.add_argument("--join-timeout", type=argtypes.seconds, default=600.0, metavar="S",
                    help="give up when no World forms within S seconds (default 600)")
+    p.add_argument("--etcd-outage", type=argtypes.seconds, default=120.0, metavar="S",
+                   help="a worker cut off from etcd keeps trying to rejoin for S seconds "
+                        "(a partition may heal), then stops (default 120)")
     p.add_argument("--event-log", default=None, metavar="PATH",
                    help="JSONL event log (default ./elastic-JOB.events.jsonl)")
     p.add_argument("--ledger-dir", default=None, metavar="DIR",
@@ -131,7 +134,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError("--resume needs --checkpoint URL")
     if args.no_checkpoint and (args.checkpoint or args.checkpoint_every):
         raise ConfigError("--no-checkpoint contradicts --checkpoint/--checkpoint-every")
-    for name in ("lease_ttl", "collective_timeout", "join_timeout", "stop_grace",
+    for name in ("lease_ttl", "collective_timeout", "join_timeout", "etcd_outage", "stop_grace",
                  "hang_floor", "progress_every"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
@@ -370,6 +373,7 @@ class ElasticLauncher:
             hang_floor=args.hang_floor,
             hang_factor=args.hang_factor,
             join_timeout=args.join_timeout,
+            etcd_outage=args.etcd_outage,
             checkpoint=args.checkpoint,
             checkpoint_every=args.checkpoint_every,
             checkpoint_key_file=args.checkpoint_key_file,

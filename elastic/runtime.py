@@ -277,8 +277,8 @@ class Trainer:
 
     def _rejoin(self) -> Rendezvous:
         """Register again; while etcd is out of reach (a partition), keep trying
-        with backoff until the join timeout: the network may heal."""
-        deadline = time.monotonic() + self.config.join_timeout
+        with backoff for up to ``etcd_outage``: the network may heal."""
+        deadline = time.monotonic() + min(self.config.join_timeout, self.config.etcd_outage)
         pause = 0.5
         while True:
             try:

@@ -90,7 +90,8 @@ def test_a_joining_worker_whose_etcd_vanished_is_not_restarted(
     log = str(tmp_path / "ev.jsonl")
     proc = subprocess.Popen(
         [*ELASTIC, "run", "--job", keys.job, "--etcd", fresh_etcd.url, "-n", "1",
-         "--etcd-timeout", "2", "--lease-ttl", "2", "--event-log", log, CLASSIFIER],
+         "--etcd-timeout", "2", "--lease-ttl", "2", "--etcd-outage", "5", "--event-log", log,
+         CLASSIFIER],
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     try:
