@@ -66,8 +66,8 @@ class RuntimeConfig:
             )
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        for name in ("lease_ttl", "collective_timeout", "join_timeout", "etcd_outage", "checkpoint_timeout",
-                     "etcd_timeout", "hang_floor"):
+        for name in ("lease_ttl", "collective_timeout", "join_timeout", "etcd_outage",
+                     "checkpoint_timeout", "etcd_timeout", "hang_floor"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.hang_factor < 1:
