@@ -61,7 +61,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-from benchmarks.etcd_cluster import LoopbackCluster  # noqa: E402
 from benchmarks.recovery import (  # noqa: E402
     Group,
     descendants,
@@ -75,6 +74,7 @@ from benchmarks.recovery import (  # noqa: E402
     wait_for,
     workers_of,
 )
+from chaos.etcdcluster import EtcdCluster  # noqa: E402
 from chaos.invariants import DEFAULT_TOLERANCE, load_params, max_param_diff  # noqa: E402
 from elastic.etcd import EmbeddedEtcd  # noqa: E402
 
@@ -360,14 +360,14 @@ class Runner:
     def etcd_leader_loss(self, trial: int) -> dict:
         ref = self.reference(self.cfg.workers)
         job = ElasticJob.new(self.tmp, self.cfg.workers)
-        with LoopbackCluster(os.path.join(self.tmp, f"{job.job}-etcd")) as cluster:
+        with EtcdCluster(os.path.join(self.tmp, f"{job.job}-etcd")) as cluster:
             try:
                 job.start(cluster.url, self.cfg.workers, self.cfg)
 
                 def kill_leader(job: ElasticJob, trial: int) -> Injected:
                     leader = cluster.leader()
                     t = time.time()
-                    cluster.kill(leader)
+                    cluster.kill_member(leader)
                     # Which of the --etcd endpoints (clients start on the first).
                     return Injected(t, detail={"killed_leader": cluster.urls.index(leader)})
                 return measure(job, self.cfg, trial, kill_leader, ref, reform=False)

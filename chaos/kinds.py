@@ -102,11 +102,7 @@ class FreezeWorker(PauseWorker):
     name = "freeze-worker"
     summary = "SIGSTOP one worker until a World without it formed, with a long collective timeout"
 
-    def validate(self, spec: FaultSpec) -> None:
-        super().validate(spec)
-        if spec.duration_s <= 0:
-            raise ValueError(f"fault {self.name} needs duration_s > 0 (the longest it "
-                             f"stays frozen), got {spec.duration_s!r}")
+    duration_means = "the longest it stays frozen"
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         until = record["t"] + record.get("stopped_s", 0.0)
@@ -225,6 +221,59 @@ class KillHost(WorkerFault):
                       f"host of {sorted(gone)}: {len(after)} World(s) without them formed")]
 
 
+@KINDS.register
+class LinkDown(WorkerFault):
+    """Take the link of the host the worker at ``rank`` runs on down (a cable pulled:
+    its peers see silence), keep it down for ``duration_s`` (at least until a World
+    without its workers formed), then bring it up.  Needs ``--hosts``."""
+
+    name = "link-down"
+    summary = "cut the link of one host (--hosts) for duration_s, then restore it"
+
+    duration_means = "how long the link stays down"
+
+    def act(self, spec: FaultSpec, target: Target, member: str, pid: int,
+            record: dict[str, Any]) -> bool:
+        host = target.host_of(pid)
+        if host is None:
+            record["detail"] = f"{member} runs on no host of a test bed (run with --hosts N)"
+            return False
+        launcher = procs.parent(pid)
+        elsewhere = [p for p in target.launchers_running() if p != launcher
+                     and target.host_of(p) not in (None, host)]
+        if not elsewhere:
+            record["detail"] = f"no launcher runs on another host than {host.address}"
+            return False
+        members = [m for m, p in target.spawned_by(launcher) if procs.belongs(p, target.token)]
+        down = time.monotonic()
+        host.link_down()
+        try:
+            evicted = target.wait_evicted(member, spec.duration_s)
+            time.sleep(max(0.0, spec.duration_s - (time.monotonic() - down)))  # the outage
+        finally:
+            host.link_up()
+        record.update(host=host.index, address=host.address, launcher=launcher,
+                      members=members, evicted=evicted,
+                      down_s=round(time.monotonic() - down, 3), up_t=time.time())
+        return True
+
+    def detail(self, spec: FaultSpec) -> str:
+        return " (the link of its host)"
+
+    def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
+        gone = set(record.get("members", ()))
+        down_t, up_t = record["t"], record["up_t"]
+        without = [e for e in run.events("generation")
+                   if down_t <= e["t"] <= up_t and not gone & set(e["world"])]
+        source = f"launcher-{record['launcher']}"
+        ours = {e["member"] for e in run.events("spawn") if e.get("source") == source}
+        back = [e for e in _after(run, "generation", up_t) if ours & set(e["world"])]
+        return [Check(self.name, bool(gone) and bool(without) and bool(back),
+                      f"host {record.get('address')} cut for {record.get('down_s')}s: "
+                      f"{len(without)} World(s) without {sorted(gone)} formed meanwhile, "
+                      f"{len(back)} with its workers after the link came back")]
+
+
 # -- faults of the etcd server ----------------------------------------------------------
 
 
@@ -239,6 +288,38 @@ class KillEtcd(FaultKind):
             time.sleep(spec.duration_s)  # the outage itself
             target.etcd.restart()
         return True
+
+
+@KINDS.register
+class KillEtcdLeader(FaultKind):
+    """SIGKILL the leader of the run's etcd cluster (a scenario with ``etcd_members``
+    3 or more); restart it on its data dir after ``duration_s``."""
+
+    name = "kill-etcd-leader"
+    summary = "SIGKILL the etcd cluster's leader; restart it after duration_s"
+
+    def fire(self, spec: FaultSpec, target: Target, record: dict[str, Any]) -> bool:
+        if not hasattr(target.etcd, "kill_member"):
+            record["detail"] = "etcd runs as one member: there is no leader to lose"
+            return False
+        url = target.etcd.leader()
+        target.etcd.kill_member(url)
+        killed = time.monotonic()
+        record["leader"] = url
+        if spec.duration_s:
+            time.sleep(spec.duration_s)  # the member's outage
+            target.etcd.restart_member(url)
+        record["down_s"] = round(time.monotonic() - killed, 3)
+        return True
+
+    def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
+        t0, t1 = record["t"], record["t"] + record.get("down_s", 0.0)
+        after = _after(run, "step", t0)
+        during = [e for e in after if e["t"] <= t1]
+        redone = sum(1 for a, b in zip(after, after[1:], strict=False) if b["step"] <= a["step"])
+        return [Check(self.name, bool(during) and redone == 0,
+                      f"leader {record.get('leader')} down {record.get('down_s')}s: "
+                      f"{len(during)} step(s) completed meanwhile, {redone} redone after it")]
 
 
 @KINDS.register

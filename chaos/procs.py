@@ -71,3 +71,12 @@ def send_signal(pid: int, sig: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def reap(pids: set[int]) -> None:
+    """Collect those of ``pids`` that are our exited children (no zombies left)."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass  # not our child, or already reaped

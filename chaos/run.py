@@ -27,7 +27,10 @@ from typing import Any
 from chaos import expectations as ex
 from chaos import invariants as inv
 from chaos import scenarios as sc
+from chaos.etcdcluster import EtcdCluster
 from chaos.faults import WorkerFaults
+from chaos.hosts import Hosts
+from chaos.netbed import Host
 from chaos.procs import TOKEN_ENV, alive, belongs, environ_has, processes_with_token, send_signal
 from chaos.results import Reference, RunResult
 from chaos.spec import JOINER, KINDS, TRIGGERS, FaultSpec, inject
@@ -103,6 +106,7 @@ class Settings:
     tolerance: float = inv.DEFAULT_TOLERANCE
     python: str = sys.executable
     workload: str = WORKLOAD
+    hosts: Hosts | None = None  # launchers on a test bed's hosts (None: this machine)
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -127,13 +131,14 @@ def _dying_with_us(cmd: list[str]) -> list[str]:
     return [sys.executable, "-c", _EXEC_DYING_WITH_PARENT, str(os.getpid()), *cmd]
 
 
-def _embedded_etcd(data_dir: str, binary: str | None) -> Any:
+def _start_etcd(data_dir: str, binary: str | None, host: str, members: int) -> Any:
+    """The run's own etcd on ``host``: one embedded member, or a cluster of ``members``."""
+    if members > 1:
+        return EtcdCluster(data_dir, size=members, host=host, binary=binary).start()
     from elastic.etcd import EmbeddedEtcd
 
-    try:
-        return EmbeddedEtcd(data_dir=data_dir, binary=binary, die_with_parent=True)
-    except TypeError:  # a runtime without die_with_parent
-        return EmbeddedEtcd(data_dir=data_dir, binary=binary)
+    return EmbeddedEtcd(data_dir=data_dir, binary=binary, host=host,
+                        die_with_parent=True).start()
 
 
 def check_report_dir(path: str) -> str | None:
@@ -293,6 +298,10 @@ class Run:
             time.sleep(POLL_S)
         return evicted
 
+    def host_of(self, pid: int) -> Host | None:
+        hosts = self.settings.hosts
+        return hosts.of_pid(pid) if hosts is not None else None
+
     def join(self, count: int) -> tuple[str, int]:
         launched = self._launch(self.segment, count, role="join")
         return f"launcher pid {launched.proc.pid} with {count} worker(s)", launched.proc.pid
@@ -360,6 +369,10 @@ class Run:
         env[TOKEN_ENV] = self.token
         env["PYTHONUNBUFFERED"] = "1"
         log = os.path.join(self.run_dir, "logs", f"launcher-{len(self.launched)}-{role}.log")
+        if s.hosts is not None:
+            # The launcher finds its address from its route to etcd, as on a
+            # real machine: nothing host-specific is passed.
+            cmd = [*s.hosts.place(len(self.launched)).prefix(), *cmd]
         with open(log, "wb") as out:
             proc = subprocess.Popen(_dying_with_us(cmd), env=env, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -449,7 +462,10 @@ class Run:
         started = time.monotonic()
         deadline = self.deadline = started + self.bound_s
         try:
-            self.etcd = _embedded_etcd(self._etcd_dir, self.settings.etcd_binary).start()
+            host = (self.settings.hosts.control.address if self.settings.hosts is not None
+                    else "127.0.0.1")
+            self.etcd = _start_etcd(self._etcd_dir, self.settings.etcd_binary, host,
+                                    self.scenario.etcd_members)
             self._new_segment(resume=False)
             for spec in self._specs():
                 since = len(self.segment.tail.events)
@@ -494,9 +510,8 @@ class Run:
             try:
                 self.poll()
                 if self.etcd is not None:
-                    if self.etcd.process is None:  # left down by a fault
-                        self.etcd.start()
-                    self.etcd.resume()
+                    self.etcd.resume()  # left paused or down by a fault
+                    self.etcd.start()
                     self.commits = inv.read_commits(self._etcd_client())
             except Exception as exc:  # reported as an unchecked invariant
                 self.commits = None
@@ -655,9 +670,13 @@ def _unevaluated(plan: RunPlan, run: Run, error: str) -> RunResult:
 
 
 def run_reference(config: sc.TrainConfig, settings: Settings, work_dir: str) -> Reference:
+    # The bound grows with the training: a soak's reference trains tens of
+    # thousands of steps (a fixed 120 s stopped a 6,648-step one at 4,481).
+    bound = max(sc.Scenario.bound_s,
+                60.0 + config.total_steps * (4 * REFERENCE_STEP_TIME + 0.05))
     scenario = sc.Scenario("reference", "failure-free run", lambda rng, s: sc.Schedule(),
                            train=config, step_time=REFERENCE_STEP_TIME,
-                           workers=REFERENCE_WORKERS)
+                           workers=REFERENCE_WORKERS, bound_s=round(bound, 1))
     plan = RunPlan("reference", None, scenario, sc.Schedule())
     result = run_one(plan, settings, os.path.join(work_dir, "reference-" + config.key), None)
     if not result.passed:

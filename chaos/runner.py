@@ -23,6 +23,7 @@ from chaos import invariants as inv
 from chaos import report
 from chaos import scenarios as sc
 from chaos.faults import BREAKS
+from chaos.hosts import Hosts, chaos_argv, run_on_bed
 from chaos.run import (
     EXIT_OK,
     EXIT_USAGE,
@@ -144,11 +145,22 @@ def add_chaos_parser(subparsers: Any) -> None:
     rp.add_argument("--tolerance", type=_positive_float, default=inv.DEFAULT_TOLERANCE,
                     help="largest allowed |parameter difference| to the reference (1e-5)")
     rp.add_argument("--etcd-binary", default=None, metavar="PATH")
+    rp.add_argument("--hosts", type=_hosts, default=None, metavar="N",
+                    help="put the launchers on N hosts of a network test bed (namespaces on "
+                         "a private bridge; root only): needed by the scenarios that cut a "
+                         "host's link")
     rp.add_argument("--break", dest="breaks", action="append", default=[], choices=BREAKS,
                     help="plug a deliberately broken component into every run "
                          "(shows that the checks catch it)")
     rp.set_defaults(func=cmd_run)
     add_soak_parser(sub, _positive_int, _positive_float)
+
+
+def _hosts(text: str) -> int:
+    n = argtypes.count(text)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"needs 2 or more hosts, got {n}")
+    return n
 
 
 def _error(message: str) -> int:
@@ -160,7 +172,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for s in sc.SCENARIOS.values():
         row: dict[str, Any] = {"name": s.name, "summary": s.summary, "workers": s.workers,
-                               "smoke": s.smoke, "bound_s": s.bound_s}
+                               "smoke": s.smoke, "bound_s": s.bound_s,
+                               "needs_hosts": s.needs_hosts}
         if args.seed is not None:
             row["schedule"] = s.schedule(args.seed).describe()
         rows.append(row)
@@ -169,7 +182,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        flag = " [smoke]" if r["smoke"] else ""
+        flag = (" [smoke]" if r["smoke"] else "") + (" [--hosts]" if r["needs_hosts"] else "")
         print(f"{r['name']:<{width}}  {r['summary']}{flag}")
         for line in r.get("schedule", ()):
             print(f"{'':<{width}}    - {line}")
@@ -186,12 +199,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         if unknown:
             return _error(f"unknown scenario {unknown[0]!r}; known: {', '.join(sc.SCENARIOS)}")
         chosen = [sc.SCENARIOS[n] for n in dict.fromkeys(args.scenario)]
+        bedless = [s.name for s in chosen if s.needs_hosts and not args.hosts]
+        if bedless:
+            return _error(f"scenario {bedless[0]!r} cuts a host's link: run it with --hosts N")
     problem = check_report_dir(args.report)
     if problem:
         return _error(problem)
+    bed = Hosts.from_env()
+    if args.hosts and bed is None:
+        # This process builds the bed and runs the suite again inside it.
+        return run_on_bed(args.hosts, chaos_argv(getattr(args, "raw_argv", None)
+                                                 or sys.argv[1:]))
+    if not args.hosts:
+        skipped = [s.name for s in chosen if s.needs_hosts]
+        if skipped:
+            print(f"[chaos] skipping {', '.join(skipped)}: needs --hosts N", file=sys.stderr)
+        chosen = [s for s in chosen if not s.needs_hosts]
     settings = Settings(lease_ttl=args.lease_ttl, collective_timeout=args.collective_timeout,
                         timeout_scale=args.timeout_scale, checkpoint_base=args.checkpoint_base,
-                        etcd_binary=args.etcd_binary, tolerance=args.tolerance)
+                        etcd_binary=args.etcd_binary, tolerance=args.tolerance,
+                        hosts=bed if args.hosts else None)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     command = "elastic " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["chaos"] else ""
     suite = Suite(chosen, seeds, args.report, settings, tuple(args.breaks),

@@ -122,6 +122,8 @@ class Scenario:
     smoke: bool = False
     launchers: int = 1  # `elastic run` processes sharing the workers (hosts)
     collective_timeout: float | None = None  # None: the suite's setting
+    etcd_members: int = 1  # > 1: an etcd cluster (chaos.etcdcluster) instead of one member
+    needs_hosts: bool = False  # only under `elastic chaos run --hosts N` (a link to cut)
 
     def __post_init__(self) -> None:
         for name in self.expect:
@@ -332,6 +334,16 @@ def leave(rng: random.Random, s: Shape) -> Schedule:
     return Schedule((FaultSpec("leave", _mid(rng, s), rank=rng.randrange(s.workers)),))
 
 
+def link_down(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec("link-down", _mid(rng, s), rank=rng.randrange(s.workers),
+                               duration_s=round(rng.uniform(4.0, 8.0), 1)),))
+
+
+def etcd_leader_kill(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec("kill-etcd-leader", _mid(rng, s),
+                               duration_s=round(rng.uniform(2.0, 5.0), 1)),))
+
+
 def no_faults(rng: random.Random, s: Shape) -> Schedule:
     return Schedule()
 
@@ -420,6 +432,15 @@ def _scenarios() -> dict[str, Scenario]:
                  kill_host, workers=4, launchers=2),
         Scenario("leave", "SIGTERM one worker: it leaves at the next step boundary, the others "
                  "carry on without a replacement", leave),
+        # The cut-off host must rejoin before the end: a longer run (96 steps) at
+        # a slower pace than the others.
+        Scenario("link-down", "cut one host's link for 4-8 s (3 hosts, a worker each): the "
+                 "others re-form without it, it trains nothing meanwhile and rejoins",
+                 link_down, launchers=3, needs_hosts=True, step_time=0.25,
+                 train=TrainConfig(epochs=4), bound_s=240.0),
+        Scenario("etcd-leader-loss", "SIGKILL the leader of a 3-member etcd cluster, restart "
+                 "it after 2-5 s: training goes on through the other two, no step redone",
+                 etcd_leader_kill, launchers=3, etcd_members=3),
     ]
     return {s.name: s for s in all_}
 

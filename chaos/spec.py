@@ -117,7 +117,7 @@ class FaultSpec:
 class Target(Protocol):
     """The runner's view of one running job, as a fault kind acts on it."""
 
-    etcd: Any  # elastic.etcd.EmbeddedEtcd
+    etcd: Any  # elastic.etcd.EmbeddedEtcd, or a chaos.etcdcluster.EtcdCluster
     token: str  # every process of the run carries it (see chaos.procs)
 
     def worker(self, rank: int) -> tuple[str, int] | None:
@@ -138,6 +138,10 @@ class Target(Protocol):
 
     def spawned_by(self, launcher_pid: int) -> list[tuple[str, int]]:
         """(member id, pid) of every worker the launcher ``launcher_pid`` started."""
+
+    def host_of(self, pid: int) -> Any:
+        """The test-bed host (``chaos.netbed.Host``) ``pid`` runs on; None without
+        ``--hosts`` or when it runs elsewhere."""
 
 
 class RunView(Protocol):
@@ -166,11 +170,16 @@ class FaultKind:
     summary: ClassVar[str] = ""
     needs_rank: ClassVar[bool] = False  # aimed at one worker (``FaultSpec.rank``)
     signal: ClassVar[int | None] = None  # delivered to the workload (see ``in_worker``)
+    # Set when the kind needs ``duration_s > 0``: what the duration is, in words.
+    duration_means: ClassVar[str | None] = None
 
     def validate(self, spec: FaultSpec) -> None:
         if self.needs_rank and (spec.rank is None or spec.rank < JOINER):
             raise ValueError(f"fault {self.name} needs a target rank >= 0 (or JOINER), "
                              f"got {spec.rank!r}")
+        if self.duration_means and spec.duration_s <= 0:
+            raise ValueError(f"fault {self.name} needs duration_s > 0 "
+                             f"({self.duration_means}), got {spec.duration_s!r}")
 
     def detail(self, spec: FaultSpec) -> str:
         """Words added to ``FaultSpec.describe`` (after a space), if any."""

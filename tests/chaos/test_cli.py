@@ -90,3 +90,17 @@ def test_the_chaos_cli_and_package_load_without_torch() -> None:
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_a_scenario_that_cuts_a_link_is_refused_without_hosts(capsys, tmp_path) -> None:
+    rc, _, err = elastic(capsys, "chaos", "run", "--scenario", "link-down", "--report",
+                         str(tmp_path / "r"))
+    assert rc == 2
+    assert "link-down" in err and "--hosts" in err and "Traceback" not in err
+
+
+def test_one_host_is_not_a_test_bed(capsys, tmp_path) -> None:
+    rc, _, err = elastic(capsys, "chaos", "run", "--hosts", "1", "--smoke", "--report",
+                         str(tmp_path / "r"))
+    assert rc == 2
+    assert "--hosts" in err and "2 or more" in err

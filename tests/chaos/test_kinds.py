@@ -115,6 +115,45 @@ def test_kill_host_and_kill_worker_expectations() -> None:
                      FakeRun({"event": "exit", "member": "b-0", "rc": 0}), rank=0)
 
 
+def test_link_down_expects_a_world_without_the_host_while_cut_and_its_return() -> None:
+    rec = {"members": ["c-0"], "launcher": 77, "up_t": 12.0, "address": "10.213.8.3"}
+    spawn = {"event": "spawn", "member": "c-0", "source": "launcher-77", "t": 1.0}
+
+    def gen(t: float, world: list[str]) -> dict[str, Any]:
+        return {"event": "generation", "world": world, "t": t}
+
+    cut, back = gen(7.0, ["a-0", "b-0"]), gen(20.0, ["a-0", "b-0", "c-0"])
+    assert _held("link-down", rec, FakeRun(spawn, cut, back), rank=2, duration_s=6.0)
+    assert not _held("link-down", rec, FakeRun(spawn, back), rank=2, duration_s=6.0)
+    assert not _held("link-down", rec, FakeRun(spawn, cut), rank=2, duration_s=6.0)
+    # A World formed during the cut that still holds the host's worker is no eviction.
+    assert not _held("link-down", rec, FakeRun(spawn, gen(7.0, ["a-0", "c-0"]), back),
+                     rank=2, duration_s=6.0)
+
+
+def test_etcd_leader_loss_expects_steps_while_it_is_down_and_none_redone() -> None:
+    rec = {"leader": "http://10.0.0.1:2379", "down_s": 4.0}  # down from t=5 to t=9
+
+    def step(t: float, n: int) -> dict[str, Any]:
+        return {"event": "step", "step": n, "t": t}
+
+    assert _held("kill-etcd-leader", rec, FakeRun(step(6, 11), step(7, 12), step(10, 13)))
+    assert not _held("kill-etcd-leader", rec, FakeRun(step(10, 11), step(11, 12)))  # stalled
+    assert not _held("kill-etcd-leader", rec,
+                     FakeRun(step(6, 11), step(7, 12), step(8, 12)))  # step 12 redone
+
+
+class _OneMember:
+    """An etcd without members to kill one by one (``EmbeddedEtcd``'s shape)."""
+
+
+def test_etcd_leader_loss_does_not_fire_on_a_single_member_etcd() -> None:
+    target = type("T", (), {"etcd": _OneMember()})()
+    record: dict[str, Any] = {}
+    assert not KINDS["kill-etcd-leader"].fire(FaultSpec("kill-etcd-leader"), target, record)
+    assert "one member" in record["detail"]
+
+
 def test_the_workload_installs_a_handler_for_each_in_worker_kind() -> None:
     code = ("import signal\n"
             "from chaos.faults import WorkerFaults\n"

@@ -6,6 +6,8 @@ import os
 import signal
 import time
 
+from chaos.procs import reap
+
 
 def _read(path: str) -> bytes:
     try:
@@ -65,7 +67,7 @@ def end(pids: set[int], grace: float = 3.0) -> None:
                 pass
     deadline = time.monotonic() + grace
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        _reap(pids)
+        reap(pids)
         time.sleep(0.02)
     for pid in pids:
         if alive(pid):
@@ -73,12 +75,4 @@ def end(pids: set[int], grace: float = 3.0) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    _reap(pids)
-
-
-def _reap(pids: set[int]) -> None:
-    for pid in pids:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass  # not our child, or already reaped
+    reap(pids)

@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
+from chaos.netbed import Host
 from elastic.events import read_events
-from tests.helpers.netns import Host
 from tests.runtime.harness import REPO
 
 LINEAR = os.path.join(REPO, "examples", "linear_regression.py")

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.helpers import netns
-from tests.helpers.netns import TestBed
+from chaos import netbed as netns
+from chaos.netbed import TestBed
 
 from .bed import LINEAR, TRAIN_ARGS
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.helpers import netns
-from tests.helpers.netns import PREFIX, TestBed
+from chaos import netbed as netns
+from chaos.netbed import PREFIX, TestBed
 
 # Listens on the host's address, answers one connection, exits.
 _SERVE = ("import socket, sys\n"

@@ -8,6 +8,11 @@ pid (``elmh<pid>...``): a bed whose owner died is recognised and removed by
 the next one, and two live beds never touch each other's devices.
 
 Root only; :func:`unavailable` says why a bed cannot be built here.
+
+The multi-host tests and ``elastic chaos run --hosts N`` both build their hosts
+with it.  A process that runs inside one of the namespaces (the chaos runner
+does, on a control host of its own) reaches the bridge-side ends of the links
+through ``Host.outside``: the network namespace the bed was made in.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,9 +28,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from chaos.procs import alive, reap
 from elastic.etcd import find_etcd_binary
 from elastic.procutil import dying_with_parent
-from tests.helpers import procs
 
 PREFIX = "elmh"
 SUBNET = "10.213.{net}.{host}"
@@ -84,7 +90,7 @@ def _kill_namespace_processes(netns: str, timeout: float = 10.0) -> None:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-        procs._reap(pids)
+        reap(pids)
         if time.monotonic() > deadline:
             raise RuntimeError(f"processes {sorted(pids)} in {netns} survived SIGKILL")
         time.sleep(0.05)
@@ -94,12 +100,12 @@ def clean_leftovers() -> None:
     """Remove namespaces and links of beds whose owning process is gone."""
     for name in _netns_names():
         m = _OWNED.match(name)
-        if m and not procs.alive(int(m[1])):
+        if m and not alive(int(m[1])):
             _kill_namespace_processes(name)
             _ip("netns", "del", name, check=False)
     for name in _link_names():
         m = _OWNED.match(name)
-        if m and not procs.alive(int(m[1])):
+        if m and not alive(int(m[1])):
             _ip("link", "del", name, check=False)
 
 
@@ -111,22 +117,45 @@ class Host:
     netns: str
     veth: str  # the bridge-side end (in the root namespace)
     address: str
+    # The network namespace file the bridge lives in, for a caller that runs
+    # inside another namespace (None: the caller's own, where the bed was made).
+    outside: str | None = None
     processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {"index": self.index, "netns": self.netns, "veth": self.veth,
+                "address": self.address, "outside": self.outside}
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> Host:
+        return cls(int(d["index"]), str(d["netns"]), str(d["veth"]), str(d["address"]),
+                   None if d.get("outside") is None else str(d["outside"]))
+
+    def prefix(self) -> list[str]:
+        """The argv prefix that runs a command inside this host."""
+        # A path: a wrapper that execs it (chaos.run) does not search PATH.
+        return [shutil.which("ip") or "/sbin/ip", "netns", "exec", self.netns]
+
+    def _bridge_side(self, *args: str) -> None:
+        argv = ["ip", *args]
+        if self.outside is not None:
+            argv = ["nsenter", f"--net={self.outside}", *argv]
+        subprocess.run(argv, capture_output=True, text=True, timeout=_CMD_TIMEOUT, check=True)
 
     def run(self, argv: Sequence[str], env: dict[str, str] | None = None,
             **popen: object) -> subprocess.Popen:
         """Start ``argv`` (``argv[0]`` a path) inside this host; it dies with the test."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *dying_with_parent(list(argv))],
+        proc = subprocess.Popen([*self.prefix(), *dying_with_parent(list(argv))],
                                 env=env, **popen)  # type: ignore[call-overload]
         self.processes.append(proc)
         return proc
 
     def link_down(self) -> None:
         """Pull this host's cable: its peers see silence, not a refused connection."""
-        _ip("link", "set", self.veth, "down")
+        self._bridge_side("link", "set", self.veth, "down")
 
     def link_up(self) -> None:
-        _ip("link", "set", self.veth, "up")
+        self._bridge_side("link", "set", self.veth, "up")
 
     def kill_all(self) -> None:
         """SIGKILL everything running in this host (a machine dying)."""
