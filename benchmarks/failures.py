@@ -76,7 +76,7 @@ from benchmarks.recovery import (  # noqa: E402
 )
 from chaos.etcdcluster import EtcdCluster  # noqa: E402
 from chaos.invariants import DEFAULT_TOLERANCE, load_params, max_param_diff  # noqa: E402
-from elastic.etcd import EmbeddedEtcd  # noqa: E402
+from elastic.coord.etcd import EmbeddedEtcd  # noqa: E402
 
 FAULTS = ("kill", "freeze", "hang", "host-loss", "link-down", "etcd-leader-loss")
 TORCHRUN_FAULTS = ("kill", "freeze", "hang", "host-loss")

@@ -40,8 +40,8 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from elastic.etcd import EmbeddedEtcd, free_port  # noqa: E402
-from elastic.procutil import dying_with_parent  # noqa: E402
+from elastic.base.procutil import dying_with_parent  # noqa: E402
+from elastic.coord.etcd import EmbeddedEtcd, free_port  # noqa: E402
 
 WORKLOAD = os.path.join(HERE, "bench_workload.py")
 

@@ -27,10 +27,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from elastic.etcd import EmbeddedEtcd, EtcdConfig, connect
-from elastic.keys import Keyspace
-from elastic.membership import Member
-from elastic.rendezvous import Rendezvous, RendezvousConfig
+from elastic.coord.etcd import EmbeddedEtcd, EtcdConfig, connect
+from elastic.coord.keys import Keyspace
+from elastic.coord.membership import Member
+from elastic.coord.rendezvous import Rendezvous, RendezvousConfig
 
 # Client methods that each send one request (or open one stream) to etcd.
 COUNTED = {

@@ -1,7 +1,7 @@
 """An etcd cluster of ``size`` members on one address, for runs that kill its leader.
 
-``elastic.etcd.EmbeddedEtcd`` runs one member; this starts ``size`` etcd
-processes (the binary ``elastic.etcd`` would use) on free ports of ``host``,
+``elastic.coord.etcd.EmbeddedEtcd`` runs one member; this starts ``size`` etcd
+processes (the binary ``elastic.coord.etcd`` would use) on free ports of ``host``,
 each with its own data dir, says which one leads, and kills, pauses and
 restarts single members or all of them.  The whole-cluster methods have the
 names and meaning of ``EmbeddedEtcd``'s (``kill``, ``restart``, ``pause``,
@@ -19,8 +19,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from elastic.etcd import connect, find_etcd_binary, free_port, join_hostport
-from elastic.procutil import dying_with_parent
+from elastic.base.procutil import dying_with_parent
+from elastic.coord.etcd import connect, find_etcd_binary, free_port, join_hostport
 
 
 class ClusterError(RuntimeError):

@@ -171,7 +171,7 @@ class _Recorder:
 
 def read_storage_records(record_dir: str) -> list[dict[str, Any]]:
     """The ``fail`` faults workers noted in ``record_dir`` (see ``WorkerFaults.record_dir``)."""
-    from elastic.events import read_events
+    from elastic.base.events import read_events
 
     path = os.path.join(record_dir, "storage-faults.jsonl")
     return read_events(path) if os.path.exists(path) else []

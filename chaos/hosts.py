@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from chaos import netbed
 from chaos.netbed import Host
-from elastic.procutil import dying_with_parent
+from elastic.base.procutil import dying_with_parent
 
 BED_ENV = "ELASTIC_CHAOS_BED"
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130

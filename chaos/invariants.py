@@ -108,7 +108,7 @@ def check_params(finals: dict[str, dict[str, Any]], reference: dict[str, Any] | 
 
 def read_ledgers(dirs: Sequence[str]) -> list[dict[str, Any]]:
     """Ledger records of each run segment, in segment order, tagged with ``seg``."""
-    from elastic.events import read_events  # JSONL, a torn last line skipped
+    from elastic.base.events import read_events  # JSONL, a torn last line skipped
 
     records = []
     for seg, directory in enumerate(dirs):
@@ -141,7 +141,7 @@ def steps_redone(records: list[dict[str, Any]]) -> int:
 def expected_epochs(dataset_size: int, batch_size: int, seed: int,
                     total_steps: int) -> dict[int, list[int]]:
     """epoch -> sample ids a failure-free run consumes, from the sampler itself."""
-    from elastic.sampler import ElasticSampler
+    from elastic.train.sampler import ElasticSampler
 
     sampler = ElasticSampler(dataset_size, batch_size, seed=seed)
     out: dict[int, list[int]] = defaultdict(list)

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from chaos.procs import alive, reap
-from elastic.etcd import find_etcd_binary
-from elastic.procutil import dying_with_parent
+from elastic.base.procutil import dying_with_parent
+from elastic.coord.etcd import find_etcd_binary
 
 PREFIX = "elmh"
 SUBNET = "10.213.{net}.{host}"

@@ -34,13 +34,13 @@ from chaos.netbed import Host
 from chaos.procs import TOKEN_ENV, alive, belongs, environ_has, processes_with_token, send_signal
 from chaos.results import Reference, RunResult
 from chaos.spec import JOINER, KINDS, TRIGGERS, FaultSpec, inject
-from elastic.events import LogFollower
+from elastic.base.events import LogFollower
 
 __all__ = ["ChaosError", "EventTail", "Reference", "Run", "RunPlan", "RunResult", "Settings",
            "processes_with_token", "run_one", "run_reference"]
 
 EXIT_OK, EXIT_VIOLATION, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_STOPPED = 3  # a worker's exit code when the job was stopped (elastic.runtime)
+EXIT_STOPPED = 3  # a worker's exit code when the job was stopped (elastic.train.runtime)
 WORKLOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workload.py")
 POLL_S = 0.05
 REFERENCE_WORKERS = 3
@@ -135,7 +135,7 @@ def _start_etcd(data_dir: str, binary: str | None, host: str, members: int) -> A
     """The run's own etcd on ``host``: one embedded member, or a cluster of ``members``."""
     if members > 1:
         return EtcdCluster(data_dir, size=members, host=host, binary=binary).start()
-    from elastic.etcd import EmbeddedEtcd
+    from elastic.coord.etcd import EmbeddedEtcd
 
     return EmbeddedEtcd(data_dir=data_dir, binary=binary, host=host,
                         die_with_parent=True).start()
@@ -406,7 +406,7 @@ class Run:
 
     def _etcd_client(self) -> Any:
         if self._client is None:
-            from elastic.etcd import EtcdConfig, connect
+            from elastic.coord.etcd import EtcdConfig, connect
 
             self._client = connect(EtcdConfig.from_url(self.etcd.url, rpc_timeout=2.0,
                                                        connect_timeout=10.0))
@@ -414,8 +414,8 @@ class Run:
 
     def _rendezvous_state(self) -> tuple[int, int, set[str], set[str], set[str]] | None:
         """(generation, round, World ids, live ids, ready ids) from etcd; None if down."""
-        from elastic.etcd import TRANSIENT_ERRORS
-        from elastic.keys import Keyspace
+        from elastic.coord.etcd import TRANSIENT_ERRORS
+        from elastic.coord.keys import Keyspace
 
         keys = Keyspace(self.segment.job)
         try:

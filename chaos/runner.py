@@ -43,7 +43,7 @@ from chaos.run import (
     run_reference,
 )
 from chaos.soak import add_soak_parser
-from elastic import argtypes
+from elastic.launch import argtypes
 
 __all__ = ["ChaosError", "EventTail", "Reference", "Run", "RunPlan", "RunResult", "Settings",
            "Suite", "_dying_with_us", "add_chaos_parser", "processes_with_token", "run_one",

@@ -117,7 +117,7 @@ class FaultSpec:
 class Target(Protocol):
     """The runner's view of one running job, as a fault kind acts on it."""
 
-    etcd: Any  # elastic.etcd.EmbeddedEtcd, or a chaos.etcdcluster.EtcdCluster
+    etcd: Any  # elastic.coord.etcd.EmbeddedEtcd, or a chaos.etcdcluster.EtcdCluster
     token: str  # every process of the run carries it (see chaos.procs)
 
     def worker(self, rank: int) -> tuple[str, int] | None:

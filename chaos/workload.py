@@ -99,7 +99,7 @@ class _Chaos:
 
 def break_sampler() -> None:
     """Shares keep the split of the first World this worker saw: no re-split."""
-    from elastic.sampler import ElasticSampler
+    from elastic.train.sampler import ElasticSampler
 
     original = ElasticSampler.share
 
@@ -112,8 +112,8 @@ def break_sampler() -> None:
 
 def break_fence() -> None:
     """Commit fence that records the commit without comparing the generation."""
-    from elastic.etcd import retry_call
-    from elastic.rendezvous import Rendezvous
+    from elastic.coord.etcd import retry_call
+    from elastic.coord.rendezvous import Rendezvous
 
     def commit_fence(self: Any, generation: int) -> Any:
         def fence(step: int) -> bool:

@@ -16,10 +16,10 @@ __all__ = [
 ]
 
 _LAZY = {
-    "Trainer": ("elastic.runtime", "Trainer"),
-    "FitResult": ("elastic.runtime", "FitResult"),
-    "RuntimeConfig": ("elastic.config", "RuntimeConfig"),
-    "ElasticSampler": ("elastic.sampler", "ElasticSampler"),
+    "Trainer": ("elastic.train.runtime", "Trainer"),
+    "FitResult": ("elastic.train.runtime", "FitResult"),
+    "RuntimeConfig": ("elastic.train.config", "RuntimeConfig"),
+    "ElasticSampler": ("elastic.train.sampler", "ElasticSampler"),
 }
 
 

@@ -11,38 +11,11 @@ import threading
 import time
 from collections.abc import Sequence
 
-from . import argtypes
-from .errors import ConfigError, ElasticError, EtcdError
-from .etcd import EmbeddedEtcd, EtcdConfig, connect
-from .keys import Keyspace
-
-
-def add_etcd_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("etcd")
-    g.add_argument("--etcd", required=required, metavar="URL",
-                   help="http[s]://host:port[,http[s]://host:port...]")
-    g.add_argument("--etcd-user", default=None)
-    g.add_argument("--etcd-password", default=os.environ.get("ELASTIC_ETCD_PASSWORD"),
-                   help="default: $ELASTIC_ETCD_PASSWORD")
-    g.add_argument("--etcd-ca", default=None, help="CA certificate file (TLS)")
-    g.add_argument("--etcd-cert", default=None, help="client certificate file (TLS)")
-    g.add_argument("--etcd-key", default=None, help="client key file (TLS)")
-    g.add_argument("--etcd-timeout", type=argtypes.seconds, default=10.0, metavar="S",
-                   help="give up reaching etcd after S seconds (default 10)")
-    g.add_argument("--etcd-prefix", default="/elastic", help="key prefix (default /elastic)")
-
-
-def etcd_config(args: argparse.Namespace) -> EtcdConfig:
-    return EtcdConfig.from_url(
-        args.etcd,
-        user=args.etcd_user,
-        password=args.etcd_password if args.etcd_user else None,
-        ca_cert=args.etcd_ca,
-        cert_cert=args.etcd_cert,
-        cert_key=args.etcd_key,
-        connect_timeout=args.etcd_timeout,
-        rpc_timeout=min(5.0, args.etcd_timeout),
-    )
+from .base.errors import ConfigError, ElasticError, EtcdError
+from .coord.etcd import EmbeddedEtcd, connect
+from .coord.keys import Keyspace
+from .launch import argtypes
+from .launch.etcdopts import add_etcd_options, etcd_config
 
 
 def _status_log(args: argparse.Namespace) -> str | None:
@@ -61,7 +34,7 @@ def _status_once(args: argparse.Namespace, client: object, keys: Keyspace,
     import json
     from dataclasses import asdict
 
-    from .status import read_log_progress, read_status
+    from .launch.status import read_log_progress, read_status
 
     status = read_status(client, keys, timeout=args.etcd_timeout)
     progress = read_log_progress(log) if log else None
@@ -78,7 +51,7 @@ def _status_once(args: argparse.Namespace, client: object, keys: Keyspace,
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import read_log_progress
+    from .launch.status import read_log_progress
 
     keys = Keyspace(args.job, args.etcd_prefix)
     if args.watch is not None and args.watch <= 0:
@@ -114,7 +87,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_events
+    from .launch.plot import plot_events
 
     data = plot_events(args.events, args.output, title=args.title)
     print(f"wrote {args.output} ({len(data.step_t)} steps, "
@@ -123,7 +96,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_etcd(args: argparse.Namespace) -> int:
-    from .addr import local_address
+    from .base.addr import local_address
 
     # Loopback unless told: an etcd reachable from the network holds every
     # job's control keys, unauthenticated.
@@ -153,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from .launcher import add_run_parser
+    from .launch.launcher import add_run_parser
 
     add_run_parser(sub)
 
@@ -185,12 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "other hosts reach (default 127.0.0.1: this machine only)")
     p.set_defaults(func=cmd_etcd)
 
-    for module, adder in (("storage.cli", "add_ckpt_parser"), ("chaos.runner", "add_chaos_parser")):
-        try:
-            getattr(__import__(module, fromlist=[adder]), adder)(sub)
-        except ModuleNotFoundError as exc:  # TODO(integration): drop once both land
-            if exc.name != module:
-                raise
+    # storage and chaos sit beside elastic, not under it; their parsers are
+    # imported here, where the command is assembled, so elastic/ never
+    # imports them at module level.
+    from chaos.runner import add_chaos_parser
+    from storage.cli import add_ckpt_parser
+
+    add_ckpt_parser(sub)
+    add_chaos_parser(sub)
     return parser
 
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from elastic.etcd import EmbeddedEtcd, EtcdConfig, connect
-from elastic.keys import Keyspace
+from elastic.coord.etcd import EmbeddedEtcd, EtcdConfig, connect
+from elastic.coord.keys import Keyspace
 from tests.helpers import procs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chaos.etcdcluster import EtcdCluster
-from elastic.etcd import EtcdConfig, connect, retry_call
+from elastic.coord.etcd import EtcdConfig, connect, retry_call
 
 
 def test_the_cluster_loses_its_leader_serves_on_and_takes_it_back(tmp_path) -> None:

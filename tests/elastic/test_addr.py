@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from elastic.addr import (
+from elastic.base.addr import (
     HostAddress,
     join_hostport,
     local_address,
@@ -20,7 +20,7 @@ from elastic.addr import (
     split_hostport,
     this_host,
 )
-from elastic.errors import ConfigError
+from elastic.base.errors import ConfigError
 
 FOREIGN = "203.0.113.77"
 

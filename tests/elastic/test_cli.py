@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from elastic.etcd import connect, free_port
-from elastic.keys import Keyspace
-from elastic.rendezvous import RendezvousConfig
+from elastic.coord.etcd import connect, free_port
+from elastic.coord.keys import Keyspace
+from elastic.coord.rendezvous import RendezvousConfig
 from tests.helpers import procs
 from tests.helpers.sim import SimMember
 from tests.helpers.wait import wait_until

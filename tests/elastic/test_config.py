@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from elastic.errors import ConfigError
-from elastic.etcd import EtcdConfig
-from elastic.keys import Keyspace
-from elastic.membership import Member
-from elastic.rendezvous import RendezvousConfig
-from elastic.world import World, WorldMember
+from elastic.base.errors import ConfigError
+from elastic.coord.etcd import EtcdConfig
+from elastic.coord.keys import Keyspace
+from elastic.coord.membership import Member
+from elastic.coord.rendezvous import RendezvousConfig
+from elastic.coord.world import World, WorldMember
 
 
 def test_min_workers_above_max_workers_is_refused_naming_both() -> None:

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from etcd3.client import Transactions
 
-from elastic import rendezvous
-from elastic.keys import Keyspace
-from elastic.membership import KeyValue, Member
-from elastic.rendezvous import Coordinator, RendezvousConfig
-from elastic.world import World, WorldMember
+from elastic.coord import rendezvous
+from elastic.coord.keys import Keyspace
+from elastic.coord.membership import KeyValue, Member
+from elastic.coord.rendezvous import Coordinator, RendezvousConfig
+from elastic.coord.world import World, WorldMember
 
 KEYS = Keyspace("unit")
 LEADER = "lead"

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from elastic import membership
-from elastic.errors import SessionLostError
-from elastic.etcd import EmbeddedEtcd, retry_call
-from elastic.keys import Keyspace
-from elastic.membership import PrefixMirror, Session
-from elastic.rendezvous import RendezvousConfig
+from elastic.base.errors import SessionLostError
+from elastic.coord import membership
+from elastic.coord.etcd import EmbeddedEtcd, retry_call
+from elastic.coord.keys import Keyspace
+from elastic.coord.membership import PrefixMirror, Session
+from elastic.coord.rendezvous import RendezvousConfig
 from tests.helpers import procs
 from tests.helpers.sim import SimMember
 from tests.helpers.wait import wait_until

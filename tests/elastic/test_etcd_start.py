@@ -10,8 +10,8 @@ import tempfile
 
 import pytest
 
-from elastic.errors import EtcdError
-from elastic.etcd import EmbeddedEtcd
+from elastic.base.errors import EtcdError
+from elastic.coord.etcd import EmbeddedEtcd
 
 
 def _elastic(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from elastic.addr import local_addresses
-from elastic.etcd import EmbeddedEtcd, EtcdConfig, connect
+from elastic.base.addr import local_addresses
+from elastic.coord.etcd import EmbeddedEtcd, EtcdConfig, connect
 from tests.conftest import REPO
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from elastic.keys import Keyspace
-from elastic.membership import PrefixMirror
+from elastic.coord.keys import Keyspace
+from elastic.coord.membership import PrefixMirror
 from tests.helpers.member import probe_key
 from tests.helpers.sim import WorldLog
 from tests.helpers.wait import wait_until

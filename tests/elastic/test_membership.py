@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from elastic.errors import ConfigError, SessionLostError
-from elastic.keys import Keyspace
-from elastic.membership import Member, PrefixMirror, Session, register_member
-from elastic.rendezvous import Rendezvous, RendezvousConfig
+from elastic.base.errors import ConfigError, SessionLostError
+from elastic.coord.keys import Keyspace
+from elastic.coord.membership import Member, PrefixMirror, Session, register_member
+from elastic.coord.rendezvous import Rendezvous, RendezvousConfig
 from tests.helpers.wait import wait_until
 
 

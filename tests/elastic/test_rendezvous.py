@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from elastic.errors import RendezvousTimeoutError
-from elastic.keys import Keyspace
-from elastic.membership import Member
-from elastic.rendezvous import Coordinator, Rendezvous, RendezvousConfig
-from elastic.world import World
+from elastic.base.errors import RendezvousTimeoutError
+from elastic.coord.keys import Keyspace
+from elastic.coord.membership import Member
+from elastic.coord.rendezvous import Coordinator, Rendezvous, RendezvousConfig
+from elastic.coord.world import World
 from tests.helpers.sim import SimMember, WorldLog, check_history
 from tests.helpers.wait import wait_until
 

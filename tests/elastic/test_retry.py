@@ -8,8 +8,8 @@ import grpc
 import pytest
 from etcd3 import exceptions as etcd_exc
 
-from elastic.errors import EtcdRequestError, EtcdUnavailableError, SessionLostError
-from elastic.etcd import retry_call
+from elastic.base.errors import EtcdRequestError, EtcdUnavailableError, SessionLostError
+from elastic.coord.etcd import retry_call
 
 
 class FakeRpcError(grpc.RpcError):

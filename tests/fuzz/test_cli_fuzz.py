@@ -42,7 +42,8 @@ class Started(Exception):
 
 @pytest.fixture
 def stopped_before_starting(monkeypatch):
-    from elastic import etcd, launcher
+    from elastic.coord import etcd
+    from elastic.launch import launcher
 
     def started(*_a, **_k):
         raise Started

@@ -17,9 +17,9 @@ import json
 import sys
 import threading
 
-from elastic.etcd import EtcdConfig, connect
-from elastic.keys import Keyspace
-from elastic.rendezvous import RendezvousConfig
+from elastic.coord.etcd import EtcdConfig, connect
+from elastic.coord.keys import Keyspace
+from elastic.coord.rendezvous import RendezvousConfig
 from tests.helpers.sim import SimMember
 
 _out_lock = threading.Lock()

@@ -6,11 +6,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from elastic.errors import ElasticError
-from elastic.keys import Keyspace
-from elastic.membership import Member, MirrorEvent, PrefixMirror, Session
-from elastic.rendezvous import Rendezvous, RendezvousConfig
-from elastic.world import World
+from elastic.base.errors import ElasticError
+from elastic.coord.keys import Keyspace
+from elastic.coord.membership import Member, MirrorEvent, PrefixMirror, Session
+from elastic.coord.rendezvous import Rendezvous, RendezvousConfig
+from elastic.coord.world import World
 
 
 class SimMember:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from chaos.netbed import Host
-from elastic.events import read_events
+from elastic.base.events import read_events
 from tests.runtime.harness import REPO
 
 LINEAR = os.path.join(REPO, "examples", "linear_regression.py")

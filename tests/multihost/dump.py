@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
-from elastic.etcd import EtcdConfig, connect
-from elastic.keys import Keyspace
+from elastic.coord.etcd import EtcdConfig, connect
+from elastic.coord.keys import Keyspace
 
 
 def main(url: str, job: str) -> int:

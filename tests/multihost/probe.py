@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 import time
 
-from elastic.etcd import EtcdConfig, connect
-from elastic.keys import Keyspace
+from elastic.coord.etcd import EtcdConfig, connect
+from elastic.coord.keys import Keyspace
 
 
 def main(url: str, job: str, n: str, timeout: str) -> int:

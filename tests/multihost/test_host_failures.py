@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from elastic.ledger import check_ledger
+from elastic.train.ledger import check_ledger
 from tests.helpers.wait import wait_until
 from tests.runtime.harness import Job, max_abs_diff
 

@@ -9,10 +9,10 @@ import subprocess
 import sys
 from typing import Any
 
-from elastic.etcd import EmbeddedEtcd
-from elastic.events import read_events
-from elastic.exitcodes import EXIT_FATAL
-from elastic.keys import Keyspace
+from elastic.base.events import read_events
+from elastic.base.exitcodes import EXIT_FATAL
+from elastic.coord.etcd import EmbeddedEtcd
+from elastic.coord.keys import Keyspace
 from tests.helpers.wait import wait_until
 
 from .launch import CLASSIFIER, ELASTIC, REPO, _end, _env, run_logged

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from elastic.events import read_events
+from elastic.base.events import read_events
 
 from .launch import CLASSIFIER, run_logged, run_on_terminal
 

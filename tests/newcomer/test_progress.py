@@ -9,9 +9,15 @@ from typing import Any
 
 import pytest
 
-from elastic.errors import ConfigError
-from elastic.events import LogFollower
-from elastic.progress import ProgressConfig, ProgressView, RunStats, format_line, format_summary
+from elastic.base.errors import ConfigError
+from elastic.base.events import LogFollower
+from elastic.launch.progress import (
+    ProgressConfig,
+    ProgressView,
+    RunStats,
+    format_line,
+    format_summary,
+)
 from tests.helpers.wait import wait_until
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from elastic.events import read_events
-from elastic.keys import Keyspace
+from elastic.base.events import read_events
+from elastic.coord.keys import Keyspace
 from tests.helpers.wait import wait_until
 
 from .launch import CLASSIFIER, ELASTIC, _end, _env, run_logged

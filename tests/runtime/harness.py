@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from elastic.events import read_events
+from elastic.base.events import read_events
 from tests.helpers import procs
 from tests.helpers.wait import wait_until
 

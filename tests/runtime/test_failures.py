@@ -13,7 +13,7 @@ import signal
 
 import pytest
 
-from elastic.ledger import check_ledger
+from elastic.train.ledger import check_ledger
 from tests.helpers import procs
 from tests.helpers.wait import wait_until
 

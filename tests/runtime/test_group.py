@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
-from elastic.world import World, WorldMember
+from elastic.coord.world import World, WorldMember
 
 
 def _member(rank: int, store_addr: str | None, queue, fail_first: bool) -> None:
     import torch
 
-    from elastic.errors import WorkerGroupError
-    from elastic.group import StoreHost, WorkerGroup
+    from elastic.base.errors import WorkerGroupError
+    from elastic.train.group import StoreHost, WorkerGroup
 
     host = StoreHost(timeout=10)
     if rank == 0:
@@ -71,8 +71,8 @@ def _abandoner(rank: int, store_addr: str | None, queue, cycles: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from elastic.errors import WorkerGroupError
-    from elastic.group import StoreHost, WorkerGroup, graveyard
+    from elastic.base.errors import WorkerGroupError
+    from elastic.train.group import StoreHost, WorkerGroup, graveyard
 
     def usage() -> tuple[int, int]:
         return threading.active_count(), len(os.listdir("/proc/self/fd"))

@@ -37,6 +37,21 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path, args, expect
     assert not os.listdir(tmp_path), "nothing may be started or written on bad input"
 
 
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_an_etcd_password_without_a_user_is_refused_by_the_launcher(tmp_path, how):
+    # Without the check the launcher dropped the password and every worker,
+    # which inherits $ELASTIC_ETCD_PASSWORD, failed to authenticate.
+    args = ["--etcd-password", "pw"] if how == "flag" else []
+    env = dict(os.environ, ELASTIC_ETCD_PASSWORD="pw") if how == "environment" else None
+    proc = subprocess.run([sys.executable, "-m", "elastic.cli", "run", *args, "-n", "1",
+                           CLASSIFIER], cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode != 0, proc.stderr
+    assert "an etcd password is set" in proc.stderr and "--etcd-user" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not os.listdir(tmp_path)
+
+
 def test_unreachable_etcd_fails_within_the_stated_bound(tmp_path):
     rc, err, took = run_cli("--etcd", "http://127.0.0.1:9", "--etcd-timeout", "2", CLASSIFIER,
                             cwd=str(tmp_path))
@@ -106,7 +121,7 @@ def _file(d: str, name: str) -> str:
 
 
 def _events(path: str) -> list[dict]:
-    from elastic.events import read_events
+    from elastic.base.events import read_events
 
     return read_events(path)
 

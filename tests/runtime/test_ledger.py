@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from elastic.ledger import LedgerWriter, check_ledger
+from elastic.train.ledger import LedgerWriter, check_ledger
 
 
 def write(tmp_path, member, **rec):

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from elastic.errors import ConfigError
-from elastic.sampler import ElasticSampler
+from elastic.base.errors import ConfigError
+from elastic.train.sampler import ElasticSampler
 
 
 def consume_epoch(sampler: ElasticSampler, world_sizes, use_micro: int | None = None):

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from elastic.addr import local_addresses, split_hostport
-from elastic.errors import ConfigError
-from elastic.world import World, WorldMember
+from elastic.base.addr import local_addresses, split_hostport
+from elastic.base.errors import ConfigError
+from elastic.coord.world import World, WorldMember
 
 
 def _listening(pid: int) -> set[tuple[str, int]]:
@@ -42,7 +42,7 @@ def _listening(pid: int) -> set[tuple[str, int]]:
 
 
 def test_the_store_of_a_single_host_job_listens_on_loopback_only() -> None:
-    from elastic.group import StoreHost
+    from elastic.train.group import StoreHost
 
     host = StoreHost("127.0.0.1", timeout=5)
     mine = {entry for entry in _listening(os.getpid()) if entry[1] == host.port}
@@ -55,7 +55,7 @@ def test_a_store_on_ipv6_loopback_is_advertised_in_brackets_and_reached() -> Non
         pytest.skip("no IPv6 loopback here")
     import torch.distributed as dist
 
-    from elastic.group import StoreHost
+    from elastic.train.group import StoreHost
 
     host = StoreHost("::1", timeout=5)
     assert host.address == f"[::1]:{host.port}"
@@ -67,7 +67,7 @@ def test_a_store_on_ipv6_loopback_is_advertised_in_brackets_and_reached() -> Non
 
 
 def test_a_store_on_an_address_of_no_interface_here_is_refused() -> None:
-    from elastic.group import StoreHost
+    from elastic.train.group import StoreHost
 
     with pytest.raises(ConfigError, match="advertise_host 203.0.113.77 is not an address"):
         StoreHost("203.0.113.77")
@@ -76,7 +76,7 @@ def test_a_store_on_an_address_of_no_interface_here_is_refused() -> None:
 def test_a_loopback_member_in_a_world_with_other_hosts_refuses_to_form_naming_both() -> None:
     import torch.distributed as dist
 
-    from elastic.group import StoreHost, WorkerGroup
+    from elastic.train.group import StoreHost, WorkerGroup
 
     host = StoreHost("127.0.0.1", timeout=5)
     world = World("j", 1, (WorldMember("here", "127.0.0.1", host.address),
@@ -89,7 +89,7 @@ def test_a_loopback_member_in_a_world_with_other_hosts_refuses_to_form_naming_bo
 
 
 def _form_alone(queue) -> None:
-    from elastic.group import StoreHost, WorkerGroup
+    from elastic.train.group import StoreHost, WorkerGroup
 
     os.environ.pop("GLOO_SOCKET_IFNAME", None)
     host = StoreHost("127.0.0.1", timeout=10)

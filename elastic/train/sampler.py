@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ConfigError
+from ..base.errors import ConfigError
 
 
 @dataclass

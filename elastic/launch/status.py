@@ -7,13 +7,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import ConfigError
-from .etcd import retry_call
-from .events import read_events
-from .keys import Keyspace
-from .membership import Member
+from ..base.errors import ConfigError
+from ..base.events import read_events
+from ..coord.etcd import retry_call
+from ..coord.keys import Keyspace
+from ..coord.membership import Member
+from ..coord.world import World
 from .progress import RunStats, format_line
-from .world import World
 
 
 @dataclass(frozen=True)

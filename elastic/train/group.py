@@ -22,9 +22,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from .addr import HostAddress, local_address, mixed_hosts, split_hostport
-from .errors import ConfigError, WorkerGroupError
-from .world import World
+from ..base.addr import HostAddress, local_address, mixed_hosts, split_hostport
+from ..base.errors import ConfigError, WorkerGroupError
+from ..coord.world import World
 
 log = logging.getLogger(__name__)
 

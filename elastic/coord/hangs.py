@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError, ElasticError
+from ..base.errors import ConfigError, ElasticError
 from .etcd import retry_call
 from .keys import Keyspace
 from .world import World

@@ -1,8 +1,8 @@
 """Generation-numbered Worlds formed by etcd compare-and-swap.
 
-Protocol (keys in :mod:`elastic.keys`):
+Protocol (keys in :mod:`elastic.coord.keys`):
 
-* Every member holds a :class:`~elastic.membership.Session` and a member record
+* Every member holds a :class:`~elastic.coord.membership.Session` and a member record
   under its lease, and mirrors only ``ctl/`` (generation, World, round, leader):
   O(1) watch events per World whatever the job size.
 * One member at a time is the *leader* (``ctl/leader``, created with a
@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import (
+from ..base.errors import (
     ConfigError,
     EtcdUnavailableError,
     JobEnded,

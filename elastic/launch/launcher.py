@@ -28,16 +28,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..base.addr import local_address, mixed_hosts, this_host
+from ..base.errors import ConfigError, ElasticError
+from ..base.events import EventLog
+from ..base.exitcodes import EXIT_FAILED, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_STOPPED
+from ..base.procutil import dying_with_parent
+from ..coord.etcd import EmbeddedEtcd, EtcdConfig, connect, free_port, retry_call
+from ..coord.keys import Keyspace, validate_name
+from ..train.config import RuntimeConfig
 from . import argtypes
-from .addr import local_address, mixed_hosts, this_host
-from .config import RuntimeConfig
-from .errors import ConfigError, ElasticError
-from .etcd import EmbeddedEtcd, EtcdConfig, connect, free_port, retry_call
-from .events import EventLog
-from .exitcodes import EXIT_FAILED, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_STOPPED
-from .keys import Keyspace, validate_name
 from .preflight import check_script, torchrun_advice, torchrun_failure
-from .procutil import dying_with_parent
 from .progress import ProgressConfig, ProgressView
 
 
@@ -50,7 +50,7 @@ class _Worker:
 
 
 def add_run_parser(sub: argparse._SubParsersAction) -> None:
-    from .cli import add_etcd_options
+    from .etcdopts import add_etcd_options
 
     p = sub.add_parser(
         "run", help="run a training script on elastic workers",
@@ -120,6 +120,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"training script {args.script!r} does not exist")
     if args.nproc < 1:
         raise ConfigError(f"-n/--nproc must be >= 1, got {args.nproc}")
+    if args.etcd_password and not args.etcd_user:
+        from .etcdopts import etcd_config
+
+        etcd_config(args)  # raises: the one message for a password without a user
     if args.min_workers < 1:
         raise ConfigError(f"--min-workers must be >= 1, got {args.min_workers}")
     if args.max_workers is not None and args.max_workers < args.min_workers:
@@ -169,9 +173,6 @@ def _check_directory(flag: str, path: str) -> None:
     _check_writable_file(flag, os.path.join(path, "probe"))
 
 
-CLAIM_KEY = "checkpoint-claim"  # under the job's ctl/: the launch that owns the location
-
-
 def _check_checkpoint(args: argparse.Namespace, joining: bool, job: str, client: Any,
                       keys: Keyspace) -> None:
     """Before any worker starts: refuse a location workers cannot share or write,
@@ -214,7 +215,7 @@ def _check_checkpoint(args: argparse.Namespace, joining: bool, job: str, client:
     # One claim per job, not per launcher: the launchers of one job start
     # side by side (one per host) and must all adopt the claim of whichever
     # recorded it in etcd first; only that one writes it into the location.
-    claim_key = keys.ctl + CLAIM_KEY
+    claim_key = keys.claim
     instance = f"{job}-{uuid.uuid4().hex[:12]}"
     tx = client.transactions
     created, resp = retry_call(lambda: client.transaction(
@@ -233,7 +234,7 @@ def _check_checkpoint(args: argparse.Namespace, joining: bool, job: str, client:
 
 def _member_addresses(client: object, keys: Keyspace, timeout: float) -> list[tuple[str, str]]:
     """``(member id, address)`` of the job's current members."""
-    from .membership import Member
+    from ..coord.membership import Member
 
     records = retry_call(lambda: list(client.get_prefix(keys.members)),  # type: ignore[attr-defined]
                          what="listing the job's members", timeout=timeout)
@@ -279,7 +280,7 @@ class ElasticLauncher:
             if etcd_url is None:
                 self.etcd_server = EmbeddedEtcd(die_with_parent=True).start()
                 etcd_url = self.etcd_server.url
-            from .cli import etcd_config
+            from .etcdopts import etcd_config
 
             args.etcd = etcd_url
             self.client = connect(etcd_config(args))

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import ConfigError
-from .keys import validate_name
+from ..base.errors import ConfigError
+from ..coord.keys import validate_name
 
 ENV_PREFIX = "ELASTIC_"
 
@@ -29,7 +29,7 @@ class RuntimeConfig:
     settle_s: float = 0.3
     last_call_s: float = 60.0
     collective_timeout: float = 30.0
-    # Hang detection (elastic/hangs.py): a rank that has not reached a step's
+    # Hang detection (elastic/coord/hangs.py): a rank that has not reached a step's
     # all-reduce max(hang_floor, hang_factor x median step time) after its
     # peers is evicted.
     hang_floor: float = 5.0

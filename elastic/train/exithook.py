@@ -14,8 +14,8 @@ import os
 import sys
 from types import TracebackType
 
-from .errors import ConfigError, ElasticError, EtcdRequestError, EtcdUnavailableError
-from .exitcodes import EXIT_FAILED, EXIT_FATAL
+from ..base.errors import ConfigError, ElasticError, EtcdRequestError, EtcdUnavailableError
+from ..base.exitcodes import EXIT_FAILED, EXIT_FATAL
 
 _ETCD_HINT = ("; is the job's etcd still running? (a job that finished stops the embedded "
               "etcd of its first launcher: start a new job)")

@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset, default_collate
 
-from .config import RuntimeConfig
-from .errors import (
+from ..base.errors import (
     ConfigError,
     ElasticError,
     EtcdUnavailableError,
@@ -36,16 +35,17 @@ from .errors import (
     SessionLostError,
     WorkerGroupError,
 )
-from .etcd import EtcdConfig, connect, retry_call
-from .events import EventLog
-from .exitcodes import EXIT_FINISHED, EXIT_LEFT, EXIT_STOPPED
+from ..base.events import EventLog
+from ..base.exitcodes import EXIT_FINISHED, EXIT_LEFT, EXIT_STOPPED
+from ..coord.etcd import EtcdConfig, connect, retry_call
+from ..coord.hangs import HangConfig, HangWatch, StepClock
+from ..coord.keys import Keyspace
+from ..coord.membership import Member
+from ..coord.rendezvous import Rendezvous, RendezvousConfig
+from .config import RuntimeConfig
 from .exithook import install_exit_hook
 from .group import StoreHost, WorkerGroup, local_device
-from .hangs import HangConfig, HangWatch, StepClock
-from .keys import Keyspace
 from .ledger import LedgerWriter
-from .membership import Member
-from .rendezvous import Rendezvous, RendezvousConfig
 from .sampler import ElasticSampler
 from .state import TrainState
 
@@ -150,10 +150,9 @@ class Trainer:
         self.keys = Keyspace(cfg.job, cfg.etcd_prefix)
         self.events = EventLog(cfg.event_log, source=cfg.member_id, console=True)
         self.ledger = LedgerWriter(cfg.ledger_dir, cfg.member_id) if cfg.ledger_dir else None
-        self.client = connect(EtcdConfig.from_url(
-            cfg.etcd, user=cfg.etcd_user, password=cfg.etcd_password, ca_cert=cfg.etcd_ca,
-            cert_cert=cfg.etcd_cert, cert_key=cfg.etcd_key, connect_timeout=cfg.etcd_timeout,
-        ))
+        self.client = connect(EtcdConfig.from_options(
+            cfg.etcd, user=cfg.etcd_user, password=cfg.etcd_password, ca=cfg.etcd_ca,
+            cert=cfg.etcd_cert, key=cfg.etcd_key, timeout=cfg.etcd_timeout))
         self.store_host = StoreHost(cfg.advertise_host, timeout=cfg.collective_timeout)
         self.rdzv_config = RendezvousConfig(
             min_workers=cfg.min_workers, max_workers=cfg.max_workers,
@@ -569,9 +568,7 @@ def _attach_claim(store: Any, client: Any, keys: Keyspace, timeout: float) -> No
     """Commit only under the claim this job's launcher made (if it made one)."""
     if store.claim_instance is not None:
         return
-    from .launcher import CLAIM_KEY
-
-    raw = retry_call(lambda: client.get(keys.ctl + CLAIM_KEY)[0],
+    raw = retry_call(lambda: client.get(keys.claim)[0],
                      what="reading the checkpoint claim", timeout=timeout)
     if raw is not None:
         store.attach_claim(raw.decode())

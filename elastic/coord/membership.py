@@ -26,7 +26,7 @@ from etcd3 import etcdrpc
 from etcd3 import exceptions as etcd_exc
 from etcd3.utils import prefix_range_end
 
-from .errors import ConfigError, EtcdUnavailableError, SessionLostError
+from ..base.errors import ConfigError, EtcdUnavailableError, SessionLostError
 from .etcd import TRANSIENT_ERRORS, retry_call
 from .keys import Keyspace, validate_name
 

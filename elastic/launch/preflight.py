@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 
-from .errors import ConfigError
+from ..base.errors import ConfigError
 
 
 def _uses(tree: ast.AST) -> tuple[bool, bool]:

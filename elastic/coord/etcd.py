@@ -28,15 +28,15 @@ import grpc
 import tenacity
 from etcd3 import exceptions as etcd_exc
 
-from .addr import join_hostport
-from .errors import (
+from ..base.addr import join_hostport
+from ..base.errors import (
     ConfigError,
     EtcdError,
     EtcdRequestError,
     EtcdUnavailableError,
     SessionLostError,
 )
-from .procutil import dying_with_parent
+from ..base.procutil import dying_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,20 @@ class EtcdConfig:
             raise ConfigError(f"etcd: {url!r} mixes http and https endpoints; use one scheme")
         kwargs.setdefault("secure", schemes == {"https"})
         return cls(endpoints=tuple(endpoints), **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_options(cls, url: str, *, user: str | None = None, password: str | None = None,
+                     ca: str | None = None, cert: str | None = None, key: str | None = None,
+                     timeout: float = 10.0) -> EtcdConfig:
+        """The client config of ``elastic``'s etcd options, for the launcher and its workers.
+
+        One request may take at most ``min(5 s, timeout)``: with a short
+        ``--etcd-timeout`` a single hung request must not outlast the whole
+        retry budget.
+        """
+        return cls.from_url(url, user=user, password=password, ca_cert=ca, cert_cert=cert,
+                            cert_key=key, connect_timeout=timeout,
+                            rpc_timeout=min(cls.rpc_timeout, timeout))
 
     @property
     def url(self) -> str:

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError, ElasticError
-from .events import read_events
+from ..base.errors import ConfigError, ElasticError
+from ..base.events import read_events
 
 # Marker kind -> (colour, line style); one legend entry each.
 MARKS = {

@@ -20,9 +20,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from .errors import ConfigError
-from .events import LogFollower
-from .exitcodes import EXIT_FAILED, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_STOPPED
+from ..base.errors import ConfigError
+from ..base.events import LogFollower
+from ..base.exitcodes import EXIT_FAILED, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_STOPPED
 
 _CLEAR = "\r\x1b[K"  # to column 0, erase to the end of the line
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from ..base.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _PREFIX = re.compile(r"^(/[A-Za-z0-9_.-]+)+$")
@@ -104,6 +104,11 @@ class Keyspace:
     @property
     def done(self) -> str:
         return self.ctl + "done"
+
+    @property
+    def claim(self) -> str:
+        """The launch that owns the job's checkpoint location (its claim token)."""
+        return self.ctl + "checkpoint-claim"
 
     @property
     def commits(self) -> str:

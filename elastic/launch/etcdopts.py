@@ -1,0 +1,41 @@
+"""The etcd options every command that reaches etcd takes, and the EtcdConfig they make.
+
+The launcher and its workers build their etcd client from the same values
+(:func:`etcd_config` here, :meth:`RuntimeConfig.etcd_config` in a worker) so
+the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..base.errors import ConfigError
+from ..coord.etcd import EtcdConfig
+from . import argtypes
+
+
+def add_etcd_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("etcd")
+    g.add_argument("--etcd", required=required, metavar="URL",
+                   help="http[s]://host:port[,http[s]://host:port...]")
+    g.add_argument("--etcd-user", default=None)
+    g.add_argument("--etcd-password", default=os.environ.get("ELASTIC_ETCD_PASSWORD"),
+                   help="default: $ELASTIC_ETCD_PASSWORD")
+    g.add_argument("--etcd-ca", default=None, help="CA certificate file (TLS)")
+    g.add_argument("--etcd-cert", default=None, help="client certificate file (TLS)")
+    g.add_argument("--etcd-key", default=None, help="client key file (TLS)")
+    g.add_argument("--etcd-timeout", type=argtypes.seconds, default=10.0, metavar="S",
+                   help="give up reaching etcd after S seconds (default 10)")
+    g.add_argument("--etcd-prefix", default="/elastic", help="key prefix (default /elastic)")
+
+
+def etcd_config(args: argparse.Namespace) -> EtcdConfig:
+    if args.etcd_password and not args.etcd_user:
+        # Refused here, not in every worker: the workers inherit the variable
+        # and would each fail to authenticate after the launch.
+        raise ConfigError("an etcd password is set (--etcd-password or $ELASTIC_ETCD_PASSWORD) "
+                          "but no --etcd-user: give both, or unset the password")
+    return EtcdConfig.from_options(
+        args.etcd, user=args.etcd_user, password=args.etcd_password, ca=args.etcd_ca,
+        cert=args.etcd_cert, key=args.etcd_key, timeout=args.etcd_timeout)
