@@ -9,7 +9,8 @@ Two families:
 * **Storage faults** (:class:`StorageFault`), applied inside each worker by the
   workload through :class:`~chaos.faultfs.FaultyFileSystem`: the plan travels in
   the ``CHAOS_WORKER_FAULTS`` environment variable (``elastic run`` passes its
-  environment on to the workers), so the product code carries no test hook.
+  environment on to the workers), and the workload opens its checkpoint store
+  through the Trainer's public ``checkpoint_store_factory``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chaos.faultfs import Fault, FaultPlan, InjectedFault
-from chaos.procs import send_signal
 from chaos.spec import JOINER, KINDS, TRIGGERS, FaultSpec, inject
+from elastic.base.procutil import send_signal
+from storage.layout import MANIFEST, step_dir
 
 __all__ = ["BREAKS", "JOINER", "KINDS", "TRIGGERS", "FaultSpec", "StorageFault", "WorkerFaults",
            "inject", "manifest_glob", "part_glob", "read_storage_records", "send_signal",
-           "shard_glob", "step_glob"]
+           "shard_glob"]
 
 # Deliberately broken components the workload can plug in (``--break``): a
 # sampler that does not re-split, a commit fence without the generation
@@ -91,24 +93,19 @@ class StorageFault(Fault):
         return dataclasses.replace(self, **changes)
 
 
-def step_glob(step: int) -> str:
-    """The step directory of ``step`` as the store names it."""
-    return f"step-{step:012d}"
-
-
 def shard_glob(step: int, rank: int | None = None) -> str:
     """Shard data files of ``step`` (of one rank, or of all)."""
     who = f"r{rank:05d}-*" if rank is not None else "r*"
-    return f"{step_glob(step)}/g*/{who}/data-*"
+    return f"{step_dir(step)}/g*/{who}/data-*"
 
 
 def part_glob(step: int) -> str:
-    return f"{step_glob(step)}/g*/part-*"
+    return f"{step_dir(step)}/g*/part-*"
 
 
 def manifest_glob(step: int) -> str:
     """The manifest and its local-disk temp file."""
-    return f"{step_glob(step)}/*manifest.json"
+    return f"{step_dir(step)}/*{MANIFEST}"
 
 
 # -- what the workload reads from its environment --------------------------------

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 from chaos import netbed
 from chaos.netbed import Host
+from elastic.base.exitcodes import EXIT_INTERRUPTED, EXIT_USAGE
 from elastic.base.procutil import dying_with_parent
 
 BED_ENV = "ELASTIC_CHAOS_BED"
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 _BED_NET = 8  # 10.213.8.0/24: apart from the multi-host tests' bed (net 7)
 _IDENTIFY_TIMEOUT = 10.0
 

@@ -13,7 +13,6 @@ events) at the moment the fault fires.
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -22,6 +21,10 @@ from typing import Any
 from chaos import procs
 from chaos.invariants import Check
 from chaos.spec import KINDS, FaultKind, FaultSpec, RunView, Target
+from elastic.base import procutil
+from elastic.base.errors import CollectiveTimeoutError
+from elastic.base.events import Event
+from elastic.base.exitcodes import EXIT_LEFT, EXIT_STOPPED
 
 
 def _after(run: RunView, name: str, t: float) -> list[dict[str, Any]]:
@@ -29,7 +32,7 @@ def _after(run: RunView, name: str, t: float) -> list[dict[str, Any]]:
 
 
 def _exits(run: RunView, member: str) -> list[int | None]:
-    return [e.get("rc") for e in run.events("exit") if e.get("member") == member]
+    return [e.get("rc") for e in run.events(Event.EXIT) if e.get("member") == member]
 
 
 # -- faults aimed at one worker --------------------------------------------------------
@@ -56,7 +59,7 @@ class WorkerFault(FaultKind):
     def act(self, spec: FaultSpec, target: Target, member: str, pid: int,
             record: dict[str, Any]) -> bool:
         assert self.signal is not None
-        return procs.send_signal(pid, self.signal)
+        return procutil.send_signal(pid, self.signal)
 
 
 @KINDS.register
@@ -85,11 +88,11 @@ class PauseWorker(WorkerFault):
     def act(self, spec: FaultSpec, target: Target, member: str, pid: int,
             record: dict[str, Any]) -> bool:
         stopped = time.monotonic()
-        fired = procs.send_signal(pid, signal.SIGSTOP)
+        fired = procutil.send_signal(pid, signal.SIGSTOP)
         try:
             evicted = fired and target.wait_evicted(member, spec.duration_s)
         finally:
-            procs.send_signal(pid, signal.SIGCONT)
+            procutil.send_signal(pid, signal.SIGCONT)
         record.update(evicted=evicted, stopped_s=round(time.monotonic() - stopped, 3))
         return fired
 
@@ -106,8 +109,9 @@ class FreezeWorker(PauseWorker):
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         until = record["t"] + record.get("stopped_s", 0.0)
-        timed_out = [e for e in _after(run, "failure", record["t"])
-                     if e["t"] <= until and "timed out" in json.dumps(e).lower()]
+        timed_out = [e for e in _after(run, Event.FAILURE, record["t"])
+                     if e["t"] <= until
+                     and e.get("error_type") == CollectiveTimeoutError.__name__]
         return [Check(self.name, bool(record.get("evicted")) and not timed_out,
                       f"{record['member']} frozen {record.get('stopped_s')}s, a World without "
                       f"it formed: {bool(record.get('evicted'))}; collective time-outs "
@@ -124,7 +128,7 @@ class StepException(WorkerFault):
         worker.raise_next.set()
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
-        failures = _after(run, "failure", record["t"])
+        failures = _after(run, Event.FAILURE, record["t"])
         return [Check(self.name, bool(failures),
                       f"{len(failures)} failed collective(s) recorded after it")]
 
@@ -156,8 +160,8 @@ class HangWorker(WorkerFault):
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         member = record["member"]
-        by_peer = [e for e in run.events("evict") if member in e.get("members", ())]
-        killed = [e for e in run.events("evicted") if e.get("member") == member]
+        by_peer = [e for e in run.events(Event.EVICT) if member in e.get("members", ())]
+        killed = [e for e in run.events(Event.EVICTED) if e.get("member") == member]
         return [Check(self.name, bool(by_peer) and bool(killed),
                       f"{member}: evicted by a peer {len(by_peer)}x, killed by its "
                       f"launcher {len(killed)}x")]
@@ -173,9 +177,9 @@ class Leave(WorkerFault):
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         member = record["member"]
-        left = [e for e in run.events("leave") if e.get("source") == member]
+        left = [e for e in run.events(Event.LEAVE) if e.get("source") == member]
         rcs = _exits(run, member)
-        clean = bool(rcs) and all(rc in (0, 3) for rc in rcs)
+        clean = bool(rcs) and all(rc in (EXIT_LEFT, EXIT_STOPPED) for rc in rcs)
         return [Check(self.name, bool(left) and clean,
                       f"{member}: 'leave' events {len(left)}, exit code(s) {rcs}")]
 
@@ -190,7 +194,7 @@ class KillHost(WorkerFault):
 
     def act(self, spec: FaultSpec, target: Target, member: str, pid: int,
             record: dict[str, Any]) -> bool:
-        launcher = procs.parent(pid)
+        launcher = procutil.parent(pid)
         running = target.launchers_running()
         if launcher not in running:
             record["detail"] = f"the launcher of {member} (pid {launcher}) is not running"
@@ -200,13 +204,13 @@ class KillHost(WorkerFault):
             return False
         # Stopped first, so that it respawns nobody and its workers, listed now, are
         # not reparented yet (they are once it is dead).
-        procs.send_signal(launcher, signal.SIGSTOP)
+        procutil.send_signal(launcher, signal.SIGSTOP)
         workers = procs.children_with_token(launcher, target.token)
         workers |= {p for _, p in target.spawned_by(launcher) if procs.belongs(p, target.token)}
-        procs.send_signal(launcher, signal.SIGKILL)
+        procutil.send_signal(launcher, signal.SIGKILL)
         for p in workers:
-            procs.send_signal(p, signal.SIGCONT)  # a stopped process must see the kill
-            procs.send_signal(p, signal.SIGKILL)
+            procutil.send_signal(p, signal.SIGCONT)  # a stopped process must see the kill
+            procutil.send_signal(p, signal.SIGKILL)
         record.update(launchers_killed=[launcher],
                       members=[m for m, p in target.spawned_by(launcher) if p in workers])
         return True
@@ -216,7 +220,8 @@ class KillHost(WorkerFault):
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         gone = set(record.get("members", ()))
-        after = [e for e in _after(run, "generation", record["t"]) if not gone & set(e["world"])]
+        after = [e for e in _after(run, Event.GENERATION, record["t"])
+                 if not gone & set(e["world"])]
         return [Check(self.name, bool(gone) and bool(after),
                       f"host of {sorted(gone)}: {len(after)} World(s) without them formed")]
 
@@ -238,7 +243,7 @@ class LinkDown(WorkerFault):
         if host is None:
             record["detail"] = f"{member} runs on no host of a test bed (run with --hosts N)"
             return False
-        launcher = procs.parent(pid)
+        launcher = procutil.parent(pid)
         elsewhere = [p for p in target.launchers_running() if p != launcher
                      and target.host_of(p) not in (None, host)]
         if not elsewhere:
@@ -263,11 +268,11 @@ class LinkDown(WorkerFault):
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         gone = set(record.get("members", ()))
         down_t, up_t = record["t"], record["up_t"]
-        without = [e for e in run.events("generation")
+        without = [e for e in run.events(Event.GENERATION)
                    if down_t <= e["t"] <= up_t and not gone & set(e["world"])]
         source = f"launcher-{record['launcher']}"
-        ours = {e["member"] for e in run.events("spawn") if e.get("source") == source}
-        back = [e for e in _after(run, "generation", up_t) if ours & set(e["world"])]
+        ours = {e["member"] for e in run.events(Event.SPAWN) if e.get("source") == source}
+        back = [e for e in _after(run, Event.GENERATION, up_t) if ours & set(e["world"])]
         return [Check(self.name, bool(gone) and bool(without) and bool(back),
                       f"host {record.get('address')} cut for {record.get('down_s')}s: "
                       f"{len(without)} World(s) without {sorted(gone)} formed meanwhile, "
@@ -314,7 +319,7 @@ class KillEtcdLeader(FaultKind):
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         t0, t1 = record["t"], record["t"] + record.get("down_s", 0.0)
-        after = _after(run, "step", t0)
+        after = _after(run, Event.STEP, t0)
         during = [e for e in after if e["t"] <= t1]
         redone = sum(1 for a, b in zip(after, after[1:], strict=False) if b["step"] <= a["step"])
         return [Check(self.name, bool(during) and redone == 0,
@@ -365,8 +370,8 @@ class Join(FaultKind):
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         source = f"launcher-{record['launcher']}"
-        joined = {e["member"] for e in run.events("spawn") if e.get("source") == source}
-        trained = [e for e in run.events("generation") if joined & set(e["world"])]
+        joined = {e["member"] for e in run.events(Event.SPAWN) if e.get("source") == source}
+        trained = [e for e in run.events(Event.GENERATION) if joined & set(e["world"])]
         return [Check(self.name, bool(trained),
                       f"{len(joined)} joiner(s) spawned, in {len(trained)} World(s)")]
 

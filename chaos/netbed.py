@@ -28,8 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from chaos.procs import alive, reap
-from elastic.base.procutil import dying_with_parent
+from elastic.base.procutil import alive, dying_with_parent, reap, send_signal
 from elastic.coord.etcd import find_etcd_binary
 
 PREFIX = "elmh"
@@ -86,10 +85,7 @@ def _kill_namespace_processes(netns: str, timeout: float = 10.0) -> None:
             return
         for pid in pids:
             for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
+                send_signal(pid, sig)
         reap(pids)
         if time.monotonic() > deadline:
             raise RuntimeError(f"processes {sorted(pids)} in {netns} survived SIGKILL")

@@ -11,7 +11,6 @@ on Ctrl-C and on errors), and checks the invariants and expectations.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -22,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chaos import expectations as ex
 from chaos import invariants as inv
@@ -31,16 +30,20 @@ from chaos.etcdcluster import EtcdCluster
 from chaos.faults import WorkerFaults
 from chaos.hosts import Hosts
 from chaos.netbed import Host
-from chaos.procs import TOKEN_ENV, alive, belongs, environ_has, processes_with_token, send_signal
+from chaos.procs import TOKEN_ENV, belongs, processes_with_token
 from chaos.results import Reference, RunResult
 from chaos.spec import JOINER, KINDS, TRIGGERS, FaultSpec, inject
-from elastic.base.events import LogFollower
+from elastic.base.events import Event, LogFollower
+from elastic.base.exitcodes import EXIT_INTERRUPTED, EXIT_STOPPED
+from elastic.base.procutil import alive, dying_with_parent, environ_has, send_signal
+
+if TYPE_CHECKING:
+    from elastic.coord.jobstate import JobState
 
 __all__ = ["ChaosError", "EventTail", "Reference", "Run", "RunPlan", "RunResult", "Settings",
            "processes_with_token", "run_one", "run_reference"]
 
-EXIT_OK, EXIT_VIOLATION, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_STOPPED = 3  # a worker's exit code when the job was stopped (elastic.train.runtime)
+EXIT_OK, EXIT_VIOLATION = 0, 1  # the verdict: every invariant held, or one did not
 WORKLOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workload.py")
 POLL_S = 0.05
 REFERENCE_WORKERS = 3
@@ -69,7 +72,8 @@ class EventTail(LogFollower):
             self._by_name.setdefault(str(e.get("event")), []).append(e)
         return new
 
-    def of(self, name: str) -> list[dict[str, Any]]:
+    def of(self, name: Event) -> list[dict[str, Any]]:
+        # Keyed by the log's plain strings: an Event hashes and compares as its value.
         return list(self._by_name.get(name, ()))
 
 
@@ -110,25 +114,6 @@ class Settings:
 
 
 # -- processes ----------------------------------------------------------------------------
-
-
-# The child sets PR_SET_PDEATHSIG itself and then execs the launcher: a launcher
-# must not outlive a killed runner, and a preexec_fn would make subprocess fork
-# this process, whose gRPC threads (the runner talks to etcd) can abort a
-# forked child before it execs (seen in the launcher: SIGABRT right after fork).
-_EXEC_DYING_WITH_PARENT = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    sys.exit(70)  # the runner is already gone\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
-
-def _dying_with_us(cmd: list[str]) -> list[str]:
-    if not sys.platform.startswith("linux"):
-        return cmd
-    return [sys.executable, "-c", _EXEC_DYING_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 def _start_etcd(data_dir: str, binary: str | None, host: str, members: int) -> Any:
@@ -233,7 +218,7 @@ class Run:
     def current_events(self) -> list[dict[str, Any]]:
         return self.segment.tail.events
 
-    def events(self, name: str) -> list[dict[str, Any]]:
+    def events(self, name: Event) -> list[dict[str, Any]]:
         return [e for seg in self.segments for e in seg.tail.of(name)]
 
     def planned_checkpoints(self) -> list[int]:
@@ -246,21 +231,21 @@ class Run:
 
     def live_workers(self) -> list[tuple[str, int]]:
         """(member id, pid) of this segment's workers still running (in a World or not)."""
-        return [(e["member"], int(e["pid"])) for e in self.segment.tail.of("spawn")
+        return [(e["member"], int(e["pid"])) for e in self.segment.tail.of(Event.SPAWN)
                 if belongs(int(e["pid"]), self.token)]
 
     def spawned_by(self, launcher_pid: int) -> list[tuple[str, int]]:
         source = f"launcher-{launcher_pid}"
-        return [(e["member"], int(e["pid"])) for e in self.events("spawn")
+        return [(e["member"], int(e["pid"])) for e in self.events(Event.SPAWN)
                 if e.get("source") == source]
 
     def world(self) -> list[str]:
-        gens = self.segment.tail.of("generation")
+        gens = self.segment.tail.of(Event.GENERATION)
         return list(gens[-1]["world"]) if gens else []
 
     def pid_of(self, member: str) -> int | None:
         for seg in self.segments:
-            for e in seg.tail.of("spawn"):
+            for e in seg.tail.of(Event.SPAWN):
                 if e.get("member") == member:
                     return int(e["pid"])
         return None
@@ -269,7 +254,7 @@ class Run:
         self.poll()
         world = self.world()
         if rank == JOINER:
-            outside = [e["member"] for seg in self.segments for e in seg.tail.of("spawn")
+            outside = [e["member"] for seg in self.segments for e in seg.tail.of(Event.SPAWN)
                        if e["member"] not in world]
             if not outside:
                 return None
@@ -291,7 +276,7 @@ class Run:
         while time.monotonic() < deadline:
             self.poll()
             if not evicted:
-                evicted = any(e.get("event") == "generation" and member not in e["world"]
+                evicted = any(e.get("event") == Event.GENERATION and member not in e["world"]
                               for e in self.segment.tail.events[since:])
             if evicted and time.monotonic() >= earliest:
                 return True
@@ -336,7 +321,7 @@ class Run:
 
     def _await_first_world(self, seg: Segment) -> None:
         deadline = time.monotonic() + max(30.0, self.bound_s / 2)
-        while not seg.tail.of("generation"):
+        while not seg.tail.of(Event.GENERATION):
             if time.monotonic() > deadline or not self._launchers_running():
                 raise ChaosError(f"job {seg.job}: no World formed before starting another "
                                  "launcher")
@@ -374,7 +359,7 @@ class Run:
             # real machine: nothing host-specific is passed.
             cmd = [*s.hosts.place(len(self.launched)).prefix(), *cmd]
         with open(log, "wb") as out:
-            proc = subprocess.Popen(_dying_with_us(cmd), env=env, stdout=out,
+            proc = subprocess.Popen(dying_with_parent(cmd), env=env, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         launched = Launched(proc, seg.index, role, log)
@@ -412,34 +397,27 @@ class Run:
                                                        connect_timeout=10.0))
         return self._client
 
-    def _rendezvous_state(self) -> tuple[int, int, set[str], set[str], set[str]] | None:
-        """(generation, round, World ids, live ids, ready ids) from etcd; None if down."""
+    def _job_state(self) -> JobState | None:
+        """The job's keys in etcd; None while etcd does not answer or holds none yet."""
         from elastic.coord.etcd import TRANSIENT_ERRORS
+        from elastic.coord.jobstate import read_job_state
         from elastic.coord.keys import Keyspace
 
-        keys = Keyspace(self.segment.job)
         try:
-            client = self._etcd_client()
-            ctl = {m.key.decode(): v for v, m in client.get_prefix(keys.ctl)}
-            live = {m.key.decode()[len(keys.members):]
-                    for _, m in client.get_prefix(keys.members)}
-            ready = {m.key.decode()[len(keys.ready):] for _, m in client.get_prefix(keys.ready)}
+            return read_job_state(self._etcd_client(), Keyspace(self.segment.job))
         except TRANSIENT_ERRORS:
             return None
-        world = json.loads(ctl[keys.world])["members"] if keys.world in ctl else []
-        return (int(ctl.get(keys.gen, b"0")), int(ctl.get(keys.round, b"0")),
-                {m["id"] for m in world}, live, ready)
 
     def rendezvous_in_progress(self) -> bool:
-        state = self._rendezvous_state()
+        state = self._job_state()
         if state is None:
             return False
-        gen, rnd, world, live, _ = state
-        return rnd > gen or bool(live - world)
+        return state.round > state.generation or bool(state.members.keys() - state.world_ids)
 
     def joiner_ready(self) -> bool:
-        state = self._rendezvous_state()
-        return state is not None and bool((state[3] & state[4]) - state[2])
+        state = self._job_state()
+        return state is not None and bool(
+            (state.members.keys() & state.ready.keys()) - state.world_ids)
 
     def _await(self, spec: FaultSpec, since: int, deadline: float) -> bool:
         """Wait (bounded) for the trigger of ``spec``; False if the run ended first."""
@@ -500,7 +478,7 @@ class Run:
         yield from self.plan.schedule.faults
 
     def _last_step(self) -> int | None:
-        steps = self.segment.tail.of("step")
+        steps = self.segment.tail.of(Event.STEP)
         return steps[-1]["step"] if steps else None
 
     def _finish(self) -> None:
@@ -535,7 +513,7 @@ class Run:
         expected = inv.expected_epochs(train.dataset_size, train.batch_size, train.seed, total)
         final_store = inv.inspect_store(self.checkpoint)
         restores = [inv.Restore(e["t"], e["step"], seg.index)
-                    for seg in self.segments for e in seg.tail.of("restore")]
+                    for seg in self.segments for e in seg.tail.of(Event.RESTORE)]
         resumed = [seg.index for seg in self.segments if seg.resume]
         unfinished = self._unfinished()
         if reference is not None:
@@ -556,9 +534,9 @@ class Run:
             checks[3] = inv.Check(inv.FENCING, False, "etcd history unavailable: "
                                   + getattr(self, "commit_error", "unknown error"))
         expectations = self._expectations(final_store)
-        recovery = [float(e["seconds"]) for e in self.events("recovered")]
+        recovery = [float(e["seconds"]) for e in self.events(Event.RECOVERED)]
         for killed_at, index in self.resume_recoveries:
-            steps = self.segments[index].tail.of("step")
+            steps = self.segments[index].tail.of(Event.STEP)
             if steps:
                 recovery.append(round(steps[0]["t"] - killed_at, 3))
         return RunResult(
@@ -576,7 +554,7 @@ class Run:
         targets |= {m for r in self.records for m in r.get("members", ())}
         out = []
         for seg in self.segments:
-            for e in seg.tail.of("exit"):
+            for e in seg.tail.of(Event.EXIT):
                 if e.get("rc") not in (0, EXIT_STOPPED) and e["member"] not in targets:
                     out.append(f"worker {e['member']} exited with {e['rc']} without being "
                                f"targeted (segment {seg.index}; see its launcher log)")
@@ -591,13 +569,13 @@ class Run:
                 if lp.segment == self.segment.index and lp.proc.pid not in killed]
         codes = [lp.proc.returncode for lp in last]
         problems = []
-        if not self.segment.tail.of("finished"):
+        if not self.segment.tail.of(Event.FINISHED):
             problems.append("rank 0 never reported 'finished'")
         # Launchers the runner stopped at the bound are the no-hang invariant's finding.
         if self.ended and any(c not in (0, EXIT_STOPPED) for c in codes):
             shown = ", ".join("killed" if c is None else str(c) for c in codes)
             problems.append(f"launcher exit code(s) {shown}")
-        gave_up = self.segment.tail.of("give_up")
+        gave_up = self.segment.tail.of(Event.GIVE_UP)
         if gave_up:
             problems.append(f"the launcher gave up on {gave_up[0].get('member')} "
                             "(no restarts left)")
@@ -614,7 +592,7 @@ class Run:
     def _timeline(self) -> dict[str, Any]:
         steps = [{"seg": seg.index, "t": e["t"], "step": e["step"], "loss": e["loss"],
                   "world": e["world"], "gen": e["gen"]}
-                 for seg in self.segments for e in seg.tail.of("step")]
+                 for seg in self.segments for e in seg.tail.of(Event.STEP)]
         faults = [{"t": r["t"], "step": r.get("step"), "seg": r.get("segment"),
                    "kind": r["kind"], "fired": r.get("fired", False)} for r in self.records]
         t0 = min((seg.started for seg in self.segments), default=0.0)

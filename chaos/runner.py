@@ -26,7 +26,6 @@ from chaos.faults import BREAKS
 from chaos.hosts import Hosts, chaos_argv, run_on_bed
 from chaos.run import (
     EXIT_OK,
-    EXIT_USAGE,
     EXIT_VIOLATION,
     ChaosError,
     EventTail,
@@ -35,7 +34,6 @@ from chaos.run import (
     RunPlan,
     RunResult,
     Settings,
-    _dying_with_us,
     check_report_dir,
     guarded,
     processes_with_token,
@@ -43,10 +41,11 @@ from chaos.run import (
     run_reference,
 )
 from chaos.soak import add_soak_parser
+from elastic.base.exitcodes import EXIT_USAGE
 from elastic.launch import argtypes
 
 __all__ = ["ChaosError", "EventTail", "Reference", "Run", "RunPlan", "RunResult", "Settings",
-           "Suite", "_dying_with_us", "add_chaos_parser", "processes_with_token", "run_one",
+           "Suite", "add_chaos_parser", "processes_with_token", "run_one",
            "run_reference"]
 
 

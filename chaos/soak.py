@@ -39,7 +39,6 @@ from chaos import report
 from chaos import scenarios as sc
 from chaos.run import (
     EXIT_OK,
-    EXIT_USAGE,
     EXIT_VIOLATION,
     POLL_S,
     Run,
@@ -52,6 +51,7 @@ from chaos.run import (
     run_reference,
 )
 from chaos.spec import KINDS, FaultSpec
+from elastic.base.exitcodes import EXIT_USAGE
 
 SOAK_KINDS = ("kill-worker", "freeze-worker", "hang-worker", "leave", "join", "kill-host")
 REMOVES = ("leave", "kill-host")  # faults after which nobody replaces the victims

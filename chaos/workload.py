@@ -8,7 +8,8 @@ What it adds for the suite, none of it inside the product code:
 
 * ``CHAOS_WORKER_FAULTS`` (JSON, see :class:`chaos.faults.WorkerFaults`): the
   checkpoint store of this worker reads and writes through a
-  :class:`~chaos.faultfs.FaultyFileSystem` with that plan.
+  :class:`~chaos.faultfs.FaultyFileSystem` with that plan (the store is opened
+  by the factory :func:`store_factory` hands ``Trainer(checkpoint_store_factory=)``).
 * The signal of every fault kind that acts inside the worker (``signal`` and
   ``in_worker`` of its class in ``chaos/kinds.py``): SIGUSR1 makes the next step
   raise inside ``loss_fn``, SIGUSR2 makes the next ``slow_steps`` steps take
@@ -33,6 +34,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,6 +43,7 @@ from torch.utils.data import TensorDataset
 
 from chaos.faults import BREAKS, KINDS, WorkerFaults
 from chaos.spec import FaultKind
+from storage.layout import step_dir
 
 DIM, CLASSES, HIDDEN = 16, 4, 32
 
@@ -117,8 +120,7 @@ def break_fence() -> None:
 
     def commit_fence(self: Any, generation: int) -> Any:
         def fence(step: int) -> bool:
-            record = json.dumps({"step": step, "generation": generation, "by": self.id,
-                                 "at": time.time()})
+            record = self.commit_record(step, generation)  # the real record, written unfenced
             retry_call(lambda: self.client.put(self.keys.commit(step), record),
                        what="recording a commit (no fence)", timeout=self.config.op_timeout)
             return True
@@ -176,7 +178,7 @@ def manifest_first_store(base: Any, fs: Any, root: str) -> Any:
 
         def _publish(self, step: int) -> None:
             src_root, dst_root = root.rstrip("/") + "-staging", root.rstrip("/")
-            src = f"{src_root}/step-{step:012d}"
+            src = f"{src_root}/{step_dir(step)}"
             files = sorted(p for p in fs.find(src) if "/.tmp-" not in p)
             # The defect: the commit record goes first, the data after it.
             files.sort(key=lambda p: not p.endswith("/manifest.json"))
@@ -190,26 +192,25 @@ def manifest_first_store(base: Any, fs: Any, root: str) -> Any:
     return ManifestFirstStore
 
 
-def install_store(faults: WorkerFaults, broken: bool) -> None:
-    """Route this worker's checkpoint store through FaultyFileSystem (and/or break it)."""
+def store_factory(faults: WorkerFaults, broken: bool) -> Callable[..., Any] | None:
+    """What opens this worker's checkpoint store: through FaultyFileSystem (and/or
+    broken); None when neither is asked for (the Trainer's default store)."""
     if not faults.storage and not broken:
-        return
+        return None
     import fsspec
 
-    import storage
     from chaos.faultfs import FaultyFileSystem
+    from storage import CheckpointStore
 
-    real = storage.CheckpointStore
     made: dict[str, Any] = {}
 
     def factory(url: str, **kwargs: Any) -> Any:
         inner, root = fsspec.core.url_to_fs(url)
         fs = made.setdefault(url, FaultyFileSystem(inner, faults.fault_plan(root)))
-        cls = manifest_first_store(real, fs, root) if broken else real
+        cls = manifest_first_store(CheckpointStore, fs, root) if broken else CheckpointStore
         return cls(url, **({} if broken else {"fs": fs}), **kwargs)
 
-    # The runtime looks CheckpointStore up when it opens the store.
-    storage.CheckpointStore = factory  # type: ignore[assignment,misc]
+    return factory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         break_sampler()
     if "fence" in args.breaks:
         break_fence()
-    install_store(faults, broken="store" in args.breaks)
+    open_store = store_factory(faults, broken="store" in args.breaks)
 
     from elastic import Trainer
 
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         return F.cross_entropy(model(x), y)
 
     trainer = Trainer(model, opt, data, loss_fn=loss_fn, global_batch_size=args.batch_size,
-                      epochs=args.epochs, seed=args.seed)
+                      epochs=args.epochs, seed=args.seed,
+                      checkpoint_store_factory=open_store)
     result = trainer.fit()
     trained = result.final
     if args.out_dir and trained:

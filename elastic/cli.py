@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 
 from .base.errors import ConfigError, ElasticError, EtcdError
+from .base.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED
 from .coord.etcd import EmbeddedEtcd, connect
 from .coord.keys import Keyspace
 from .launch import argtypes
@@ -113,7 +114,7 @@ def cmd_etcd(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             if server.process is None or server.process.poll() is not None:
                 print("elastic: error: etcd exited unexpectedly", file=sys.stderr)
-                return 1
+                return EXIT_FAILED
         return 0
     finally:
         server.stop()
@@ -180,9 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ElasticError as exc:
         print(f"elastic: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

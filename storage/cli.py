@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from elastic.base.exitcodes import EXIT_FAILED, EXIT_USAGE
 from storage.errors import InvalidArgumentError, StorageError
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def _human(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _fail(args: argparse.Namespace, message: str, code: int = 1) -> int:
+def _fail(args: argparse.Namespace, message: str, code: int = EXIT_FAILED) -> int:
     print(f"elastic ckpt {args.ckpt_command}: error: {message}", file=sys.stderr)
     return code
 
@@ -73,7 +74,7 @@ def _guarded(handler: Callable[[argparse.Namespace, CheckpointStore], int]) -> H
         try:
             return handler(args, _store(args))
         except InvalidArgumentError as exc:
-            return _fail(args, str(exc), 2)
+            return _fail(args, str(exc), EXIT_USAGE)
         except StorageError as exc:
             return _fail(args, str(exc))
 

@@ -145,5 +145,3 @@ class RetryPolicy:
 
         return before_sleep
 
-
-NO_RETRY = RetryPolicy(max_attempts=1, max_time_s=0.0, initial_backoff_s=0.0, max_backoff_s=0.0)

@@ -1,4 +1,9 @@
-"""Child processes that do not outlive the process that started them."""
+"""Processes: children that do not outlive the process that started them, and
+what Linux's /proc tells of a pid (alive, parent, environment, command line).
+
+The one place these are spelled: the chaos runner, the tests and the benchmarks
+find, signal and reap processes with them.
+"""
 
 from __future__ import annotations
 
@@ -30,3 +35,78 @@ def dying_with_parent(cmd: list[str]) -> list[str]:
     if not sys.platform.startswith("linux"):
         return list(cmd)
     return [sys.executable, "-c", _WRAPPER, str(os.getpid()), *cmd]
+
+
+def all_pids() -> list[int]:
+    """Every process id in /proc (Linux)."""
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state first)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: split after the last ")".
+    return stat[stat.rfind(b")") + 2:].split()
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != b"Z"
+
+
+def parent(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields is not None else None
+
+
+def children(of: int | None = None) -> set[int]:
+    """Live (non-zombie) direct children of ``of`` (default: this process)."""
+    of = os.getpid() if of is None else of
+    found = set()
+    for pid in all_pids():
+        fields = _stat_fields(pid)
+        if fields is not None and int(fields[1]) == of and fields[0] != b"Z":
+            found.add(pid)
+    return found
+
+
+def cmdline(pid: int) -> str:
+    """The command line of ``pid``, arguments joined by spaces ("" when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def environ_has(pid: int, needle: bytes) -> bool:
+    """Whether ``needle`` (``b"NAME=value"``) is one entry of the environment of ``pid``."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return needle in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def send_signal(pid: int, sig: int) -> bool:
+    """Signal ``pid``; False when it is already gone."""
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def reap(pids: set[int]) -> None:
+    """Collect those of ``pids`` that are our exited children (no zombies left)."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass  # not our child, or already reaped

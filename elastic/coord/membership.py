@@ -33,6 +33,8 @@ from .keys import Keyspace, validate_name
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _DELETE = 1  # mvccpb.Event.DELETE
+# A member whose lease is not renewed for this long is gone (--lease-ttl).
+LEASE_TTL_S = 5.0
 
 
 class Session:
@@ -41,7 +43,7 @@ class Session:
     def __init__(
         self,
         client: Any,
-        ttl: float = 5.0,
+        ttl: float = LEASE_TTL_S,
         *,
         keepalive_interval: float | None = None,
         op_timeout: float = 10.0,
@@ -190,6 +192,11 @@ class KeyValue:
     create_revision: int
     mod_revision: int
     lease: int
+
+    @classmethod
+    def of(cls, kv: Any) -> KeyValue:
+        """The parts of an etcd ``mvccpb.KeyValue`` that mirrors and readers keep."""
+        return cls(kv.value, kv.create_revision, kv.mod_revision, kv.lease)
 
 
 @dataclass(frozen=True)
@@ -395,10 +402,7 @@ class PrefixMirror:
     def _relist(self) -> None:
         resp = retry_call(lambda: self.client.get_prefix_response(self.prefix),
                           what=f"listing {self.prefix}", timeout=self.op_timeout)
-        fresh = {
-            kv.key.decode(): KeyValue(kv.value, kv.create_revision, kv.mod_revision, kv.lease)
-            for kv in resp.kvs
-        }
+        fresh = {kv.key.decode(): KeyValue.of(kv) for kv in resp.kvs}
         events: list[MirrorEvent] = []
         with self._cond:
             old = self._data
@@ -477,7 +481,7 @@ class PrefixMirror:
                     self._data.pop(key, None)
                     events.append(MirrorEvent("delete", key, None))
                 else:
-                    rec = KeyValue(kv.value, kv.create_revision, kv.mod_revision, kv.lease)
+                    rec = KeyValue.of(kv)
                     self._data[key] = rec
                     events.append(MirrorEvent("put", key, rec))
                 self._rev = max(self._rev, kv.mod_revision)

@@ -41,12 +41,23 @@ from ..base.errors import (
     SessionLostError,
 )
 from .etcd import retry_call
+from .hangs import evict
+from .jobstate import JobState, int_value, read_world
 from .keys import Keyspace
-from .membership import KeyValue, Member, PrefixMirror, Session, register_member, shared_mirrors
+from .membership import (
+    LEASE_TTL_S,
+    KeyValue,
+    Member,
+    PrefixMirror,
+    Session,
+    register_member,
+    shared_mirrors,
+)
 from .world import World, WorldMember
 
 log = logging.getLogger(__name__)
 _GONE = object()  # a wait ended because this member left or lost its session
+MAX_WORKERS = 1 << 16  # no cap (--max-workers not given)
 
 
 @dataclass(frozen=True)
@@ -60,13 +71,13 @@ class RendezvousConfig:
     """
 
     min_workers: int = 1
-    max_workers: int = 1 << 16
+    max_workers: int = MAX_WORKERS
     # The first World waits (up to last_call_s) for this many members, so a
     # job started with N workers does not begin with whoever came first.
     initial_workers: int = 0
     settle_s: float = 0.3
     last_call_s: float = 60.0
-    lease_ttl: float = 5.0
+    lease_ttl: float = LEASE_TTL_S
     op_timeout: float = 10.0
     outage_timeout: float = 30.0
 
@@ -89,15 +100,6 @@ class RendezvousConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.lease_ttl < 1:
             raise ConfigError(f"lease_ttl must be >= 1 second, got {self.lease_ttl}")
-
-
-def _int(kv: KeyValue | None, default: int = 0) -> int:
-    return int(kv.value) if kv is not None else default
-
-
-def read_world(snapshot: dict[str, KeyValue], keys: Keyspace) -> World | None:
-    kv = snapshot.get(keys.world)
-    return World.from_json(kv.value) if kv is not None else None
 
 
 class Rendezvous:
@@ -175,7 +177,7 @@ class Rendezvous:
 
     def generation(self) -> int:
         """The current generation (a local read of the mirrored ``ctl/gen``)."""
-        return _int(self.ctl.get(self.keys.gen))
+        return int_value(self.ctl.get(self.keys.gen))
 
     def reform_pending(self, generation: int) -> bool:
         """True once a World newer than ``generation`` is formed or being gathered.
@@ -183,7 +185,8 @@ class Rendezvous:
         A local read of the mirrored ``ctl/`` keys: cheap enough for every step.
         """
         snap = self.ctl.snapshot()
-        return max(_int(snap.get(self.keys.round)), _int(snap.get(self.keys.gen))) > generation
+        return max(int_value(snap.get(self.keys.round)),
+                   int_value(snap.get(self.keys.gen))) > generation
 
     def job_flag(self, name: str) -> bool:
         """Whether ``ctl/stop`` or ``ctl/done`` is set (a local read)."""
@@ -211,9 +214,9 @@ class Rendezvous:
         if self.session.lost.is_set():
             return f"member {self.id} lost its lease"
         snap = self.ctl.snapshot()
-        if _int(snap.get(self.keys.gen)) > generation:
-            return f"generation {_int(snap.get(self.keys.gen))} formed"
-        if _int(snap.get(self.keys.broken), -1) >= generation:
+        if int_value(snap.get(self.keys.gen)) > generation:
+            return f"generation {int_value(snap.get(self.keys.gen))} formed"
+        if int_value(snap.get(self.keys.broken), -1) >= generation:
             return f"generation {generation} lost a member"
         return None
 
@@ -266,6 +269,11 @@ class Rendezvous:
             f"{world.generation if world else 0}"
         )
 
+    def evict(self, member_id: str, reason: str) -> None:
+        """Fence a member out of the job (its lease revoked); its launcher kills it."""
+        evict(self.client, self.keys, member_id, reason, by=self.id,
+              timeout=self.config.op_timeout)
+
     def fenced_txn(self, generation: int, ops: Sequence[Any]) -> bool:
         """Run ``ops`` in one etcd transaction only if ``generation`` is current."""
         tx = self.client.transactions
@@ -281,12 +289,16 @@ class Rendezvous:
         )
         return bool(ok)
 
+    def commit_record(self, step: int, generation: int) -> str:
+        """The value of ``commits/{step}``: which member committed it under which generation."""
+        return json.dumps({"step": step, "generation": generation, "by": self.id,
+                           "at": time.time()})
+
     def commit_fence(self, generation: int) -> Callable[[int], bool]:
         """A checkpoint fence: records commit of ``step`` iff ``generation`` is current."""
 
         def fence(step: int) -> bool:
-            record = json.dumps({"step": step, "generation": generation, "by": self.id,
-                                 "at": time.time()})
+            record = self.commit_record(step, generation)
             return self.fenced_txn(
                 generation, [self.client.transactions.put(self.keys.commit(step), record)]
             )
@@ -392,18 +404,10 @@ class Coordinator:
     def decide(self, snap: dict[str, KeyValue]) -> float | None:
         """One evaluation; returns seconds until the next one is due (None: on change)."""
         keys, cfg = self.keys, self.cfg
-        gen = _int(snap.get(keys.gen))
-        world = read_world(snap, keys)
-        rnd = _int(snap.get(keys.round), gen)
-        live = {
-            k[len(keys.members):]: kv for k, kv in snap.items() if k.startswith(keys.members)
-        }
-        ready = {
-            k[len(keys.ready):]: int(kv.value)
-            for k, kv in snap.items()
-            if k.startswith(keys.ready) and k[len(keys.ready):] in live
-        }
-        in_world = set(world.ids) if world else set()
+        state = JobState.parse(snap, keys)
+        gen, world, rnd, live = state.generation, state.world, state.round, state.members
+        ready = {mid: r for mid, r in state.ready.items() if mid in live}
+        in_world = state.world_ids
 
         def is_ready(mid: str) -> bool:
             # A member of World G is ready only for a rendezvous it started
@@ -459,7 +463,7 @@ class Coordinator:
 
         # Gathering World gen+1 (asked for by a joiner or a member). A member
         # that departs now must still unblock survivors waiting on it.
-        if departed and _int(snap.get(keys.broken), -1) < gen and self._broke != gen:
+        if departed and int_value(snap.get(keys.broken), -1) < gen and self._broke != gen:
             self._broke = gen
             tx = self.client.transactions
             self.rdzv.fenced_txn(gen, [tx.put(keys.broken, str(gen))])
@@ -478,7 +482,20 @@ class Coordinator:
         chosen = chosen[: cfg.max_workers]
         if len(chosen) < cfg.min_workers:
             return None
-        return self._form(gen, chosen, live)
+        formed = self.worlds_formed
+        wait = self._form(gen, chosen, live)
+        if absent and self.worlds_formed > formed:
+            # Left out is not enough: a member whose training thread hangs keeps
+            # its lease alive, its old ready key would make it a "ready joiner"
+            # of the next World, and every World with it would wait out the
+            # collective timeout for it (a soak looped so, 120 s per step).
+            # Absent for the whole last call is a hang: fence it, and its
+            # launcher replaces it. The leader itself may be the hung one (its
+            # coordinator thread lives on): it forms the World, then fences itself.
+            for m in absent:
+                self.rdzv.evict(m, f"not at the rendezvous of generation {gen + 1} "
+                                   f"within {cfg.last_call_s:g}s")
+        return wait
 
     def _form(self, gen: int, chosen: list[str], live: dict[str, KeyValue]) -> float | None:
         keys, tx = self.keys, self.client.transactions

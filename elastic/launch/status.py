@@ -8,11 +8,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..base.errors import ConfigError
-from ..base.events import read_events
+from ..base.events import Event, read_events
 from ..coord.etcd import retry_call
+from ..coord.jobstate import read_job_state
 from ..coord.keys import Keyspace
 from ..coord.membership import Member
-from ..coord.world import World
 from .progress import RunStats, format_line
 
 
@@ -64,49 +64,39 @@ class JobStatus:
 
 
 def read_status(client: Any, keys: Keyspace, timeout: float = 10.0) -> JobStatus:
-    resp = retry_call(lambda: client.get_prefix_response(keys.root),
-                      what=f"reading job {keys.job}", timeout=timeout)
-    kv = {k.key.decode(): k for k in resp.kvs}
-    if not kv:
+    state = retry_call(lambda: read_job_state(client, keys),
+                       what=f"reading job {keys.job}", timeout=timeout)
+    if state is None:
         raise ConfigError(
             f"no job {keys.job!r} in this etcd (key prefix {keys.prefix}): check --job, "
             "--etcd and --etcd-prefix (a finished job's embedded etcd stops with its launcher)"
         )
-
-    def num(key: str, default: int = 0) -> int:
-        return int(kv[key].value) if key in kv else default
-
-    gen = num(keys.gen)
-    world = World.from_json(kv[keys.world].value) if keys.world in kv else None
+    world = state.world
     now = time.time()
     members = []
-    for key, rec in kv.items():
-        if not key.startswith(keys.members):
-            continue
+    for rec in state.members.values():
         m = Member.from_json(rec.value)
         info = retry_call(lambda rec=rec: client.get_lease_info(rec.lease),
                           what="reading a lease", timeout=timeout)
-        ready = kv.get(keys.ready_of(m.id))
+        ready = state.ready.get(m.id)
         members.append(MemberStatus(
             id=m.id,
             rank=world.rank_of(m.id) if world else None,
             address=m.address,
             lease_ttl_left=int(info.TTL),
             age_s=max(0.0, now - m.registered_at) if m.registered_at else 0.0,
-            ready_for=int(ready.value) if ready is not None else None,
+            ready_for=ready,
         ))
     members.sort(key=lambda s: (s.rank is None, s.rank if s.rank is not None else 0, s.id))
-    commits = [k for k in kv if k.startswith(keys.commits)]
-    last = max((int(k[len(keys.commits):]) for k in commits), default=None)
     return JobStatus(
         job=keys.job,
-        generation=gen,
-        round=num(keys.round, gen),
-        leader=kv[keys.leader].value.decode() if keys.leader in kv else None,
+        generation=state.generation,
+        round=state.round,
+        leader=state.leader,
         world_size=world.size if world else 0,
         members=tuple(members),
-        last_commit_step=last,
-        finished_step=int(kv[keys.done].value) if keys.done in kv else None,
+        last_commit_step=state.last_commit_step,
+        finished_step=state.finished_step,
     )
 
 
@@ -151,7 +141,7 @@ def read_log_progress(path: str, last: int = 5) -> LogProgress:
     for ev in events:
         st.apply(ev)
     rate = st.steps_per_s()
-    notable = [e for e in events if e.get("event") != "step"][-last:]
+    notable = [e for e in events if e.get("event") != Event.STEP][-last:]
     return LogProgress(
         path=path, step=st.step, total_steps=st.total_steps, loss=st.loss,
         samples_per_s=rate * st.global_batch if rate is not None and st.global_batch else None,

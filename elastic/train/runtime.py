@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import TensorDataset, default_collate
@@ -35,19 +35,22 @@ from ..base.errors import (
     SessionLostError,
     WorkerGroupError,
 )
-from ..base.events import EventLog
+from ..base.events import Event, EventLog, error_fields
 from ..base.exitcodes import EXIT_FINISHED, EXIT_LEFT, EXIT_STOPPED
-from ..coord.etcd import EtcdConfig, connect, retry_call
-from ..coord.hangs import HangConfig, HangWatch, StepClock
+from ..coord.etcd import connect, retry_call
+from ..coord.hangs import HangWatch, StepClock
 from ..coord.keys import Keyspace
 from ..coord.membership import Member
-from ..coord.rendezvous import Rendezvous, RendezvousConfig
+from ..coord.rendezvous import Rendezvous
 from .config import RuntimeConfig
 from .exithook import install_exit_hook
 from .group import StoreHost, WorkerGroup, local_device
 from .ledger import LedgerWriter
 from .sampler import ElasticSampler
 from .state import TrainState
+
+if TYPE_CHECKING:
+    from storage import CheckpointStore
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,11 @@ class Trainer:
     depends on the world size: harmless for SGD (differences near 1e-7), but
     adaptive optimizers such as Adam amplify it. Costs one backward pass per
     micro-batch and a float64 all-reduce.
+
+    ``checkpoint_store_factory(url, key=key)`` opens the checkpoint location
+    (``--checkpoint``) in place of ``storage.CheckpointStore(url, key=key)``:
+    to hand the store storage options or a filesystem of its own (the chaos
+    workload routes its checkpoint I/O through a fault-injecting one).
     """
 
     def __init__(
@@ -108,6 +116,7 @@ class Trainer:
         config: RuntimeConfig | None = None,
         on_step: Callable[[int, float], None] | None = None,
         grad_shards: int | None = None,
+        checkpoint_store_factory: Callable[..., CheckpointStore] | None = None,
     ) -> None:
         install_exit_hook()  # an ElasticError escaping the script: one line, no traceback
         if epochs < 1:
@@ -135,11 +144,12 @@ class Trainer:
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._leave = threading.Event()
         self._last_loss: float | None = None
-        self._store = None
+        self._checkpoint_store_factory = checkpoint_store_factory
+        self._checkpoints: CheckpointStore | None = None
         self._pending_save = None
         self._pending_commits = False
         self.clock = StepClock(
-            HangConfig(floor_s=self.config.hang_floor, factor=self.config.hang_factor),
+            self.config.hangs,
             fallback_s=self.config.collective_timeout,
         )
 
@@ -150,21 +160,16 @@ class Trainer:
         self.keys = Keyspace(cfg.job, cfg.etcd_prefix)
         self.events = EventLog(cfg.event_log, source=cfg.member_id, console=True)
         self.ledger = LedgerWriter(cfg.ledger_dir, cfg.member_id) if cfg.ledger_dir else None
-        self.client = connect(EtcdConfig.from_options(
-            cfg.etcd, user=cfg.etcd_user, password=cfg.etcd_password, ca=cfg.etcd_ca,
-            cert=cfg.etcd_cert, key=cfg.etcd_key, timeout=cfg.etcd_timeout))
+        self.client = connect(cfg.etcd)
         self.store_host = StoreHost(cfg.advertise_host, timeout=cfg.collective_timeout)
-        self.rdzv_config = RendezvousConfig(
-            min_workers=cfg.min_workers, max_workers=cfg.max_workers,
-            initial_workers=min(cfg.initial_workers, cfg.max_workers), settle_s=cfg.settle_s,
-            last_call_s=cfg.last_call_s, lease_ttl=cfg.lease_ttl,
-        )
+        self.rdzv_config = cfg.rendezvous
         self.rdzv = self._join()
         if cfg.checkpoint:
             from storage import CheckpointStore, load_key_file
 
             key = load_key_file(cfg.checkpoint_key_file) if cfg.checkpoint_key_file else None
-            self._store = CheckpointStore(cfg.checkpoint, key=key)
+            open_store = self._checkpoint_store_factory or CheckpointStore
+            self._checkpoints = open_store(cfg.checkpoint, key=key)
         if threading.current_thread() is threading.main_thread():
             # SIGTERM to one worker: leave the job at the next step boundary.
             signal.signal(signal.SIGTERM, lambda *_: self._leave.set())
@@ -178,7 +183,7 @@ class Trainer:
         retry_call(
             lambda: self.client.put(self.keys.root + f"leases/{member.id}",
                                     str(rdzv.session.lease_id), lease=rdzv.session.lease_id),
-            what="publishing the lease id", timeout=self.config.etcd_timeout,
+            what="publishing the lease id", timeout=self.config.etcd.connect_timeout,
         )
         return rdzv
 
@@ -217,7 +222,7 @@ class Trainer:
                 # and wait for a World newer than the last one we saw (the old
                 # record still lists us), asking for it in case nobody else
                 # will (after an outage every member is in the same spot).
-                self.events.emit("rejoin", f"{cfg.member_id}: lease lost, rejoining",
+                self.events.emit(Event.REJOIN, f"{cfg.member_id}: lease lost, rejoining",
                                  gen=gen)
                 self.rdzv.close()
                 self.rdzv = self._rejoin()
@@ -225,7 +230,7 @@ class Trainer:
                 continue
             except RendezvousTimeoutError:
                 world = self.rdzv.current()
-                if world is not None and world.size >= cfg.max_workers:
+                if world is not None and world.size >= cfg.rendezvous.max_workers:
                     continue  # a standby: the job is full and running; keep waiting
                 raise
             except JobEnded as ended:
@@ -243,7 +248,7 @@ class Trainer:
                 gen = world.generation
                 if rank == 0:
                     self.events.emit(
-                        "generation",
+                        Event.GENERATION,
                         f"generation {gen}: {world.size} worker(s) {list(world.ids)} at step "
                         f"{self.state.step}" + (f", state from rank {src}" if src is not None
                                                 else "") + (", restored from checkpoint"
@@ -258,8 +263,8 @@ class Trainer:
             except WorkerGroupError as exc:
                 failed_at = failed_at or time.monotonic()
                 gen = world.generation
-                self.events.emit("failure", f"rank {rank} of generation {gen}: {exc}",
-                                 gen=gen, rank=rank, step=self.state.step, error=str(exc))
+                self.events.emit(Event.FAILURE, f"rank {rank} of generation {gen}: {exc}",
+                                 gen=gen, rank=rank, step=self.state.step, **error_fields(exc))
                 self._request_reform(gen, broken=True)
                 continue
             finally:
@@ -309,15 +314,15 @@ class Trainer:
         # refuses a fresh run on a location that already holds checkpoints
         # unless --resume was given, and claimed it for this launch, so a
         # checkpoint found here is ours while the claim still names us.
-        if self._store is not None:
+        if self._checkpoints is not None:
             from storage import LocationClaimedError
 
-            _attach_claim(self._store, self.client, self.keys, cfg.etcd_timeout)
+            _attach_claim(self._checkpoints, self.client, self.keys, cfg.etcd.connect_timeout)
             try:
-                self._store.check_claim()
+                self._checkpoints.check_claim()
             except LocationClaimedError as exc:  # another launch owns it: not ours to load
                 raise ElasticError(f"not restoring from {cfg.checkpoint}: {exc}") from exc
-        if self._store is not None and self._store.latest() is not None:
+        if self._checkpoints is not None and self._checkpoints.latest() is not None:
             from storage import (
                 CheckpointNotFoundError,
                 CorruptCheckpointError,
@@ -325,14 +330,14 @@ class Trainer:
             )
 
             try:
-                loaded = self._store.load_checkpoint()
+                loaded = self._checkpoints.load_checkpoint()
             except (CorruptCheckpointError, CheckpointNotFoundError,
                     InvalidArgumentError) as exc:
                 # No committed checkpoint verifies: a restarted worker would
                 # read the same bytes and fail the same way.
                 raise ConfigError(f"cannot restore from {cfg.checkpoint}: {exc}") from exc
             self.state.load_checkpoint_dict(loaded.state)
-            self.events.emit("restore", f"restored step {loaded.step} from {cfg.checkpoint}",
+            self.events.emit(Event.RESTORE, f"restored step {loaded.step} from {cfg.checkpoint}",
                              step=loaded.step)
             return True
         # A fresh start: rank 0's initial parameters are broadcast by sync().
@@ -366,11 +371,11 @@ class Trainer:
             control = flat[-_N_CONTROL:].tolist()
             self._last_loss = control[_LOSS] / b
             if rank == 0:
-                self.events.emit("step", None, step=state.step, gen=gen, world=size,
+                self.events.emit(Event.STEP, None, step=state.step, gen=gen, world=size,
                                  loss=self._last_loss)
                 if failed_at is not None:
                     took = time.monotonic() - failed_at
-                    self.events.emit("recovered", f"recovered in {took:.3f}s at step "
+                    self.events.emit(Event.RECOVERED, f"recovered in {took:.3f}s at step "
                                      f"{state.step} with {size} worker(s)",
                                      seconds=round(took, 4), step=state.step, gen=gen)
             failed_at = None
@@ -385,7 +390,7 @@ class Trainer:
                 self._checkpoint(group, final=False)
             if control[_FLAG_LEAVE] > 0:
                 if self._leave.is_set():
-                    self.events.emit("leave", f"{self.config.member_id} left at step "
+                    self.events.emit(Event.LEAVE, f"{self.config.member_id} left at step "
                                      f"{state.step}", step=state.step, gen=gen)
                     return "left"
                 return "reform"
@@ -394,8 +399,8 @@ class Trainer:
         self._checkpoint(group, final=True)
         if rank == 0:
             retry_call(lambda: self.client.put(self.keys.done, str(state.step)),
-                       what="marking the job finished", timeout=self.config.etcd_timeout)
-            self.events.emit("finished", f"training finished at step {state.step}",
+                       what="marking the job finished", timeout=self.config.etcd.connect_timeout)
+            self.events.emit(Event.FINISHED, f"training finished at step {state.step}",
                              step=state.step, gen=gen, loss=self._last_loss)
         return "finished"
 
@@ -410,14 +415,14 @@ class Trainer:
             bound_s=min(self.clock.bound(), 0.9 * self.config.collective_timeout),
             broken=lambda: self.rdzv.world_broken(gen),
             on_evict=lambda hung, why: self.events.emit(
-                "evict", f"evicted {', '.join(hung)}: {why}", members=hung, step=step,
+                Event.EVICT, f"evicted {', '.join(hung)}: {why}", members=hung, step=step,
                 gen=gen, reason=why),
         )
 
     def _due(self, step: int) -> bool:
         every = self.config.checkpoint_every
         # The last step is saved by the final (synchronous) checkpoint.
-        return (self._store is not None and every > 0 and step % every == 0
+        return (self._checkpoints is not None and every > 0 and step % every == 0
                 and step < self.total_steps)
 
     # -- gradient + control packing --------------------------------------------
@@ -504,16 +509,17 @@ class Trainer:
         try:
             info = handle.wait(timeout=self.config.checkpoint_timeout)
         except Exception as exc:
-            self.events.emit("checkpoint_failed", f"checkpoint failed: {exc}", error=str(exc))
+            self.events.emit(Event.CHECKPOINT_FAILED, f"checkpoint failed: {exc}",
+                             **error_fields(exc))
             if raise_errors:
                 raise
             return
         if self._pending_commits:
-            self.events.emit("checkpoint_committed", f"checkpoint step {info.step} committed",
-                             step=info.step)
+            self.events.emit(Event.CHECKPOINT_COMMITTED,
+                             f"checkpoint step {info.step} committed", step=info.step)
 
     def _checkpoint(self, group: WorkerGroup, final: bool) -> None:
-        if self._store is None:
+        if self._checkpoints is None:
             return
         step, gen = self.state.step, group.generation
         fence = self.rdzv.commit_fence(gen) if group.rank == 0 else None
@@ -523,7 +529,8 @@ class Trainer:
                       # commit, and a dead rank's part never comes: stop waiting.
                       abandon=lambda: self.rdzv.generation() > gen)
         if group.rank == 0:
-            _attach_claim(self._store, self.client, self.keys, self.config.etcd_timeout)
+            _attach_claim(self._checkpoints, self.client, self.keys,
+                          self.config.etcd.connect_timeout)
         self._finish_pending_save(raise_errors=False)
         t0 = time.monotonic()
         if final:
@@ -531,7 +538,7 @@ class Trainer:
 
             state = self.state.checkpoint_dict()
             try:
-                info = self._store.save(step, state, **kwargs)
+                info = self._checkpoints.save(step, state, **kwargs)
             except CheckpointExistsError as exc:
                 # Committed already, by an earlier life of this job that was resumed
                 # after that commit -- but only if that commit verifies and holds
@@ -539,39 +546,40 @@ class Trainer:
                 # this run's final checkpoint silently lost. Rank 0 decides.
                 why = f"{exc}, and that commit does not hold this run's final state"
                 try:
-                    if group.rank != 0 or self._store.holds(step, state):
+                    if group.rank != 0 or self._checkpoints.holds(step, state):
                         return
                 except StorageError as err:
                     why = f"{exc}, and that commit cannot be read back: {err}"
-                self.events.emit("checkpoint_failed", f"final checkpoint at step {step} "
-                                 f"failed: {why}", step=step, error=why)
+                self.events.emit(Event.CHECKPOINT_FAILED, f"final checkpoint at step {step} "
+                                 f"failed: {why}", step=step, error=why,
+                                 error_type=type(exc).__name__)
                 raise ElasticError(f"final checkpoint at step {step} failed: {why}") from exc
             except Exception as exc:
-                self.events.emit("checkpoint_failed", f"final checkpoint at step {step} "
-                                 f"failed: {exc}", step=step, error=str(exc))
+                self.events.emit(Event.CHECKPOINT_FAILED, f"final checkpoint at step {step} "
+                                 f"failed: {exc}", step=step, **error_fields(exc))
                 raise ElasticError(f"final checkpoint at step {step} failed: {exc}") from exc
             if group.rank == 0:
-                self.events.emit("checkpoint", f"checkpoint step {step} committed "
+                self.events.emit(Event.CHECKPOINT, f"checkpoint step {step} committed "
                                  f"({time.monotonic() - t0:.2f}s)", step=step, gen=gen,
                                  final=True, info=str(info))
         else:
-            self._pending_save = self._store.save_async(step, self.state.checkpoint_dict(),
-                                                        **kwargs)
+            self._pending_save = self._checkpoints.save_async(
+                step, self.state.checkpoint_dict(), **kwargs)
             self._pending_commits = group.rank == 0
             if group.rank == 0:
-                self.events.emit("checkpoint", f"checkpoint step {step} started "
+                self.events.emit(Event.CHECKPOINT, f"checkpoint step {step} started "
                                  f"(blocked {time.monotonic() - t0:.3f}s)", step=step,
                                  gen=gen, final=False)
 
 
-def _attach_claim(store: Any, client: Any, keys: Keyspace, timeout: float) -> None:
+def _attach_claim(checkpoints: Any, client: Any, keys: Keyspace, timeout: float) -> None:
     """Commit only under the claim this job's launcher made (if it made one)."""
-    if store.claim_instance is not None:
+    if checkpoints.claim_instance is not None:
         return
     raw = retry_call(lambda: client.get(keys.claim)[0],
                      what="reading the checkpoint claim", timeout=timeout)
     if raw is not None:
-        store.attach_claim(raw.decode())
+        checkpoints.attach_claim(raw.decode())
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -10,7 +10,8 @@ import time
 
 from chaos import invariants as inv
 from chaos import scenarios as sc
-from chaos.runner import RunPlan, Settings, _dying_with_us, processes_with_token, run_one
+from chaos.runner import RunPlan, Settings, processes_with_token, run_one
+from elastic.base.procutil import dying_with_parent
 from tests.helpers import procs
 
 
@@ -31,8 +32,8 @@ def test_a_launched_process_dies_with_the_runner(tmp_path) -> None:
     pidfile = tmp_path / "child.pid"
     code = (
         "import subprocess, sys, time\n"
-        "from chaos.runner import _dying_with_us\n"
-        f"p = subprocess.Popen(_dying_with_us(['/bin/sleep', '60']))\n"
+        "from elastic.base.procutil import dying_with_parent\n"
+        f"p = subprocess.Popen(dying_with_parent(['/bin/sleep', '60']))\n"
         f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
         "time.sleep(60)\n"
     )
@@ -59,7 +60,7 @@ def test_a_launched_process_dies_with_the_runner(tmp_path) -> None:
 
 def test_processes_are_found_by_their_run_token(tmp_path) -> None:
     env = dict(os.environ, CHAOS_RUN_TOKEN="tok-123")
-    p = subprocess.Popen(_dying_with_us(["/bin/sleep", "30"]), env=env)
+    p = subprocess.Popen(dying_with_parent(["/bin/sleep", "30"]), env=env)
     try:
         deadline = time.monotonic() + 10
         while p.pid not in processes_with_token("tok-123"):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from elastic.base.events import read_events
+from elastic.base.procutil import send_signal
 from tests.helpers import procs
 from tests.helpers.wait import wait_until
 
@@ -106,10 +107,7 @@ class Job:
         """SIGKILL the launcher and every worker it started (a machine dying)."""
         pids = self.worker_pids()
         for pid in [self.proc.pid, *pids]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            send_signal(pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
         wait_until(lambda: not any(procs.alive(p) for p in pids), 30, "workers to die")
 
