@@ -52,7 +52,11 @@ def _hang(_signum: int, _frame: object) -> None:
 
 
 def write_final(model: torch.nn.Module, out_dir: str) -> None:
-    member = os.environ.get("ELASTIC_MEMBER_ID", str(os.getpid()))
+    from elastic import RuntimeConfig
+
+    # Under torchrun there is no elastic config: the pid names the file.
+    member = (RuntimeConfig.from_env().member_id if "ELASTIC_CONFIG" in os.environ
+              else str(os.getpid()))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{member}.pt")
     tmp = f"{path}.{os.getpid()}.tmp"

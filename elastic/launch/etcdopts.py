@@ -1,7 +1,7 @@
 """The etcd options every command that reaches etcd takes, and the EtcdConfig they make.
 
 The launcher and its workers build their etcd client from the same values
-(:func:`etcd_config` here, :meth:`RuntimeConfig.etcd_config` in a worker) so
+(:func:`etcd_config` here, which the worker receives inside its RuntimeConfig) so
 the two cannot drift.
 """
 
@@ -12,6 +12,8 @@ import os
 
 from ..base.errors import ConfigError
 from ..coord.etcd import EtcdConfig
+from ..coord.keys import Keyspace
+from ..train.config import default_of
 from . import argtypes
 
 
@@ -25,9 +27,11 @@ def add_etcd_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--etcd-ca", default=None, help="CA certificate file (TLS)")
     g.add_argument("--etcd-cert", default=None, help="client certificate file (TLS)")
     g.add_argument("--etcd-key", default=None, help="client key file (TLS)")
-    g.add_argument("--etcd-timeout", type=argtypes.seconds, default=10.0, metavar="S",
-                   help="give up reaching etcd after S seconds (default 10)")
-    g.add_argument("--etcd-prefix", default="/elastic", help="key prefix (default /elastic)")
+    g.add_argument("--etcd-timeout", type=argtypes.seconds,
+                   default=default_of(EtcdConfig, "connect_timeout"), metavar="S",
+                   help="give up reaching etcd after S seconds (default %(default)g)")
+    g.add_argument("--etcd-prefix", default=default_of(Keyspace, "prefix"),
+                   help="key prefix (default %(default)s)")
 
 
 def etcd_config(args: argparse.Namespace) -> EtcdConfig:

@@ -81,3 +81,77 @@ def test_world_round_trips_through_json_with_ranks_in_order() -> None:
     assert back == world
     assert [back.rank_of(m) for m in ("b", "a", "zz")] == [0, 1, None]
     assert back.store_prefix == "j/g3/"
+
+
+# -- the worker's one value ---------------------------------------------------
+
+
+def _runtime_config(**kw):
+    from elastic.coord.hangs import HangConfig
+    from elastic.train.config import RuntimeConfig
+
+    base = dict(job="j1", member_id="m-0", etcd="http://10.0.0.1:2379,http://[::1]:2380",
+                rendezvous=RendezvousConfig(min_workers=2, max_workers=4, lease_ttl=3.0),
+                hangs=HangConfig(floor_s=7.0, factor=12.0), checkpoint="file:///tmp/c",
+                checkpoint_every=5)
+    base.update(kw)
+    return RuntimeConfig(**base)
+
+
+def test_runtime_config_travels_as_one_value_and_comes_back_equal() -> None:
+    from elastic.train.config import CONFIG_ENV, RuntimeConfig
+
+    cfg = _runtime_config()
+    env = cfg.to_env()
+    assert list(env) == [CONFIG_ENV]
+    back = RuntimeConfig.from_env(env)
+    assert back == cfg
+    assert back.etcd.endpoints == (("10.0.0.1", 2379), ("::1", 2380))
+    assert back.rendezvous.lease_ttl == 3.0 and back.hangs.factor == 12.0
+
+
+def test_explicit_overrides_beat_the_environment() -> None:
+    from elastic.train.config import RuntimeConfig
+
+    env = _runtime_config().to_env()
+    assert RuntimeConfig.from_env(env, member_id="other-1").member_id == "other-1"
+    assert RuntimeConfig.from_env(env, member_id=None).member_id == "m-0"
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({}, "not started by `elastic run`"),
+    ({"ELASTIC_CONFIG": "{not json"}, "is not JSON"),
+    ({"ELASTIC_CONFIG": "[1]"}, "must be a JSON object"),
+    ({"ELASTIC_CONFIG": '{"job": "j", "member_id": "m", "etcd": "http://a:1", "bogus": 1}'},
+     "unknown setting(s) bogus"),
+    ({"ELASTIC_CONFIG": '{"job": "j", "member_id": "m", "etcd": "http://a:1", '
+                        '"rendezvous": {"lease_ttl": 0.1}}'}, "lease_ttl must be >= 1"),
+])
+def test_a_bad_or_missing_config_is_refused_naming_the_problem(env, fragment) -> None:
+    from elastic.train.config import RuntimeConfig
+
+    with pytest.raises(ConfigError) as err:
+        RuntimeConfig.from_env(env)
+    assert fragment in str(err.value)
+
+
+def test_the_launchers_flags_default_to_the_configs_own_defaults() -> None:
+    import inspect
+
+    from elastic.cli import build_parser
+    from elastic.coord.hangs import HangConfig
+    from elastic.coord.membership import Session
+    from elastic.train.config import RuntimeConfig
+
+    args = build_parser().parse_args(["run", "train.py"])
+    rdzv, hangs, etcd = RendezvousConfig(), HangConfig(), EtcdConfig(endpoints=(("a", 1),))
+    cfg = _runtime_config()
+    expected = {"lease_ttl": rdzv.lease_ttl, "settle": rdzv.settle_s,
+                "min_workers": rdzv.min_workers, "hang_floor": hangs.floor_s,
+                "hang_factor": hangs.factor, "etcd_timeout": etcd.connect_timeout,
+                "etcd_prefix": Keyspace("j").prefix,
+                **{n: getattr(RuntimeConfig, n) for n in (
+                    "collective_timeout", "join_timeout", "etcd_outage", "checkpoint_every")}}
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert inspect.signature(Session).parameters["ttl"].default == rdzv.lease_ttl
+    assert cfg.etcd_prefix == Keyspace("j").prefix

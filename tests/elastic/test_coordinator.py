@@ -52,17 +52,20 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 BROKEN: list[bool] = []  # the ``broken`` flag of every request_reform, in order
+EVICTED: list[str] = []  # the members the coordinator fenced
 
 
 def make(**cfg: Any) -> tuple[Coordinator, FakeClient, list[int]]:
     client, bumps = FakeClient(), []
     BROKEN.clear()
+    EVICTED.clear()
     rdzv = types.SimpleNamespace(
         keys=KEYS, config=RendezvousConfig(**cfg), client=client, id=LEADER,
         request_reform=lambda gen, broken=False: bumps.append(gen) or BROKEN.append(broken)
         or True,
         # marking a World broken while a re-form is already being gathered
         fenced_txn=lambda gen, ops: BROKEN.append(True) or True,
+        evict=lambda member, reason: EVICTED.append(member),
     )
     return Coordinator(rdzv), client, bumps  # type: ignore[arg-type]
 
@@ -189,6 +192,28 @@ def test_absent_survivor_is_left_out_after_last_call(clock: Clock) -> None:
     coord.decide(snap)
     (world,) = client.formed()
     assert world.ids == ("a",) and world.generation == 3
+    assert EVICTED == ["b"]  # fenced: its launcher replaces it
+
+
+def test_a_member_left_out_does_not_come_back_on_its_old_ready_key(clock: Clock) -> None:
+    # The loop a soak hit: "b" hangs (lease alive) in World 2; World 3 forms
+    # without it; had it not been fenced, its ready key for 2 made it a ready
+    # joiner of World 4, which then waited the collective timeout for it.
+    coord, client, _ = make(settle_s=0.0, last_call_s=10.0)
+    snap = snapshot({"a": 1, "b": 2}, ready={"a": 3, "b": 2}, world=["a", "b"], gen=2, rnd=3)
+    coord.decide(snap)
+    clock.now += 10.5
+    coord.decide(snap)
+    assert [w.ids for w in client.formed()] == [("a",)]
+    assert EVICTED == ["b"]
+
+
+def test_nobody_is_evicted_when_every_survivor_comes(clock: Clock) -> None:
+    coord, client, _ = make(settle_s=0.0, last_call_s=10.0)
+    snap = snapshot({"a": 1, "b": 2}, ready={"a": 3, "b": 3}, world=["a", "b"], gen=2, rnd=3)
+    coord.decide(snap)
+    assert [w.ids for w in client.formed()] == [("a", "b")]
+    assert EVICTED == []
 
 
 def test_gathered_world_respects_max_and_min_workers(clock: Clock) -> None:

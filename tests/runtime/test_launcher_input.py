@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -150,6 +151,27 @@ def test_script_that_never_joins_the_job_is_a_clear_failure(tmp_path):
     rc, err, _ = run_cli("--no-checkpoint", str(script), cwd=str(tmp_path))
     assert rc != 0
     assert "exited without joining job" in err and "Trainer" in err, err
+
+
+def test_a_worker_receives_its_settings_as_one_value(tmp_path):
+    # The script reads its config the way Trainer does and reports what it got;
+    # it then exits without joining, which the launcher reports (not the point).
+    script = tmp_path / "show.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from elastic import RuntimeConfig\n"
+        "cfg = RuntimeConfig.from_env()\n"
+        "names = sorted(k for k in os.environ if k.startswith('ELASTIC_'))\n"
+        "print('SEEN ' + json.dumps([names, cfg.rendezvous.lease_ttl, cfg.hangs.floor_s, "
+        "cfg.collective_timeout, cfg.etcd.connect_timeout]), file=sys.stderr)\n")
+    rc, err, _ = run_cli("--no-checkpoint", "--lease-ttl", "3", "--hang-floor", "4",
+                         "--collective-timeout", "40", "--etcd-timeout", "7", str(script),
+                         cwd=str(tmp_path))
+    seen = [line for line in err.splitlines() if "SEEN " in line]
+    assert seen, err
+    names, ttl, floor, collective, etcd_timeout = json.loads(seen[0].split("SEEN ", 1)[1])
+    assert names == ["ELASTIC_CONFIG"]
+    assert (ttl, floor, collective, etcd_timeout) == (3.0, 4.0, 40.0, 7.0)
 
 
 def test_min_workers_above_the_local_workers_says_what_it_waits_for(tmp_path):
