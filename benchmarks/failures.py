@@ -66,7 +66,6 @@ from benchmarks.recovery import (  # noqa: E402
     descendants,
     elastic_cmd,
     last_step_before,
-    read_jsonl,
     signal_local_rank,
     steps_of,
     steps_redone,
@@ -76,6 +75,7 @@ from benchmarks.recovery import (  # noqa: E402
 )
 from chaos.etcdcluster import EtcdCluster  # noqa: E402
 from chaos.invariants import DEFAULT_TOLERANCE, load_params, max_param_diff  # noqa: E402
+from elastic.base.events import Event, read_events  # noqa: E402
 from elastic.coord.etcd import EmbeddedEtcd  # noqa: E402
 
 FAULTS = ("kill", "freeze", "hang", "host-loss", "link-down", "etcd-leader-loss")
@@ -159,14 +159,14 @@ class ElasticJob:
                                                dict(os.environ), out))
 
     def events(self) -> list[dict]:
-        return read_jsonl(self.log)
+        return read_events(self.log, missing_ok=True)
 
     def world(self) -> tuple[int, list[str]]:
-        gen = [e for e in self.events() if e["event"] == "generation"][-1]
+        gen = [e for e in self.events() if e["event"] == Event.GENERATION][-1]
         return gen["gen"], gen["world"]
 
     def spawn_of(self, member: str) -> dict:
-        return [e for e in self.events() if e["event"] == "spawn"
+        return [e for e in self.events() if e["event"] == Event.SPAWN
                 and e.get("member") == member][-1]
 
     def wait_full(self, at_step: int) -> bool:
@@ -181,7 +181,7 @@ class ElasticJob:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 return False
-        return any(e["event"] == "finished" for e in self.events())
+        return any(e["event"] == Event.FINISHED for e in self.events())
 
     def close(self) -> None:
         self.group.close()
@@ -225,7 +225,7 @@ def freeze(job: ElasticJob, trial: int) -> Injected:
 
     def thaw() -> None:
         # Thawed once evicted (a World without it), or at give-up at the latest.
-        wait_for(lambda: [e for e in job.events() if e["event"] == "generation"
+        wait_for(lambda: [e for e in job.events() if e["event"] == Event.GENERATION
                           and e["gen"] > gen and victim not in e["world"]], 5)
         try:
             os.kill(pid, signal.SIGCONT)

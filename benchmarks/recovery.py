@@ -40,23 +40,11 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from elastic.base.events import Event, read_events  # noqa: E402
 from elastic.base.procutil import dying_with_parent  # noqa: E402
 from elastic.coord.etcd import EmbeddedEtcd, free_port  # noqa: E402
 
 WORKLOAD = os.path.join(HERE, "bench_workload.py")
-
-
-def read_jsonl(path: str) -> list[dict]:
-    out = []
-    if not os.path.exists(path):
-        return out
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
 
 
 def wait_for(fn: Callable[[], Any], timeout: float, poll: float = 0.01) -> Any:
@@ -139,7 +127,7 @@ def elastic_cmd(job: str, etcd: str, events: str, n: int, steps: int, step_time:
 
 
 def steps_of(events: list[dict]) -> list[dict]:
-    return [e for e in events if e.get("event") == "step"]
+    return [e for e in events if e.get("event") == Event.STEP]
 
 
 def steps_redone(events: list[dict]) -> int:
@@ -156,19 +144,21 @@ def trial_elastic_kill(tmp: str, etcd: str, step_time: float, give_up: float) ->
     try:
         g.start(elastic_cmd(job, etcd, log, 3, 2000, step_time, ["--max-restarts", "0"]),
                 dict(os.environ), os.path.join(tmp, f"{job}.out"))
-        if not wait_for(lambda: any(e["step"] >= 30 for e in steps_of(read_jsonl(log))), 180):
+        if not wait_for(lambda: any(e["step"] >= 30
+                                    for e in steps_of(read_events(log, missing_ok=True))), 180):
             return {"recovered": False, "error": "never reached step 30"}
-        evs = read_jsonl(log)
-        gen_event = [e for e in evs if e["event"] == "generation"][-1]
+        evs = read_events(log, missing_ok=True)
+        gen_event = [e for e in evs if e["event"] == Event.GENERATION][-1]
         victim = gen_event["world"][1]
-        pid = [e for e in evs if e["event"] == "spawn" and e["member"] == victim][-1]["pid"]
+        pid = [e for e in evs if e["event"] == Event.SPAWN and e["member"] == victim][-1]["pid"]
         t_kill = time.time()
         os.kill(pid, signal.SIGKILL)
-        after = wait_for(lambda: [e for e in steps_of(read_jsonl(log))
+        after = wait_for(lambda: [e for e in steps_of(read_events(log, missing_ok=True))
                                   if e["gen"] > gen_event["gen"]], give_up)
         if not after:
             return {"recovered": False}
-        before = max(e["step"] for e in steps_of(read_jsonl(log)) if e["t"] <= t_kill)
+        before = max(e["step"] for e in steps_of(read_events(log, missing_ok=True))
+                     if e["t"] <= t_kill)
         return {"recovered": True, "seconds": after[0]["t"] - t_kill,
                 "redone": before - (after[0]["step"] - 1)}
     finally:
@@ -182,15 +172,16 @@ def trial_elastic_join(tmp: str, etcd: str, step_time: float, give_up: float) ->
     try:
         g.start(elastic_cmd(job, etcd, log, 3, 2000, step_time), dict(os.environ),
                 os.path.join(tmp, f"{job}.out"))
-        if not wait_for(lambda: any(e["step"] >= 30 for e in steps_of(read_jsonl(log))), 180):
+        if not wait_for(lambda: any(e["step"] >= 30
+                                    for e in steps_of(read_events(log, missing_ok=True))), 180):
             return {"joined": False, "error": "never reached step 30"}
         g.start(elastic_cmd(job, etcd, log, 1, 2000, step_time), dict(os.environ),
                 os.path.join(tmp, f"{job}.join.out"))
-        grown = wait_for(lambda: [e for e in steps_of(read_jsonl(log)) if e["world"] == 4],
-                         give_up + 30)
+        grown = wait_for(lambda: [e for e in steps_of(read_events(log, missing_ok=True))
+                                  if e["world"] == 4], give_up + 30)
         if not grown:
             return {"joined": False}
-        steps = steps_of(read_jsonl(log))
+        steps = steps_of(read_events(log, missing_ok=True))
         first = grown[0]
         prev = max((e for e in steps if e["step"] == first["step"] - 1), key=lambda e: e["t"])
         intervals = [b["t"] - a["t"] for a, b in zip(steps, steps[1:], strict=False)
@@ -271,21 +262,21 @@ def trial_torchrun(tmp: str, step_time: float, give_up: float, lazy: bool, *,
                    for i in range(agents)]
         world = agents * nproc
         if not wait_for(lambda: any(e["step"] >= at_step and e["world"] == world
-                                    for e in steps_of(read_jsonl(log))), 180):
+                                    for e in steps_of(read_events(log, missing_ok=True))), 180):
             return {"recovered": False, "error": f"never reached step {at_step}"}
         t_fault = fault(started, log)
         if isinstance(t_fault, str):
             return {"recovered": False, "error": t_fault}
-        after = wait_for(lambda: [e for e in steps_of(read_jsonl(log))
+        after = wait_for(lambda: [e for e in steps_of(read_events(log, missing_ok=True))
                                   if e["attempt"] >= 1], give_up)
         if not after:
             return {"recovered": False}
-        before = last_step_before(read_jsonl(log), t_fault) or 0
+        before = last_step_before(read_events(log, missing_ok=True), t_fault) or 0
         # Redone steps are counted once the restarted attempt got past the fault.
         wait_for(lambda: any(e["attempt"] >= 1 and e["step"] > before
-                             for e in steps_of(read_jsonl(log))), give_up)
+                             for e in steps_of(read_events(log, missing_ok=True))), give_up)
         return {"recovered": True, "seconds": after[0]["t"] - t_fault,
-                "redone": steps_redone(read_jsonl(log)), "fault_at_step": before}
+                "redone": steps_redone(read_events(log, missing_ok=True)), "fault_at_step": before}
     finally:
         g.close()
 
@@ -300,7 +291,7 @@ def trial_torchrun_kill(tmp: str, step_time: float, give_up: float, lazy: bool) 
 
 
 def steady_interval(log: str) -> float | None:
-    steps = [e for e in steps_of(read_jsonl(log)) if 20 <= e["step"] <= 120]
+    steps = [e for e in steps_of(read_events(log, missing_ok=True)) if 20 <= e["step"] <= 120]
     intervals = [b["t"] - a["t"] for a, b in zip(steps, steps[1:], strict=False)
                  if b["step"] == a["step"] + 1]
     return statistics.median(intervals) if intervals else None

@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Protocol
 from chaos.faults import read_storage_records
 from chaos.invariants import Check, StoreState
 from chaos.spec import Registry
+from elastic.base.events import Event
+from storage.errors import StaleWriterError
 
 EXPECT_NO_EVICTION = "no-eviction"  # one World for the whole run, no failed collective
 EXPECT_CHECKPOINT_FAILED = "checkpoint-failure-reported"  # the storage error surfaced
@@ -30,7 +32,7 @@ class Finished(Protocol):
     records: list[dict[str, Any]]
     faults_dir: str
 
-    def events(self, name: str) -> list[dict[str, Any]]: ...
+    def events(self, name: Event) -> list[dict[str, Any]]: ...
 
     def planned_checkpoints(self) -> list[int]: ...
 
@@ -70,7 +72,7 @@ class NoEviction(Expectation):
     name = EXPECT_NO_EVICTION
 
     def check(self, run: Finished, store: StoreState) -> list[Check]:
-        gens, fails = run.events("generation"), run.events("failure")
+        gens, fails = run.events(Event.GENERATION), run.events(Event.FAILURE)
         return [Check(self.name, len(gens) == 1 and not fails,
                       f"{len(gens)} generation(s), {len(fails)} failed collective(s)")]
 
@@ -80,7 +82,7 @@ class CheckpointFailureReported(Expectation):
     name = EXPECT_CHECKPOINT_FAILED
 
     def check(self, run: Finished, store: StoreState) -> list[Check]:
-        failed = run.events("checkpoint_failed")
+        failed = run.events(Event.CHECKPOINT_FAILED)
         leaked = sorted({f.step for f in run.schedule.storage} & set(store.committed))
         return [Check(self.name, bool(failed) and not leaked,
                       f"{len(failed)} checkpoint failure(s) reported"
@@ -92,7 +94,7 @@ class AllCommitted(Expectation):
     name = EXPECT_ALL_COMMITTED
 
     def check(self, run: Finished, store: StoreState) -> list[Check]:
-        failed = run.events("checkpoint_failed")
+        failed = run.events(Event.CHECKPOINT_FAILED)
         ckpts = set(run.planned_checkpoints())
         missing = sorted(ckpts - set(store.committed))
         return [Check(self.name, not missing and not failed,
@@ -105,8 +107,9 @@ class StaleRefused(Expectation):
     name = EXPECT_STALE_REFUSED
 
     def check(self, run: Finished, store: StoreState) -> list[Check]:
-        stale = [e for e in run.events("checkpoint_failed")
-                 if "no longer current" in e.get("error", "")]
+        # The fence refused the zombie's commit: storage says so by the error's type.
+        stale = [e for e in run.events(Event.CHECKPOINT_FAILED)
+                 if e.get("error_type") == StaleWriterError.__name__]
         return [Check(self.name, bool(stale), f"{len(stale)} stale commit(s) refused")]
 
 
@@ -129,5 +132,5 @@ class Joined(Expectation):
     name = EXPECT_JOINED
 
     def check(self, run: Finished, store: StoreState) -> list[Check]:
-        sizes = [len(e["world"]) for e in run.events("generation")]
+        sizes = [len(e["world"]) for e in run.events(Event.GENERATION)]
         return [Check(self.name, max(sizes, default=0) > run.workers, f"World sizes {sizes}")]

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from chaos.invariants import Check
+from elastic.base.events import Event
 
 # Target rank meaning "the newest worker that is not in the World yet".
 JOINER = -1
@@ -152,7 +153,7 @@ class RunView(Protocol):
     def current_events(self) -> list[dict[str, Any]]:
         """Events of the current segment (a resume starts a new one), in order."""
 
-    def events(self, name: str) -> list[dict[str, Any]]:
+    def events(self, name: Event) -> list[dict[str, Any]]:
         """Events called ``name`` of every segment."""
 
     def rendezvous_in_progress(self) -> bool: ...

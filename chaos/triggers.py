@@ -8,6 +8,7 @@ event triggers never fire on what happened before it.
 from __future__ import annotations
 
 from chaos.spec import TRIGGERS, FaultSpec, RunView, Trigger
+from elastic.base.events import Event
 
 
 @TRIGGERS.register
@@ -20,7 +21,7 @@ class OnStep(Trigger):
         return f"at step {spec.at_step}"
 
     def hit(self, spec: FaultSpec, run: RunView, since: int) -> bool:
-        return any(e["event"] == "step" and e["step"] >= spec.at_step
+        return any(e["event"] == Event.STEP and e["step"] >= spec.at_step
                    for e in run.current_events())
 
 
@@ -34,7 +35,7 @@ class OnCheckpoint(Trigger):
         return f"at the checkpoint of step >= {spec.at_step}"
 
     def hit(self, spec: FaultSpec, run: RunView, since: int) -> bool:
-        return any(e["event"] == "checkpoint" and e["step"] >= spec.at_step
+        return any(e["event"] == Event.CHECKPOINT and e["step"] >= spec.at_step
                    for e in run.current_events())
 
 
@@ -48,7 +49,7 @@ class OnFailure(Trigger):
         return "at the next failure"
 
     def hit(self, spec: FaultSpec, run: RunView, since: int) -> bool:
-        return any(e["event"] == "failure" for e in run.current_events()[since:])
+        return any(e["event"] == Event.FAILURE for e in run.current_events()[since:])
 
 
 @TRIGGERS.register
@@ -61,7 +62,7 @@ class OnFullWorld(Trigger):
         return "once the World is full again"
 
     def hit(self, spec: FaultSpec, run: RunView, since: int) -> bool:
-        return any(e["event"] == "generation" and len(e["world"]) >= run.workers
+        return any(e["event"] == Event.GENERATION and len(e["world"]) >= run.workers
                    for e in run.current_events()[since:])
 
 

@@ -35,12 +35,13 @@ class RendezvousTimeoutError(RendezvousError):
     """No World including this member formed within the timeout."""
 
 
-class StaleGenerationError(ElasticError):
-    """An operation was fenced by a generation that is no longer current."""
-
-
 class WorkerGroupError(ElasticError):
     """A collective or the process group of a generation failed."""
+
+
+class CollectiveTimeoutError(WorkerGroupError):
+    """A collective, or forming the group, ran out its collective timeout: a peer
+    stayed silent that long instead of being noticed gone (or hung) sooner."""
 
 
 class JobEnded(ElasticError):

@@ -30,12 +30,14 @@ from typing import Any
 
 from ..base.addr import local_address, mixed_hosts, this_host
 from ..base.errors import ConfigError, ElasticError
-from ..base.events import EventLog
+from ..base.events import Event, EventLog, error_fields
 from ..base.exitcodes import EXIT_FAILED, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_STOPPED
 from ..base.procutil import dying_with_parent
 from ..coord.etcd import EmbeddedEtcd, EtcdConfig, connect, free_port, retry_call
+from ..coord.hangs import HangConfig
 from ..coord.keys import Keyspace, validate_name
-from ..train.config import RuntimeConfig
+from ..coord.rendezvous import MAX_WORKERS, RendezvousConfig
+from ..train.config import RuntimeConfig, default_of
 from . import argtypes
 from .preflight import check_script, torchrun_advice, torchrun_failure
 from .progress import ProgressConfig, ProgressView
@@ -59,8 +61,9 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--nproc", type=int, default=1, metavar="N",
                    help="local workers to start (default 1)")
     p.add_argument("--job", default=None, help="job id (default: a new random one)")
-    p.add_argument("--min-workers", type=int, default=1,
-                   help="keep training while at least this many workers live (default 1)")
+    p.add_argument("--min-workers", type=int, default=default_of(RendezvousConfig, "min_workers"),
+                   help="keep training while at least this many workers live "
+                        "(default %(default)s)")
     p.add_argument("--max-workers", type=int, default=None,
                    help="at most this many train; extras wait as standbys (default: no cap)")
     p.add_argument("--checkpoint", default=None, metavar="URL",
@@ -68,7 +71,8 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                         "etcd: ./elastic-checkpoints/JOB, with --etcd: none)")
     p.add_argument("--no-checkpoint", action="store_true",
                    help="write no checkpoint, not even the final one")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+    p.add_argument("--checkpoint-every", type=int,
+                   default=default_of(RuntimeConfig, "checkpoint_every"), metavar="STEPS",
                    help="checkpoint every STEPS steps (default: only at the end)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --checkpoint")
@@ -76,23 +80,30 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                    help="sign checkpoints with the key in PATH; refuse unsigned ones")
     p.add_argument("--max-restarts", type=int, default=3,
                    help="replace crashed local workers this many times in all (default 3)")
-    p.add_argument("--lease-ttl", type=argtypes.seconds, default=5.0, metavar="S",
-                   help="a frozen worker is evicted after S seconds (default 5)")
-    p.add_argument("--collective-timeout", type=argtypes.seconds, default=30.0, metavar="S",
-                   help="a collective hung for S seconds counts as failed (default 30)")
-    p.add_argument("--hang-floor", type=argtypes.seconds, default=5.0, metavar="S",
+    p.add_argument("--lease-ttl", type=argtypes.seconds,
+                   default=default_of(RendezvousConfig, "lease_ttl"), metavar="S",
+                   help="a frozen worker is evicted after S seconds (default %(default)g)")
+    p.add_argument("--collective-timeout", type=argtypes.seconds,
+                   default=default_of(RuntimeConfig, "collective_timeout"), metavar="S",
+                   help="a collective hung for S seconds counts as failed (default %(default)g)")
+    p.add_argument("--hang-floor", type=argtypes.seconds,
+                   default=default_of(HangConfig, "floor_s"), metavar="S",
                    help="a rank that reaches a step's all-reduce later than max(S, "
                         "FACTOR x median step time) after its peers is evicted as hung "
-                        "(default 5; never later than 0.9 x --collective-timeout)")
-    p.add_argument("--hang-factor", type=argtypes.factor, default=10.0, metavar="FACTOR",
-                   help="see --hang-floor (default 10)")
-    p.add_argument("--settle", type=argtypes.seconds_or_zero, default=0.3, metavar="S",
-                   help="wait S quiet seconds after a join before re-forming (default 0.3)")
-    p.add_argument("--join-timeout", type=argtypes.seconds, default=600.0, metavar="S",
-                   help="give up when no World forms within S seconds (default 600)")
-    p.add_argument("--etcd-outage", type=argtypes.seconds, default=120.0, metavar="S",
+                        "(default %(default)g; never later than 0.9 x --collective-timeout)")
+    p.add_argument("--hang-factor", type=argtypes.factor, default=default_of(HangConfig, "factor"),
+                   metavar="FACTOR", help="see --hang-floor (default %(default)g)")
+    p.add_argument("--settle", type=argtypes.seconds_or_zero,
+                   default=default_of(RendezvousConfig, "settle_s"), metavar="S",
+                   help="wait S quiet seconds after a join before re-forming "
+                        "(default %(default)g)")
+    p.add_argument("--join-timeout", type=argtypes.seconds,
+                   default=default_of(RuntimeConfig, "join_timeout"), metavar="S",
+                   help="give up when no World forms within S seconds (default %(default)g)")
+    p.add_argument("--etcd-outage", type=argtypes.seconds,
+                   default=default_of(RuntimeConfig, "etcd_outage"), metavar="S",
                    help="a worker cut off from etcd keeps trying to rejoin for S seconds "
-                        "(a partition may heal), then stops (default 120)")
+                        "(a partition may heal), then stops (default %(default)g)")
     p.add_argument("--event-log", default=None, metavar="PATH",
                    help="JSONL event log (default ./elastic-JOB.events.jsonl)")
     p.add_argument("--ledger-dir", default=None, metavar="DIR",
@@ -304,7 +315,7 @@ class ElasticLauncher:
             self.events = EventLog(self.base_config.event_log, source=f"launcher-{os.getpid()}",
                                    console=self.progress.write)
             self.events.emit(
-                "launch",
+                Event.LAUNCH,
                 f"job {self.job} on etcd {etcd_url}: starting {args.nproc} worker(s)"
                 + (" (joining a running job)" if joining else "")
                 + f"; add workers with: elastic run --job {self.job} --etcd {etcd_url} -n 1 "
@@ -313,11 +324,12 @@ class ElasticLauncher:
                    else ""),
                 job=self.job, etcd=etcd_url, nproc=args.nproc, joining=joining,
             )
-            if not joining and self.base_config.min_workers > args.nproc:
+            least = self.base_config.rendezvous.min_workers
+            if not joining and least > args.nproc:
                 self.events.emit(
-                    "note", f"--min-workers {self.base_config.min_workers} is above the "
+                    Event.NOTE, f"--min-workers {least} is above the "
                     f"{args.nproc} worker(s) this launcher starts: training starts once other "
-                    f"launchers add {self.base_config.min_workers - args.nproc} (elastic run "
+                    f"launchers add {least - args.nproc} (elastic run "
                     f"--job {self.job} --etcd {etcd_url} -n N {args.script})")
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self._on_signal)
@@ -351,7 +363,7 @@ class ElasticLauncher:
         # The first launcher records the job's bounds; joiners adopt them so any
         # member that becomes leader applies the same rules.
         job_conf = {"min_workers": args.min_workers,
-                    "max_workers": args.max_workers or (1 << 16)}
+                    "max_workers": args.max_workers or MAX_WORKERS}
         tx = self.client.transactions
         key = self.keys.ctl + "config"
         ok, resp = retry_call(lambda: self.client.transaction(
@@ -361,18 +373,18 @@ class ElasticLauncher:
         ), what="reading the job's settings", timeout=args.etcd_timeout)
         if not ok:
             job_conf = json.loads(resp[0][0][0])
+        from .etcdopts import etcd_config
+
+        initial = 0 if joining else min(args.nproc, job_conf["max_workers"])
         return RuntimeConfig(
             job=self.job,
-            etcd=etcd_url,
             member_id=f"{self.launch_id}-0",
-            min_workers=job_conf["min_workers"],
-            max_workers=job_conf["max_workers"],
-            initial_workers=0 if joining else args.nproc,
-            lease_ttl=args.lease_ttl,
-            settle_s=args.settle,
+            etcd=etcd_config(args),
+            rendezvous=RendezvousConfig(
+                min_workers=job_conf["min_workers"], max_workers=job_conf["max_workers"],
+                initial_workers=initial, settle_s=args.settle, lease_ttl=args.lease_ttl),
+            hangs=HangConfig(floor_s=args.hang_floor, factor=args.hang_factor),
             collective_timeout=args.collective_timeout,
-            hang_floor=args.hang_floor,
-            hang_factor=args.hang_factor,
             join_timeout=args.join_timeout,
             etcd_outage=args.etcd_outage,
             checkpoint=args.checkpoint,
@@ -383,12 +395,6 @@ class ElasticLauncher:
             ledger_dir=os.path.abspath(args.ledger_dir) if args.ledger_dir else None,
             advertise_host=host,
             etcd_prefix=args.etcd_prefix,
-            etcd_user=args.etcd_user,
-            etcd_password=args.etcd_password,
-            etcd_ca=args.etcd_ca,
-            etcd_cert=args.etcd_cert,
-            etcd_key=args.etcd_key,
-            etcd_timeout=args.etcd_timeout,
         )
 
     # -- workers ---------------------------------------------------------------
@@ -413,7 +419,7 @@ class ElasticLauncher:
         self.workers[member_id] = worker
         threading.Thread(target=lambda: self.exits.put((worker, proc.wait())),
                          daemon=True).start()
-        self.events.emit("spawn", f"started worker {member_id} (pid {proc.pid})",
+        self.events.emit(Event.SPAWN, f"started worker {member_id} (pid {proc.pid})",
                          member=member_id, pid=proc.pid)
 
     def _revoke(self, member_id: str) -> None:
@@ -423,8 +429,8 @@ class ElasticLauncher:
             if raw is not None:
                 self.client.revoke_lease(int(raw))
         except Exception as exc:  # the TTL still removes it
-            self.events.emit("revoke_failed", f"could not revoke {member_id}: {exc}",
-                             member=member_id, error=str(exc))
+            self.events.emit(Event.REVOKE_FAILED, f"could not revoke {member_id}: {exc}",
+                             member=member_id, **error_fields(exc))
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.stop_requested is None:
@@ -432,13 +438,14 @@ class ElasticLauncher:
             threading.Thread(target=self._request_stop, daemon=True).start()
 
     def _request_stop(self) -> None:
-        self.events.emit("stop", f"stopping job {self.job} after a final checkpoint",
+        self.events.emit(Event.STOP, f"stopping job {self.job} after a final checkpoint",
                          signal=self.stop_requested)
         try:
             retry_call(lambda: self.client.put(self.keys.stop, "1"),
                        what="requesting a stop", timeout=self.args.etcd_timeout)
         except ElasticError as exc:
-            self.events.emit("stop_failed", f"could not request a stop: {exc}")
+            self.events.emit(Event.STOP_FAILED, f"could not request a stop: {exc}",
+                             **error_fields(exc))
             for w in self.workers.values():
                 _signal(w.proc, signal.SIGTERM)
 
@@ -451,7 +458,7 @@ class ElasticLauncher:
             if self.stop_requested is not None and stop_deadline is None:
                 stop_deadline = time.monotonic() + self.args.stop_grace
             if stop_deadline is not None and time.monotonic() > stop_deadline:
-                self.events.emit("stop_timeout", "workers did not stop in time: killing them")
+                self.events.emit(Event.STOP_TIMEOUT, "workers did not stop in time: killing them")
                 for w in self.workers.values():
                     _signal(w.proc, signal.SIGKILL)
                 stop_deadline = float("inf")
@@ -461,7 +468,7 @@ class ElasticLauncher:
                 self._kill_evicted()
                 self._report_waiting()
                 continue
-            self.events.emit("exit", f"worker {worker.member_id} exited with {rc}",
+            self.events.emit(Event.EXIT, f"worker {worker.member_id} exited with {rc}",
                              member=worker.member_id, rc=rc)
             if rc in (0, EXIT_STOPPED):
                 continue
@@ -470,7 +477,7 @@ class ElasticLauncher:
                 continue
             why = self._no_restart(worker, rc)
             if why or self.restarts >= self.args.max_restarts:
-                self.events.emit("give_up", why or f"worker {worker.member_id} failed; no "
+                self.events.emit(Event.GIVE_UP, why or f"worker {worker.member_id} failed; no "
                                  f"restarts left ({self.args.max_restarts} used)",
                                  member=worker.member_id)
                 failed = True
@@ -478,7 +485,7 @@ class ElasticLauncher:
             self.restarts += 1
             self._schedule_respawn(worker)
         if self._job_done():
-            self.events.emit("done", f"job {self.job} finished")
+            self.events.emit(Event.DONE, f"job {self.job} finished")
             return 0
         if self.stop_requested is not None:
             return EXIT_INTERRUPTED
@@ -486,7 +493,7 @@ class ElasticLauncher:
             return EXIT_FAILED
         if not self._ever_formed():
             self.events.emit(
-                "never_joined", f"every worker exited without joining job {self.job}: does "
+                Event.NEVER_JOINED, f"every worker exited without joining job {self.job}: does "
                 f"{self.args.script} train through elastic (Trainer(...).fit())? A torchrun "
                 "script needs --torchrun-compat")
             return EXIT_FAILED
@@ -510,7 +517,7 @@ class ElasticLauncher:
             return
         # Workers need seconds to start (torch's import): say nothing early
         # unless this launcher alone cannot reach the minimum.
-        if (self.base_config.min_workers <= self.args.nproc
+        if (self.base_config.rendezvous.min_workers <= self.args.nproc
                 and now - self._launched < self.WAITING_EVERY_S * 3):
             return
         self._next_waiting_report = now + self.WAITING_EVERY_S
@@ -521,10 +528,10 @@ class ElasticLauncher:
             present = len(list(self.client.get_prefix(self.keys.members, keys_only=True)))
         except Exception:  # a courtesy line; etcd trouble is reported elsewhere
             return
-        want = self.base_config.min_workers
+        want = self.base_config.rendezvous.min_workers
         if present < want:
             self.events.emit(
-                "waiting", f"waiting for {want} workers ({present} present): start "
+                Event.WAITING, f"waiting for {want} workers ({present} present): start "
                 f"{want - present} more with: elastic run --job {self.job} --etcd "
                 f"{self.args.etcd} -n {want - present} {self.args.script}",
                 present=present, want=want)
@@ -544,7 +551,7 @@ class ElasticLauncher:
         if self._quick_failures > 1:
             delay = min(self.BACKOFF_FIRST_S * 2 ** (self._quick_failures - 2),
                         self.BACKOFF_MAX_S)
-            self.events.emit("backoff", f"worker {worker.member_id} failed "
+            self.events.emit(Event.BACKOFF, f"worker {worker.member_id} failed "
                              f"{self._quick_failures} times in a row within "
                              f"{self.QUICK_FAILURE_S:.0f}s of its start: restarting in "
                              f"{delay:.1f}s", member=worker.member_id, seconds=delay)
@@ -610,7 +617,7 @@ class ElasticLauncher:
             w = self.workers.get(mid)
             if w is not None and w.proc.returncode is None and mid not in self._killed:
                 self._killed.add(mid)
-                self.events.emit("evicted", f"worker {mid} was evicted as hung "
+                self.events.emit(Event.EVICTED, f"worker {mid} was evicted as hung "
                                  f"({value.decode(errors='replace')}): killing it", member=mid)
                 _signal(w.proc, signal.SIGKILL)
 
@@ -692,7 +699,7 @@ def _run_torchrun_compat(args: argparse.Namespace) -> int:
                 procs.append(proc)
                 threading.Thread(target=lambda p=proc, r=rank, q=exits: q.put((r, p.wait())),
                                  daemon=True).start()
-            events.emit("spawn", f"attempt {attempt}: started {n} worker(s) on port {port}",
+            events.emit(Event.SPAWN, f"attempt {attempt}: started {n} worker(s) on port {port}",
                         attempt=attempt, port=port)
             failed_rank = None
             finished = 0
@@ -707,13 +714,13 @@ def _run_torchrun_compat(args: argparse.Namespace) -> int:
                     finished += 1
                 else:
                     failed_rank = rank
-                    events.emit("exit", f"rank {rank} exited with {rc}: restarting all workers",
+                    events.emit(Event.EXIT, f"rank {rank} exited with {rc}: restarting all workers",
                                 rank=rank, rc=rc, attempt=attempt)
             if failed_rank is None:
-                events.emit("done", "all workers finished")
+                events.emit(Event.DONE, "all workers finished")
                 return 0
             _stop_all(procs)
-        events.emit("give_up", f"no restarts left ({args.max_restarts})")
+        events.emit(Event.GIVE_UP, f"no restarts left ({args.max_restarts})")
         return EXIT_FAILED
     finally:
         _stop_all(procs)

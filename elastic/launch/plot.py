@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..base.errors import ConfigError, ElasticError
-from ..base.events import read_events
+from ..base.events import Event, read_events
 
 # Marker kind -> (colour, line style); one legend entry each.
 MARKS = {
@@ -50,7 +50,7 @@ def series(events: list[dict[str, Any]], window: int = 10) -> Series:
     recent: list[tuple[float, int]] = []
     for ev in sorted(events, key=lambda e: float(e["t"])):
         t, kind = float(ev["t"]) - t0, ev.get("event")
-        if kind == "step":
+        if kind == Event.STEP:
             out.step_t.append(t)
             out.loss.append(float(ev.get("loss") or 0.0))
             out.world_t.append(t)
@@ -60,7 +60,7 @@ def series(events: list[dict[str, Any]], window: int = 10) -> Series:
             if tb > ta and sb > sa:
                 out.rate_t.append(t)
                 out.rate.append((sb - sa) / (tb - ta) * (batch or 1))
-        elif kind == "generation":
+        elif kind == Event.GENERATION:
             ids = set(ev.get("world") or [])
             batch = ev.get("global_batch", batch)
             if members and ids - members:
@@ -69,16 +69,16 @@ def series(events: list[dict[str, Any]], window: int = 10) -> Series:
             out.world_t.append(t)
             out.world.append(len(ids))
             recent = []  # the pause for re-forming is not throughput
-        elif kind == "failure":
+        elif kind == Event.FAILURE:
             gen = int(ev.get("gen", -1))
             if gen not in failed_gens:  # every survivor reports the same failure
                 failed_gens.add(gen)
                 out.marks["failure"].append(t)
-        elif kind == "leave":
+        elif kind == Event.LEAVE:
             out.marks["leave"].append(t)
-        elif kind == "checkpoint" and ev.get("final") or kind == "checkpoint_committed":
+        elif kind == Event.CHECKPOINT and ev.get("final") or kind == Event.CHECKPOINT_COMMITTED:
             out.marks["checkpoint"].append(t)
-        elif kind == "recovered":
+        elif kind == Event.RECOVERED:
             out.marks["recovered"].append(t)
     if batch is None:
         out.rate_unit = "steps/s"  # a log written before the batch size was recorded

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from ..base.errors import ConfigError
-from ..base.events import LogFollower
+from ..base.events import Event, LogFollower
 from ..base.exitcodes import EXIT_FAILED, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_STOPPED
 
 _CLEAR = "\r\x1b[K"  # to column 0, erase to the end of the line
@@ -70,7 +70,7 @@ class RunStats:
 
     def _apply(self, ev: dict[str, Any]) -> None:
         kind = ev.get("event")
-        if kind == "step":
+        if kind == Event.STEP:
             self.step = int(ev.get("step", self.step))
             self.loss = ev.get("loss", self.loss)
             self.world = ev.get("world", self.world)
@@ -78,7 +78,7 @@ class RunStats:
             self.steps.append((float(ev["t"]), self.step))
             while len(self.steps) > self.rate_window:
                 self.steps.popleft()
-        elif kind == "generation":
+        elif kind == Event.GENERATION:
             self.generation = ev.get("gen", self.generation)
             self.world = len(ev.get("world") or []) or self.world
             self.step = int(ev.get("step", self.step))
@@ -86,18 +86,18 @@ class RunStats:
             self.global_batch = ev.get("global_batch", self.global_batch)
             # A pause for re-forming is not throughput: measure from here on.
             self.steps.clear()
-        elif kind == "failure":
+        elif kind == Event.FAILURE:
             self.failed_generations.add(int(ev.get("gen", -1)))
-        elif kind == "recovered":
+        elif kind == Event.RECOVERED:
             self.recoveries.append(float(ev.get("seconds", 0.0)))
-        elif kind == "checkpoint" and ev.get("final") or kind == "checkpoint_committed":
+        elif kind == Event.CHECKPOINT and ev.get("final") or kind == Event.CHECKPOINT_COMMITTED:
             self.checkpoints += 1
             self.last_checkpoint = ev.get("step", self.last_checkpoint)
-        elif kind == "checkpoint_failed":
+        elif kind == Event.CHECKPOINT_FAILED:
             self.checkpoint_failures += 1
-        elif kind == "spawn":
+        elif kind == Event.SPAWN:
             self.spawns += 1
-        elif kind == "finished":
+        elif kind == Event.FINISHED:
             self.finished = True
             self.step = int(ev.get("step", self.step))
             self.loss = ev.get("loss", self.loss)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..base.addr import HostAddress, local_address, mixed_hosts, split_hostport
-from ..base.errors import ConfigError, WorkerGroupError
+from ..base.errors import CollectiveTimeoutError, ConfigError, WorkerGroupError
 from ..coord.world import World
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,7 @@ class WorkerGroup:
             # or a wait blocking forever; the user's explicit setting wins.
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
             os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+        t0 = time.monotonic()
         try:
             if self.rank == 0:
                 base = self._store_host.store
@@ -189,7 +190,7 @@ class WorkerGroup:
             )
         except (RuntimeError, ValueError, OSError) as exc:
             self.close()
-            raise WorkerGroupError(
+            raise self._error_after(t0)(
                 f"forming generation {self.generation} (rank {self.rank}/{self.size}) "
                 f"failed: {exc}"
             ) from exc
@@ -233,12 +234,24 @@ class WorkerGroup:
 
     # -- collectives, with failures turned into one error type ---------------
 
+    def _error_after(self, t0: float) -> type[WorkerGroupError]:
+        """The type of a failure seen after waiting since ``t0``.
+
+        torch gives a timed-out gloo or NCCL operation no type of its own, only
+        a message; every timeout it applies is ``self.timeout``, counted from
+        when the operation started, later than ``t0``. So having waited that
+        long is what a timeout is.
+        """
+        timed_out = time.monotonic() - t0 >= self.timeout
+        return CollectiveTimeoutError if timed_out else WorkerGroupError
+
     def _run(self, what: str, fn, *args, watch: Watch | None = None, **kwargs) -> None:
+        t0 = time.monotonic()
         try:
             work = fn(*args, async_op=True, **kwargs)
             self._wait(what, work, watch or self.watch)
         except (RuntimeError, ValueError, OSError) as exc:
-            raise WorkerGroupError(
+            raise self._error_after(t0)(
                 f"{what} failed in generation {self.generation} (rank {self.rank}): {exc}"
             ) from exc
 
@@ -253,10 +266,12 @@ class WorkerGroup:
         while not done.wait(WATCH_SLICE_S):
             waited = time.monotonic() - t0
             reason = watch(waited) if watch is not None else None
+            error: type[WorkerGroupError] = WorkerGroupError
             if reason is None and time.monotonic() > deadline:
                 reason = f"no completion within the collective timeout ({self.timeout}s)"
+                error = CollectiveTimeoutError
             if reason is not None:
-                raise WorkerGroupError(
+                raise error(
                     f"{what} abandoned in generation {self.generation} (rank {self.rank}) "
                     f"after {waited:.2f}s: {reason}"
                 )

@@ -96,9 +96,14 @@ def test_leave_expectation_needs_its_leave_event_and_a_clean_exit() -> None:
 
 def test_freeze_expectation_fails_on_a_collective_time_out_while_frozen() -> None:
     rec = {"member": "w-2", "evicted": True, "stopped_s": 8.0}
-    timed_out = {"event": "failure", "error": "[gloo] Timed out waiting 4000ms for recv"}
+    timed_out = {"event": "failure", "error": "[gloo] Timed out waiting 4000ms for recv",
+                 "error_type": "CollectiveTimeoutError"}
+    # Judged by the type alone: a message that happens to say "timed out" is not one.
+    abandoned = {"event": "failure", "error": "all_reduce abandoned: w-2's lease timed out",
+                 "error_type": "WorkerGroupError"}
     assert _held("freeze-worker", rec, FakeRun(), rank=2, duration_s=30.0)
     assert not _held("freeze-worker", rec, FakeRun(timed_out), rank=2, duration_s=30.0)
+    assert _held("freeze-worker", rec, FakeRun(abandoned), rank=2, duration_s=30.0)
     assert not _held("freeze-worker", {**rec, "evicted": False}, FakeRun(), rank=2,
                      duration_s=30.0)
 

@@ -13,6 +13,7 @@ import signal
 
 import pytest
 
+from elastic.base.events import Event
 from elastic.train.ledger import check_ledger
 from tests.helpers import procs
 from tests.helpers.wait import wait_until
@@ -79,6 +80,8 @@ def test_frozen_peer_is_abandoned_on_its_lease_not_the_collective_timeout(
     assert job.wait(180) == 0, job.log_tail()
     assert any("abandoned" in err and "lost a member" in err for err in _failures(job)), \
         _failures(job)
+    types = {e.get("error_type") for e in job.events() if e["event"] == Event.FAILURE}
+    assert types == {"WorkerGroupError"}, types  # abandoned, not a CollectiveTimeoutError
     assert_matches_reference(job, reference)
 
 
