@@ -53,7 +53,8 @@ def test_a_script_run_without_the_launcher_says_how_to_start_it(tmp_path: Any) -
     assert done.returncode == EXIT_FATAL
     assert "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith("elastic: error: not started by `elastic run`: missing ")
+    assert done.stderr.startswith("elastic: error: not started by `elastic run`: ELASTIC_CONFIG "
+                                  "is not set")
     assert "elastic run -n N" in done.stderr
 
 
