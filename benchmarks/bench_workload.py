@@ -39,9 +39,13 @@ def make_data(n: int = 16384, dim: int = 64, classes: int = 10) -> TensorDataset
 
 def make_model(hidden: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(),
-                               torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
-                               torch.nn.Linear(hidden, 10))
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, 10),
+    )
 
 
 _never = threading.Event()
@@ -55,8 +59,9 @@ def write_final(model: torch.nn.Module, out_dir: str) -> None:
     from elastic import RuntimeConfig
 
     # Under torchrun there is no elastic config: the pid names the file.
-    member = (RuntimeConfig.from_env().member_id if "ELASTIC_CONFIG" in os.environ
-              else str(os.getpid()))
+    member = (
+        RuntimeConfig.from_env().member_id if "ELASTIC_CONFIG" in os.environ else str(os.getpid())
+    )
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{member}.pt")
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -76,8 +81,15 @@ def run_elastic(args: argparse.Namespace) -> int:
         x, y = batch
         return F.cross_entropy(model(x), y)
 
-    result = Trainer(model, opt, make_data(), loss_fn=loss_fn, global_batch_size=args.batch,
-                     max_steps=args.steps, epochs=1000).fit()
+    result = Trainer(
+        model,
+        opt,
+        make_data(),
+        loss_fn=loss_fn,
+        global_batch_size=args.batch,
+        max_steps=args.steps,
+        epochs=1000,
+    ).fit()
     # Only a worker that trained to the end holds the job's final parameters.
     if args.out_dir and result.final:
         write_final(model, args.out_dir)
@@ -102,8 +114,10 @@ def run_ddp(args: argparse.Namespace) -> int:
         start = state["step"]
     events = open(os.environ["BENCH_EVENTS"], "a") if rank == 0 else None
     if events:
-        events.write(json.dumps({"event": "start", "t": time.time(), "attempt": attempt,
-                                 "step": start}) + "\n")
+        events.write(
+            json.dumps({"event": "start", "t": time.time(), "attempt": attempt, "step": start})
+            + "\n"
+        )
         events.flush()
     n = len(data)
     for step in range(start, args.steps):
@@ -117,13 +131,24 @@ def run_ddp(args: argparse.Namespace) -> int:
         opt.step()
         done = step + 1
         if events:
-            events.write(json.dumps({"event": "step", "t": time.time(), "step": done,
-                                     "attempt": attempt, "world": world}) + "\n")
+            events.write(
+                json.dumps(
+                    {
+                        "event": "step",
+                        "t": time.time(),
+                        "step": done,
+                        "attempt": attempt,
+                        "world": world,
+                    }
+                )
+                + "\n"
+            )
             events.flush()
         if ckpt and rank == 0 and done % args.ckpt_every == 0:
             tmp = ckpt + ".tmp"
-            torch.save({"model": model.module.state_dict(), "opt": opt.state_dict(),
-                        "step": done}, tmp)
+            torch.save(
+                {"model": model.module.state_dict(), "opt": opt.state_dict(), "step": done}, tmp
+            )
             os.replace(tmp, ckpt)
     dist.destroy_process_group()
     return 0
@@ -138,8 +163,9 @@ def main() -> int:
     p.add_argument("--step-time", type=float, default=0.0)
     p.add_argument("--ckpt", default=None)
     p.add_argument("--ckpt-every", type=int, default=20)
-    p.add_argument("--hangable", action="store_true",
-                   help="SIGUSR1 hangs the training thread forever")
+    p.add_argument(
+        "--hangable", action="store_true", help="SIGUSR1 hangs the training thread forever"
+    )
     p.add_argument("--out-dir", default=None, help="elastic: final parameters go here")
     args = p.parse_args()
     if args.hangable:

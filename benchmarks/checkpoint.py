@@ -312,12 +312,21 @@ def measure(size_mb: float, repeat: int, world: int, workdir: str) -> dict[str, 
 ROWS = [("save (s)", "store save (s)", "dcp save (s)")]
 for _which in ("first", "later"):
     ROWS += [
-        (f"async, {_which} save: training blocked (s)",
-         f"store {_which} async blocked (s)", f"dcp {_which} async blocked (s)"),
-        (f"async, {_which} save: until durable (s)",
-         f"store {_which} async until durable (s)", f"dcp {_which} async until durable (s)"),
-        (f"async, {_which} save: peak extra RSS (MB)",
-         f"store {_which} async extra RSS (MB)", f"dcp {_which} async extra RSS (MB)"),
+        (
+            f"async, {_which} save: training blocked (s)",
+            f"store {_which} async blocked (s)",
+            f"dcp {_which} async blocked (s)",
+        ),
+        (
+            f"async, {_which} save: until durable (s)",
+            f"store {_which} async until durable (s)",
+            f"dcp {_which} async until durable (s)",
+        ),
+        (
+            f"async, {_which} save: peak extra RSS (MB)",
+            f"store {_which} async extra RSS (MB)",
+            f"dcp {_which} async extra RSS (MB)",
+        ),
     ]
 ROWS.append(("load (s)", "store load (s)", "dcp load (s)"))
 

@@ -107,15 +107,18 @@ class BenchConfig:
             raise ValueError(f"unknown fault {unknown[0]!r} (known: {', '.join(FAULTS)})")
         for name in ("trials", "curve_trials"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
-                                 f"got {getattr(self, name)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
         if self.workers < 2:
             raise ValueError(f"--workers must be >= 2 (one to lose), got {self.workers}")
         if any(n < 2 for n in self.curve):
             raise ValueError(f"--curve worker counts must be >= 2, got {list(self.curve)}")
         if not 0 < self.fault_step < self.steps - 20:
-            raise ValueError(f"--fault-step {self.fault_step} must leave 20 steps of the "
-                             f"{self.steps} to recover in")
+            raise ValueError(
+                f"--fault-step {self.fault_step} must leave 20 steps of the "
+                f"{self.steps} to recover in"
+            )
         if self.stop_after < 0:
             raise ValueError(f"--stop-after must be >= 0, got {self.stop_after}")
         for name in ("give_up", "job_timeout"):
@@ -145,18 +148,21 @@ class ElasticJob:
     @classmethod
     def new(cls, tmp: str, workers: int) -> ElasticJob:
         job = f"bf{uuid.uuid4().hex[:8]}"
-        return cls(job, os.path.join(tmp, f"{job}.jsonl"), os.path.join(tmp, f"{job}.final"),
-                   workers)
+        return cls(
+            job, os.path.join(tmp, f"{job}.jsonl"), os.path.join(tmp, f"{job}.final"), workers
+        )
 
     def cmd(self, etcd: str, n: int, cfg: BenchConfig, hangable: bool = False) -> list[str]:
         script = ["--out-dir", self.out_dir] + (["--hangable"] if hangable else [])
-        return elastic_cmd(self.job, etcd, self.log, n, cfg.steps, cfg.step_time,
-                           script_args=script)
+        return elastic_cmd(
+            self.job, etcd, self.log, n, cfg.steps, cfg.step_time, script_args=script
+        )
 
     def start(self, etcd: str, n: int, cfg: BenchConfig, hangable: bool = False) -> None:
         out = os.path.join(os.path.dirname(self.log), f"{self.job}.{len(self.launchers)}.out")
-        self.launchers.append(self.group.start(self.cmd(etcd, n, cfg, hangable),
-                                               dict(os.environ), out))
+        self.launchers.append(
+            self.group.start(self.cmd(etcd, n, cfg, hangable), dict(os.environ), out)
+        )
 
     def events(self) -> list[dict]:
         return read_events(self.log, missing_ok=True)
@@ -166,13 +172,21 @@ class ElasticJob:
         return gen["gen"], gen["world"]
 
     def spawn_of(self, member: str) -> dict:
-        return [e for e in self.events() if e["event"] == Event.SPAWN
-                and e.get("member") == member][-1]
+        return [
+            e for e in self.events() if e["event"] == Event.SPAWN and e.get("member") == member
+        ][-1]
 
     def wait_full(self, at_step: int) -> bool:
         """Until a World of every worker completed step ``at_step``."""
-        return bool(wait_for(lambda: any(e["step"] >= at_step and e["world"] == self.workers
-                                         for e in steps_of(self.events())), 180))
+        return bool(
+            wait_for(
+                lambda: any(
+                    e["step"] >= at_step and e["world"] == self.workers
+                    for e in steps_of(self.events())
+                ),
+                180,
+            )
+        )
 
     def wait_finished(self, launchers: list[subprocess.Popen], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -209,6 +223,7 @@ def _signal_member(sig: int, pick: Callable[[int], int]) -> ElasticFault:
         t = time.time()
         os.kill(pid, sig)
         return Injected(t, detail={"victim_rank": rank})
+
     return inject
 
 
@@ -225,12 +240,19 @@ def freeze(job: ElasticJob, trial: int) -> Injected:
 
     def thaw() -> None:
         # Thawed once evicted (a World without it), or at give-up at the latest.
-        wait_for(lambda: [e for e in job.events() if e["event"] == Event.GENERATION
-                          and e["gen"] > gen and victim not in e["world"]], 5)
+        wait_for(
+            lambda: [
+                e
+                for e in job.events()
+                if e["event"] == Event.GENERATION and e["gen"] > gen and victim not in e["world"]
+            ],
+            5,
+        )
         try:
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
+
     return Injected(t, after=thaw)
 
 
@@ -258,8 +280,15 @@ def kill_tree(root: int) -> float:
 # -- measuring one elastic trial ------------------------------------------------------
 
 
-def measure(job: ElasticJob, cfg: BenchConfig, trial: int, inject: ElasticFault,
-            reference: dict | None, reform: bool = True, finish: bool = True) -> dict:
+def measure(
+    job: ElasticJob,
+    cfg: BenchConfig,
+    trial: int,
+    inject: ElasticFault,
+    reference: dict | None,
+    reform: bool = True,
+    finish: bool = True,
+) -> dict:
     """Fault at step ``cfg.fault_step`` of a full World, then let the job finish
     and compare its parameters with ``reference`` (unless ``finish`` is False:
     the recovery alone)."""
@@ -268,20 +297,27 @@ def measure(job: ElasticJob, cfg: BenchConfig, trial: int, inject: ElasticFault,
     gen, _ = job.world()
     injected = inject(job, trial)
     try:
-        after = wait_for(lambda: [e for e in steps_of(job.events())
-                                  if e["t"] > injected.t and (e["gen"] > gen or not reform)],
-                         cfg.give_up)
+        after = wait_for(
+            lambda: [
+                e
+                for e in steps_of(job.events())
+                if e["t"] > injected.t and (e["gen"] > gen or not reform)
+            ],
+            cfg.give_up,
+        )
     finally:
         injected.after()
     survivors = [p for p in job.launchers if p not in injected.lost]
     finished = finish and job.wait_finished(survivors, cfg.job_timeout)
     events = job.events()
-    out: dict[str, Any] = {"recovered": bool(after), "redone": steps_redone(events),
-                           "fault_at_step": last_step_before(events, injected.t),
-                           **injected.detail}
+    out: dict[str, Any] = {
+        "recovered": bool(after),
+        "redone": steps_redone(events),
+        "fault_at_step": last_step_before(events, injected.t),
+        **injected.detail,
+    }
     if after:
-        out["seconds"] = (after[0]["t"] - injected.t if reform
-                          else longest_pause(events, injected.t))
+        out["seconds"] = after[0]["t"] - injected.t if reform else longest_pause(events, injected.t)
     if not finish:
         return out
     out["finished"] = finished
@@ -326,8 +362,14 @@ class Runner:
             self._refs[workers] = reference_params(self.tmp, self.etcd.url, workers, self.cfg)
         return self._refs[workers]
 
-    def local(self, trial: int, inject: ElasticFault, workers: int | None = None,
-              hangable: bool = False, finish: bool = True) -> dict:
+    def local(
+        self,
+        trial: int,
+        inject: ElasticFault,
+        workers: int | None = None,
+        hangable: bool = False,
+        finish: bool = True,
+    ) -> dict:
         workers = workers or self.cfg.workers
         ref = self.reference(workers) if finish else None
         job = ElasticJob.new(self.tmp, workers)
@@ -338,8 +380,7 @@ class Runner:
             job.close()
 
     def kill(self, trial: int, workers: int | None = None, finish: bool = True) -> dict:
-        return self.local(trial, _signal_member(signal.SIGKILL, _alternate), workers,
-                          finish=finish)
+        return self.local(trial, _signal_member(signal.SIGKILL, _alternate), workers, finish=finish)
 
     def freeze(self, trial: int) -> dict:
         return self.local(trial, freeze)
@@ -370,6 +411,7 @@ class Runner:
                     cluster.kill_member(leader)
                     # Which of the --etcd endpoints (clients start on the first).
                     return Injected(t, detail={"killed_leader": cluster.urls.index(leader)})
+
                 return measure(job, self.cfg, trial, kill_leader, ref, reform=False)
             finally:
                 job.close()
@@ -388,9 +430,15 @@ class Runner:
                 url = bed.etcd_single(os.path.join(self.tmp, f"{job.job}-etcd"))
                 for host, n in zip(bed.hosts, self.cfg.hosts(self.cfg.workers), strict=False):
                     with open(os.path.join(self.tmp, f"{job.job}.h{host.index}.out"), "ab") as f:
-                        job.launchers.append(host.run(job.cmd(url, n, self.cfg), env=env,
-                                                      cwd=self.tmp, stdout=f,
-                                                      stderr=subprocess.STDOUT))
+                        job.launchers.append(
+                            host.run(
+                                job.cmd(url, n, self.cfg),
+                                env=env,
+                                cwd=self.tmp,
+                                stdout=f,
+                                stderr=subprocess.STDOUT,
+                            )
+                        )
                 job.group.procs.extend(job.launchers)
                 cut = bed.hosts[-1]
 
@@ -398,6 +446,7 @@ class Runner:
                     t = time.time()
                     cut.link_down()
                     return Injected(t, lost=[job.launchers[-1]])
+
                 return measure(job, self.cfg, trial, pull_cable, ref)
             finally:
                 job.close()
@@ -407,24 +456,40 @@ class Runner:
 
     def torchrun(self, fault: str, trial: int) -> dict:
         cfg = self.cfg
-        common = dict(step_time=cfg.step_time, give_up=cfg.give_up, lazy=cfg.torchrun_lazy,
-                      at_step=cfg.fault_step)
+        common = dict(
+            step_time=cfg.step_time,
+            give_up=cfg.give_up,
+            lazy=cfg.torchrun_lazy,
+            at_step=cfg.fault_step,
+        )
         if fault == "kill":
-            return trial_torchrun(self.tmp, nproc=cfg.workers, **common,
-                                  fault=signal_local_rank(signal.SIGKILL, _alternate(trial)))
+            return trial_torchrun(
+                self.tmp,
+                nproc=cfg.workers,
+                **common,
+                fault=signal_local_rank(signal.SIGKILL, _alternate(trial)),
+            )
         if fault == "freeze":
-            return trial_torchrun(self.tmp, nproc=cfg.workers, **common,
-                                  fault=signal_local_rank(signal.SIGSTOP))
+            return trial_torchrun(
+                self.tmp, nproc=cfg.workers, **common, fault=signal_local_rank(signal.SIGSTOP)
+            )
         if fault == "hang":
-            return trial_torchrun(self.tmp, nproc=cfg.workers, **common,
-                                  fault=signal_local_rank(signal.SIGUSR1),
-                                  script_args=["--hangable"])
+            return trial_torchrun(
+                self.tmp,
+                nproc=cfg.workers,
+                **common,
+                fault=signal_local_rank(signal.SIGUSR1),
+                script_args=["--hangable"],
+            )
         hosts = cfg.hosts(cfg.workers)
         if len(set(hosts)) != 1:
-            return {"skipped": f"torchrun needs the same workers per host; {cfg.workers} "
-                               f"workers on {len(hosts)} hosts are not"}
-        return trial_torchrun(self.tmp, nproc=hosts[0], agents=len(hosts), **common,
-                              fault=kill_last_agent)
+            return {
+                "skipped": f"torchrun needs the same workers per host; {cfg.workers} "
+                f"workers on {len(hosts)} hosts are not"
+            }
+        return trial_torchrun(
+            self.tmp, nproc=hosts[0], agents=len(hosts), **common, fault=kill_last_agent
+        )
 
 
 def kill_last_agent(agents: list[subprocess.Popen], log: str) -> float | str:
@@ -493,7 +558,8 @@ def markdown(cfg: BenchConfig, results: dict[str, Any]) -> str:
         f"{cfg.steps} steps, fault at step {cfg.fault_step}, {cfg.step_time}s simulated "
         f"compute per step; `elastic run` defaults; torchrun c10d, --max-restarts 3, "
         f"checkpoint every 20 steps"
-        + (", TORCH_GLOO_LAZY_INIT=1" if cfg.torchrun_lazy else ", default gloo") + ".",
+        + (", TORCH_GLOO_LAZY_INIT=1" if cfg.torchrun_lazy else ", default gloo")
+        + ".",
         "Seconds: fault -> next completed step (etcd-leader-loss: longest pause between "
         f"steps after the fault); median (min-max) over recovered trials; not recovered: no "
         f"such step within {cfg.give_up:g} s ((stopped): the rest of the trials were not run "
@@ -502,22 +568,33 @@ def markdown(cfg: BenchConfig, results: dict[str, Any]) -> str:
         "(largest max abs diff).",
     ]
     if cfg.faults:
-        lines += ["", "| fault | this runtime median s (min-max) | redone | recovered "
-                  "| final params | torchrun median s | redone | recovered |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| fault | this runtime median s (min-max) | redone | recovered "
+            "| final params | torchrun median s | redone | recovered |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for fault in cfg.faults:
         e = results["elastic"][fault]["summary"]
         t = results["torchrun"].get(fault, {}).get("summary", {"skipped": "does not apply"})
         if not cfg.torchrun and fault in TORCHRUN_FAULTS:
             t = {"skipped": "not run"}
         reason = e.get("skipped")
-        lines.append(f"| {fault} | {_seconds(e)}" + (f": {reason}" if reason else "")
-                     + f" | {_redone(e)} | {_recovered(e)} | {_params(e)} | "
-                     + ("does not apply" if fault not in TORCHRUN_FAULTS else _seconds(t))
-                     + f" | {_redone(t)} | {_recovered(t)} |")
+        lines.append(
+            f"| {fault} | {_seconds(e)}"
+            + (f": {reason}" if reason else "")
+            + f" | {_redone(e)} | {_recovered(e)} | {_params(e)} | "
+            + ("does not apply" if fault not in TORCHRUN_FAULTS else _seconds(t))
+            + f" | {_redone(t)} | {_recovered(t)} |"
+        )
     if cfg.curve:
-        lines += ["", f"Kill curve ({cfg.curve_trials} trial(s) per size, recovery only):", "",
-                  "| workers | median s (min-max) | redone | recovered |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Kill curve ({cfg.curve_trials} trial(s) per size, recovery only):",
+            "",
+            "| workers | median s (min-max) | redone | recovered |",
+            "|---|---|---|---|",
+        ]
         for n in cfg.curve:
             s = results["curve"][str(n)]["summary"]
             lines.append(f"| {n} | {_seconds(s)} | {_redone(s)} | {_recovered(s)} |")
@@ -529,14 +606,15 @@ def markdown(cfg: BenchConfig, results: dict[str, Any]) -> str:
 
 @contextmanager
 def workspace() -> Iterator[tuple[str, EmbeddedEtcd]]:
-    with tempfile.TemporaryDirectory(prefix="bench-failures-") as tmp, \
-            EmbeddedEtcd(data_dir=os.path.join(tmp, "etcd"), die_with_parent=True) as etcd:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-failures-") as tmp,
+        EmbeddedEtcd(data_dir=os.path.join(tmp, "etcd"), die_with_parent=True) as etcd,
+    ):
         yield tmp, etcd
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
-    results: dict[str, Any] = {"config": asdict(cfg), "elastic": {}, "torchrun": {},
-                               "curve": {}}
+    results: dict[str, Any] = {"config": asdict(cfg), "elastic": {}, "torchrun": {}, "curve": {}}
     with workspace() as (tmp, etcd):
         runner = Runner(cfg, tmp, etcd)
         for fault in cfg.faults:
@@ -544,18 +622,23 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             if cfg.torchrun and fault in TORCHRUN_FAULTS:
                 sides.append(("torchrun", runner.torchrun))
             for side, fn in sides:
-                results[side][fault] = repeat(cfg, f"{side} {fault}",
-                                              lambda i, f=fault, fn=fn: fn(f, i))
+                results[side][fault] = repeat(
+                    cfg, f"{side} {fault}", lambda i, f=fault, fn=fn: fn(f, i)
+                )
         # The curve measures the recovery alone: no run to the end, no reference.
         for n in cfg.curve:
             results["curve"][str(n)] = repeat(
-                cfg, f"curve {n} workers", lambda i, n=n: runner.kill(i, workers=n, finish=False),
-                trials=cfg.curve_trials)
+                cfg,
+                f"curve {n} workers",
+                lambda i, n=n: runner.kill(i, workers=n, finish=False),
+                trials=cfg.curve_trials,
+            )
     return results
 
 
-def repeat(cfg: BenchConfig, label: str, trial: Callable[[int], dict],
-           trials: int | None = None) -> dict[str, Any]:
+def repeat(
+    cfg: BenchConfig, label: str, trial: Callable[[int], dict], trials: int | None = None
+) -> dict[str, Any]:
     n = cfg.trials if trials is None else trials
     done: list[dict] = []
     for i in range(n):
@@ -566,11 +649,13 @@ def repeat(cfg: BenchConfig, label: str, trial: Callable[[int], dict],
         print(f"{label} trial {i + 1}/{n}: {r}", file=sys.stderr, flush=True)
         if "skipped" in r:
             break
-        tail = done[-cfg.stop_after:] if cfg.stop_after else []
-        if len(tail) == cfg.stop_after and not any(t.get("recovered") for t in tail) \
-                and i + 1 < n:
-            print(f"{label}: {cfg.stop_after} unrecovered in a row, stopping", file=sys.stderr,
-                  flush=True)
+        tail = done[-cfg.stop_after :] if cfg.stop_after else []
+        if len(tail) == cfg.stop_after and not any(t.get("recovered") for t in tail) and i + 1 < n:
+            print(
+                f"{label}: {cfg.stop_after} unrecovered in a row, stopping",
+                file=sys.stderr,
+                flush=True,
+            )
             break
     s = summary(done)
     if "trials" in s and s["trials"] < n:
@@ -582,47 +667,85 @@ def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}")\
-            from None
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}"
+        ) from None
 
 
 def parse(argv: list[str] | None = None) -> BenchConfig:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     d = BenchConfig()
-    ap.add_argument("--faults", default=",".join(FAULTS),
-                    help=f"comma-separated subset of {','.join(FAULTS)} (default: all)")
+    ap.add_argument(
+        "--faults",
+        default=",".join(FAULTS),
+        help=f"comma-separated subset of {','.join(FAULTS)} (default: all)",
+    )
     ap.add_argument("--trials", type=int, default=d.trials)
     ap.add_argument("--workers", type=int, default=d.workers)
-    ap.add_argument("--curve", type=_ints, default=(), metavar="N,N,...",
-                    help="also run the kill at each of these worker counts")
-    ap.add_argument("--curve-trials", type=int, default=d.curve_trials,
-                    help=f"trials per worker count of the curve (default {d.curve_trials})")
+    ap.add_argument(
+        "--curve",
+        type=_ints,
+        default=(),
+        metavar="N,N,...",
+        help="also run the kill at each of these worker counts",
+    )
+    ap.add_argument(
+        "--curve-trials",
+        type=int,
+        default=d.curve_trials,
+        help=f"trials per worker count of the curve (default {d.curve_trials})",
+    )
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--fault-step", type=int, default=d.fault_step)
-    ap.add_argument("--step-time", type=float, default=d.step_time,
-                    help="seconds of simulated compute per step")
-    ap.add_argument("--give-up", type=float, default=d.give_up,
-                    help="a fault with no step within this many seconds is not recovered")
-    ap.add_argument("--job-timeout", type=float, default=d.job_timeout,
-                    help="seconds a job may take to finish after its fault")
-    ap.add_argument("--stop-after", type=int, default=d.stop_after, metavar="K",
-                    help="stop a side's trials of a fault after K unrecovered in a row "
-                         "(0: never; default 2)")
+    ap.add_argument(
+        "--step-time", type=float, default=d.step_time, help="seconds of simulated compute per step"
+    )
+    ap.add_argument(
+        "--give-up",
+        type=float,
+        default=d.give_up,
+        help="a fault with no step within this many seconds is not recovered",
+    )
+    ap.add_argument(
+        "--job-timeout",
+        type=float,
+        default=d.job_timeout,
+        help="seconds a job may take to finish after its fault",
+    )
+    ap.add_argument(
+        "--stop-after",
+        type=int,
+        default=d.stop_after,
+        metavar="K",
+        help="stop a side's trials of a fault after K unrecovered in a row (0: never; default 2)",
+    )
     ap.add_argument("--no-torchrun", action="store_true", help="only this runtime")
-    ap.add_argument("--torchrun-default-gloo", action="store_true",
-                    help="torchrun without TORCH_GLOO_LAZY_INIT=1 (it rarely recovers then)")
+    ap.add_argument(
+        "--torchrun-default-gloo",
+        action="store_true",
+        help="torchrun without TORCH_GLOO_LAZY_INIT=1 (it rarely recovers then)",
+    )
     ap.add_argument("--out", default=d.out, help="folder for failures.json and failures.md")
     args = ap.parse_args(argv)
     try:
         return BenchConfig(
             faults=tuple(f.strip() for f in args.faults.split(",") if f.strip()),
-            trials=args.trials, workers=args.workers, curve=args.curve,
-            curve_trials=args.curve_trials, steps=args.steps,
-            fault_step=args.fault_step, step_time=args.step_time, give_up=args.give_up,
-            job_timeout=args.job_timeout, stop_after=args.stop_after,
+            trials=args.trials,
+            workers=args.workers,
+            curve=args.curve,
+            curve_trials=args.curve_trials,
+            steps=args.steps,
+            fault_step=args.fault_step,
+            step_time=args.step_time,
+            give_up=args.give_up,
+            job_timeout=args.job_timeout,
+            stop_after=args.stop_after,
             torchrun=not args.no_torchrun,
-            torchrun_lazy=not args.torchrun_default_gloo, out=args.out)
+            torchrun_lazy=not args.torchrun_default_gloo,
+            out=args.out,
+        )
     except ValueError as exc:
         ap.error(str(exc))
         raise  # unreachable: ap.error exits

@@ -65,7 +65,7 @@ def descendants(root: int) -> set[int]:
         try:
             with open(f"/proc/{d}/stat") as f:
                 stat = f.read()
-            ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+            ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(int(d))
@@ -97,8 +97,9 @@ class Group:
     def start(self, args: list[str], env: dict[str, str], log: str) -> subprocess.Popen:
         with open(log, "ab") as f:
             # Dies with this process even when it is killed outright.
-            p = subprocess.Popen(dying_with_parent(args), env=env, stdout=f, stderr=f,
-                                 start_new_session=True)
+            p = subprocess.Popen(
+                dying_with_parent(args), env=env, stdout=f, stderr=f, start_new_session=True
+            )
         self.procs.append(p)
         return p
 
@@ -118,12 +119,38 @@ class Group:
                 pass
 
 
-def elastic_cmd(job: str, etcd: str, events: str, n: int, steps: int, step_time: float,
-                extra: list[str] | None = None,
-                script_args: list[str] | None = None) -> list[str]:
-    return [sys.executable, "-m", "elastic.cli", "run", "-n", str(n), "--job", job,
-            "--etcd", etcd, "--event-log", events, *(extra or []), WORKLOAD, "elastic",
-            "--steps", str(steps), "--step-time", str(step_time), *(script_args or [])]
+def elastic_cmd(
+    job: str,
+    etcd: str,
+    events: str,
+    n: int,
+    steps: int,
+    step_time: float,
+    extra: list[str] | None = None,
+    script_args: list[str] | None = None,
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "elastic.cli",
+        "run",
+        "-n",
+        str(n),
+        "--job",
+        job,
+        "--etcd",
+        etcd,
+        "--event-log",
+        events,
+        *(extra or []),
+        WORKLOAD,
+        "elastic",
+        "--steps",
+        str(steps),
+        "--step-time",
+        str(step_time),
+        *(script_args or []),
+    ]
 
 
 def steps_of(events: list[dict]) -> list[dict]:
@@ -142,10 +169,14 @@ def trial_elastic_kill(tmp: str, etcd: str, step_time: float, give_up: float) ->
     log = os.path.join(tmp, f"{job}.jsonl")
     g = Group()
     try:
-        g.start(elastic_cmd(job, etcd, log, 3, 2000, step_time, ["--max-restarts", "0"]),
-                dict(os.environ), os.path.join(tmp, f"{job}.out"))
-        if not wait_for(lambda: any(e["step"] >= 30
-                                    for e in steps_of(read_events(log, missing_ok=True))), 180):
+        g.start(
+            elastic_cmd(job, etcd, log, 3, 2000, step_time, ["--max-restarts", "0"]),
+            dict(os.environ),
+            os.path.join(tmp, f"{job}.out"),
+        )
+        if not wait_for(
+            lambda: any(e["step"] >= 30 for e in steps_of(read_events(log, missing_ok=True))), 180
+        ):
             return {"recovered": False, "error": "never reached step 30"}
         evs = read_events(log, missing_ok=True)
         gen_event = [e for e in evs if e["event"] == Event.GENERATION][-1]
@@ -153,14 +184,24 @@ def trial_elastic_kill(tmp: str, etcd: str, step_time: float, give_up: float) ->
         pid = [e for e in evs if e["event"] == Event.SPAWN and e["member"] == victim][-1]["pid"]
         t_kill = time.time()
         os.kill(pid, signal.SIGKILL)
-        after = wait_for(lambda: [e for e in steps_of(read_events(log, missing_ok=True))
-                                  if e["gen"] > gen_event["gen"]], give_up)
+        after = wait_for(
+            lambda: [
+                e
+                for e in steps_of(read_events(log, missing_ok=True))
+                if e["gen"] > gen_event["gen"]
+            ],
+            give_up,
+        )
         if not after:
             return {"recovered": False}
-        before = max(e["step"] for e in steps_of(read_events(log, missing_ok=True))
-                     if e["t"] <= t_kill)
-        return {"recovered": True, "seconds": after[0]["t"] - t_kill,
-                "redone": before - (after[0]["step"] - 1)}
+        before = max(
+            e["step"] for e in steps_of(read_events(log, missing_ok=True)) if e["t"] <= t_kill
+        )
+        return {
+            "recovered": True,
+            "seconds": after[0]["t"] - t_kill,
+            "redone": before - (after[0]["step"] - 1),
+        }
     finally:
         g.close()
 
@@ -170,22 +211,34 @@ def trial_elastic_join(tmp: str, etcd: str, step_time: float, give_up: float) ->
     log = os.path.join(tmp, f"{job}.jsonl")
     g = Group()
     try:
-        g.start(elastic_cmd(job, etcd, log, 3, 2000, step_time), dict(os.environ),
-                os.path.join(tmp, f"{job}.out"))
-        if not wait_for(lambda: any(e["step"] >= 30
-                                    for e in steps_of(read_events(log, missing_ok=True))), 180):
+        g.start(
+            elastic_cmd(job, etcd, log, 3, 2000, step_time),
+            dict(os.environ),
+            os.path.join(tmp, f"{job}.out"),
+        )
+        if not wait_for(
+            lambda: any(e["step"] >= 30 for e in steps_of(read_events(log, missing_ok=True))), 180
+        ):
             return {"joined": False, "error": "never reached step 30"}
-        g.start(elastic_cmd(job, etcd, log, 1, 2000, step_time), dict(os.environ),
-                os.path.join(tmp, f"{job}.join.out"))
-        grown = wait_for(lambda: [e for e in steps_of(read_events(log, missing_ok=True))
-                                  if e["world"] == 4], give_up + 30)
+        g.start(
+            elastic_cmd(job, etcd, log, 1, 2000, step_time),
+            dict(os.environ),
+            os.path.join(tmp, f"{job}.join.out"),
+        )
+        grown = wait_for(
+            lambda: [e for e in steps_of(read_events(log, missing_ok=True)) if e["world"] == 4],
+            give_up + 30,
+        )
         if not grown:
             return {"joined": False}
         steps = steps_of(read_events(log, missing_ok=True))
         first = grown[0]
         prev = max((e for e in steps if e["step"] == first["step"] - 1), key=lambda e: e["t"])
-        intervals = [b["t"] - a["t"] for a, b in zip(steps, steps[1:], strict=False)
-                     if a["gen"] == b["gen"] and b["step"] == a["step"] + 1]
+        intervals = [
+            b["t"] - a["t"]
+            for a, b in zip(steps, steps[1:], strict=False)
+            if a["gen"] == b["gen"] and b["step"] == a["step"] + 1
+        ]
         usual = statistics.median(intervals)
         gap = first["t"] - prev["t"]
         return {"joined": True, "gap": gap, "usual": usual, "pause": max(0.0, gap - usual)}
@@ -193,14 +246,42 @@ def trial_elastic_join(tmp: str, etcd: str, step_time: float, give_up: float) ->
         g.close()
 
 
-def torchrun_cmd(job: str, port: int, steps: int, step_time: float, ckpt: str | None,
-                 n: int = 3, nnodes: str = "1", script_args: list[str] | None = None,
-                 extra: list[str] | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes,
-           "--nproc-per-node", str(n), "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", job, "--max-restarts", "3",
-           *(extra or []), WORKLOAD, "ddp", "--steps", str(steps), "--step-time", str(step_time),
-           *(script_args or [])]
+def torchrun_cmd(
+    job: str,
+    port: int,
+    steps: int,
+    step_time: float,
+    ckpt: str | None,
+    n: int = 3,
+    nnodes: str = "1",
+    script_args: list[str] | None = None,
+    extra: list[str] | None = None,
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        nnodes,
+        "--nproc-per-node",
+        str(n),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        job,
+        "--max-restarts",
+        "3",
+        *(extra or []),
+        WORKLOAD,
+        "ddp",
+        "--steps",
+        str(steps),
+        "--step-time",
+        str(step_time),
+        *(script_args or []),
+    ]
     if ckpt:
         cmd += ["--ckpt", ckpt, "--ckpt-every", "20"]
     return cmd
@@ -208,9 +289,12 @@ def torchrun_cmd(job: str, port: int, steps: int, step_time: float, ckpt: str | 
 
 def workers_of(agent: subprocess.Popen, log: str, local_rank: int) -> list[int]:
     """Pids of ``agent``'s training processes of ``local_rank`` in the job logging to ``log``."""
-    return [p for p in descendants(agent.pid)
-            if environ_of(p).get("LOCAL_RANK") == str(local_rank)
-            and environ_of(p).get("BENCH_EVENTS") == log]
+    return [
+        p
+        for p in descendants(agent.pid)
+        if environ_of(p).get("LOCAL_RANK") == str(local_rank)
+        and environ_of(p).get("BENCH_EVENTS") == log
+    ]
 
 
 # Injects a fault into a running torchrun job (its agents, its step log): the
@@ -220,6 +304,7 @@ TorchrunFault = Callable[[list[subprocess.Popen], str], "float | str"]
 
 def signal_local_rank(sig: int, local_rank: int = 1) -> TorchrunFault:
     """A fault: ``sig`` to ``local_rank`` of the first agent."""
+
     def fault(agents: list[subprocess.Popen], log: str) -> float | str:
         victims = workers_of(agents[0], log, local_rank)
         if not victims:
@@ -228,12 +313,22 @@ def signal_local_rank(sig: int, local_rank: int = 1) -> TorchrunFault:
         for pid in victims:
             os.kill(pid, sig)
         return t
+
     return fault
 
 
-def trial_torchrun(tmp: str, step_time: float, give_up: float, lazy: bool, *,
-                   fault: TorchrunFault | None = None, agents: int = 1, nproc: int = 3,
-                   at_step: int = 30, script_args: list[str] | None = None) -> dict:
+def trial_torchrun(
+    tmp: str,
+    step_time: float,
+    give_up: float,
+    lazy: bool,
+    *,
+    fault: TorchrunFault | None = None,
+    agents: int = 1,
+    nproc: int = 3,
+    at_step: int = 30,
+    script_args: list[str] | None = None,
+) -> dict:
     """torchrun (``agents`` agents of ``nproc`` workers, one rendezvous) under
     ``fault`` (default: SIGKILL of local rank 1) at step ``at_step``: seconds
     from the fault to the first step of a restarted attempt, steps redone."""
@@ -254,29 +349,57 @@ def trial_torchrun(tmp: str, step_time: float, give_up: float, lazy: bool, *,
 
     g = Group()
     try:
-        started = [g.start(torchrun_cmd(job, port, 2000, step_time,
-                                        os.path.join(tmp, f"{job}.pt"), n=nproc,
-                                        nnodes=nnodes, script_args=script_args,
-                                        extra=rdzv_host(i)),
-                           env, os.path.join(tmp, f"{job}.{i}.out"))
-                   for i in range(agents)]
+        started = [
+            g.start(
+                torchrun_cmd(
+                    job,
+                    port,
+                    2000,
+                    step_time,
+                    os.path.join(tmp, f"{job}.pt"),
+                    n=nproc,
+                    nnodes=nnodes,
+                    script_args=script_args,
+                    extra=rdzv_host(i),
+                ),
+                env,
+                os.path.join(tmp, f"{job}.{i}.out"),
+            )
+            for i in range(agents)
+        ]
         world = agents * nproc
-        if not wait_for(lambda: any(e["step"] >= at_step and e["world"] == world
-                                    for e in steps_of(read_events(log, missing_ok=True))), 180):
+        if not wait_for(
+            lambda: any(
+                e["step"] >= at_step and e["world"] == world
+                for e in steps_of(read_events(log, missing_ok=True))
+            ),
+            180,
+        ):
             return {"recovered": False, "error": f"never reached step {at_step}"}
         t_fault = fault(started, log)
         if isinstance(t_fault, str):
             return {"recovered": False, "error": t_fault}
-        after = wait_for(lambda: [e for e in steps_of(read_events(log, missing_ok=True))
-                                  if e["attempt"] >= 1], give_up)
+        after = wait_for(
+            lambda: [e for e in steps_of(read_events(log, missing_ok=True)) if e["attempt"] >= 1],
+            give_up,
+        )
         if not after:
             return {"recovered": False}
         before = last_step_before(read_events(log, missing_ok=True), t_fault) or 0
         # Redone steps are counted once the restarted attempt got past the fault.
-        wait_for(lambda: any(e["attempt"] >= 1 and e["step"] > before
-                             for e in steps_of(read_events(log, missing_ok=True))), give_up)
-        return {"recovered": True, "seconds": after[0]["t"] - t_fault,
-                "redone": steps_redone(read_events(log, missing_ok=True)), "fault_at_step": before}
+        wait_for(
+            lambda: any(
+                e["attempt"] >= 1 and e["step"] > before
+                for e in steps_of(read_events(log, missing_ok=True))
+            ),
+            give_up,
+        )
+        return {
+            "recovered": True,
+            "seconds": after[0]["t"] - t_fault,
+            "redone": steps_redone(read_events(log, missing_ok=True)),
+            "fault_at_step": before,
+        }
     finally:
         g.close()
 
@@ -292,8 +415,11 @@ def trial_torchrun_kill(tmp: str, step_time: float, give_up: float, lazy: bool) 
 
 def steady_interval(log: str) -> float | None:
     steps = [e for e in steps_of(read_events(log, missing_ok=True)) if 20 <= e["step"] <= 120]
-    intervals = [b["t"] - a["t"] for a, b in zip(steps, steps[1:], strict=False)
-                 if b["step"] == a["step"] + 1]
+    intervals = [
+        b["t"] - a["t"]
+        for a, b in zip(steps, steps[1:], strict=False)
+        if b["step"] == a["step"] + 1
+    ]
     return statistics.median(intervals) if intervals else None
 
 
@@ -332,36 +458,56 @@ def fmt(x: float | None, unit: str = "s") -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="1 trial each, for a smoke check")
-    ap.add_argument("--step-time", type=float, default=0.05,
-                    help="seconds of simulated compute per step in the failure cases")
+    ap.add_argument(
+        "--step-time",
+        type=float,
+        default=0.05,
+        help="seconds of simulated compute per step in the failure cases",
+    )
     ap.add_argument("--hidden", type=int, default=512, help="MLP width for the steady case")
-    ap.add_argument("--give-up", type=float, default=30.0,
-                    help="a kill with no step within this many seconds is not recovered")
+    ap.add_argument(
+        "--give-up",
+        type=float,
+        default=30.0,
+        help="a kill with no step within this many seconds is not recovered",
+    )
     ap.add_argument("--json", default=None, help="write raw results here")
     args = ap.parse_args()
     trials = 1 if args.quick else args.trials
     if trials < 1:
         ap.error("--trials must be >= 1")
-    results: dict[str, list[dict]] = {k: [] for k in
-                                      ("elastic_kill", "elastic_join", "torchrun_default",
-                                       "torchrun_lazy", "steady")}
-    with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp, \
-            EmbeddedEtcd(data_dir=os.path.join(tmp, "etcd")) as etcd:
+    results: dict[str, list[dict]] = {
+        k: []
+        for k in ("elastic_kill", "elastic_join", "torchrun_default", "torchrun_lazy", "steady")
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp,
+        EmbeddedEtcd(data_dir=os.path.join(tmp, "etcd")) as etcd,
+    ):
         for i in range(trials):
             # Interleaved so drift of the machine affects every case alike.
             for name, fn in (
-                ("elastic_kill", lambda: trial_elastic_kill(tmp, etcd.url, args.step_time,
-                                                            args.give_up)),
-                ("elastic_join", lambda: trial_elastic_join(tmp, etcd.url, args.step_time,
-                                                            args.give_up)),
-                ("torchrun_default", lambda: trial_torchrun_kill(tmp, args.step_time,
-                                                                 args.give_up, lazy=False)),
-                ("torchrun_lazy", lambda: trial_torchrun_kill(tmp, args.step_time,
-                                                              args.give_up, lazy=True)),
+                (
+                    "elastic_kill",
+                    lambda: trial_elastic_kill(tmp, etcd.url, args.step_time, args.give_up),
+                ),
+                (
+                    "elastic_join",
+                    lambda: trial_elastic_join(tmp, etcd.url, args.step_time, args.give_up),
+                ),
+                (
+                    "torchrun_default",
+                    lambda: trial_torchrun_kill(tmp, args.step_time, args.give_up, lazy=False),
+                ),
+                (
+                    "torchrun_lazy",
+                    lambda: trial_torchrun_kill(tmp, args.step_time, args.give_up, lazy=True),
+                ),
                 ("steady", lambda: trial_steady(tmp, etcd.url, args.hidden)),
             ):
                 r = fn()
@@ -371,8 +517,10 @@ def main() -> int:
     def kill_row(name: str, label: str) -> str:
         rs = results[name]
         ok = [r for r in rs if r.get("recovered")]
-        return (f"| {label} | {len(ok)}/{len(rs)} | {fmt(med([r['seconds'] for r in ok]))} | "
-                f"{fmt(med([r['redone'] for r in ok]), '')} |")
+        return (
+            f"| {label} | {len(ok)}/{len(rs)} | {fmt(med([r['seconds'] for r in ok]))} | "
+            f"{fmt(med([r['redone'] for r in ok]), '')} |"
+        )
 
     joins = [r for r in results["elastic_join"] if r.get("joined")]
     steady = [r for r in results["steady"] if r.get("elastic") and r.get("ddp")]

@@ -34,8 +34,18 @@ from elastic.coord.rendezvous import Rendezvous, RendezvousConfig
 
 # Client methods that each send one request (or open one stream) to etcd.
 COUNTED = {
-    "put", "get", "get_response", "get_prefix", "get_prefix_response", "delete",
-    "transaction", "lease", "refresh_lease", "revoke_lease", "get_lease_info", "status",
+    "put",
+    "get",
+    "get_response",
+    "get_prefix",
+    "get_prefix_response",
+    "delete",
+    "transaction",
+    "lease",
+    "refresh_lease",
+    "revoke_lease",
+    "get_lease_info",
+    "status",
 }
 KINDS = ["lease", "put", "transaction", "get_prefix_response", "watch stream", "refresh_lease"]
 
@@ -79,13 +89,20 @@ class CountingClient:
 
 
 def worker(args: argparse.Namespace) -> int:
-    cfg = RendezvousConfig(min_workers=args.members, max_workers=args.members,
-                           settle_s=args.settle, lease_ttl=args.ttl, op_timeout=30,
-                           last_call_s=args.timeout)
+    cfg = RendezvousConfig(
+        min_workers=args.members,
+        max_workers=args.members,
+        settle_s=args.settle,
+        lease_ttl=args.ttl,
+        op_timeout=30,
+        last_call_s=args.timeout,
+    )
     client = CountingClient(connect(EtcdConfig.from_url(args.etcd, rpc_timeout=10)))
     keys = Keyspace(args.job)
-    rdzvs = [Rendezvous(client, keys, Member(f"m{i:04d}"), cfg)
-             for i in range(args.first, args.first + args.count)]
+    rdzvs = [
+        Rendezvous(client, keys, Member(f"m{i:04d}"), cfg)
+        for i in range(args.first, args.first + args.count)
+    ]
     go = threading.Event()
     held: list[tuple[float, int, bytes] | None] = [None] * len(rdzvs)
     errors: list[str] = []
@@ -99,8 +116,7 @@ def worker(args: argparse.Namespace) -> int:
         except Exception as exc:  # reported to the parent, which fails the run
             errors.append(f"{rdzvs[i].id}: {exc!r}")
 
-    threads = [threading.Thread(target=member, args=(i,), daemon=True)
-               for i in range(len(rdzvs))]
+    threads = [threading.Thread(target=member, args=(i,), daemon=True) for i in range(len(rdzvs))]
     for t in threads:
         t.start()
     print("ready", flush=True)
@@ -111,14 +127,19 @@ def worker(args: argparse.Namespace) -> int:
         t.join(args.timeout + 30)
     client.enabled = False
     worlds = {h[2] for h in held if h is not None}
-    print(json.dumps({
-        "done_at": [h[0] for h in held if h is not None],
-        "generations": sorted({h[1] for h in held if h is not None}),
-        "worlds": len(worlds),
-        "world_size": len(json.loads(next(iter(worlds)))["members"]) if worlds else 0,
-        "counts": dict(client.counts),
-        "errors": errors,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "done_at": [h[0] for h in held if h is not None],
+                "generations": sorted({h[1] for h in held if h is not None}),
+                "worlds": len(worlds),
+                "world_size": len(json.loads(next(iter(worlds)))["members"]) if worlds else 0,
+                "counts": dict(client.counts),
+                "errors": errors,
+            }
+        ),
+        flush=True,
+    )
     sys.stdin.readline()  # "exit": leave only once every process has measured
     closers = [threading.Thread(target=r.close, daemon=True) for r in rdzvs]
     for t in closers:
@@ -145,15 +166,40 @@ class Result:
         return sum(self.counts.values()) / self.n
 
 
-def run_once(url: str, n: int, per_client: int, settle_s: float, ttl: float,
-             timeout: float) -> Result:
+def run_once(
+    url: str, n: int, per_client: int, settle_s: float, ttl: float, timeout: float
+) -> Result:
     job = f"bench-{n}-{uuid.uuid4().hex[:8]}"
     starts = range(0, n, per_client)
-    procs = [subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--worker", "--etcd", url, "--job", job,
-         "--members", str(n), "--first", str(first), "--count", str(min(per_client, n - first)),
-         "--settle", str(settle_s), "--ttl", str(ttl), "--timeout", str(timeout)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for first in starts]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--worker",
+                "--etcd",
+                url,
+                "--job",
+                job,
+                "--members",
+                str(n),
+                "--first",
+                str(first),
+                "--count",
+                str(min(per_client, n - first)),
+                "--settle",
+                str(settle_s),
+                "--ttl",
+                str(ttl),
+                "--timeout",
+                str(timeout),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for first in starts
+    ]
     try:
         for p in procs:
             if p.stdout.readline().strip() != "ready":
@@ -170,8 +216,7 @@ def run_once(url: str, n: int, per_client: int, settle_s: float, ttl: float,
             try:
                 p.wait(60)  # members leave concurrently; each close is bounded (~10 s)
             except subprocess.TimeoutExpired:  # measured already; say so and go on
-                print(f"warning: worker {p.pid} did not exit within 60 s; killed",
-                      file=sys.stderr)
+                print(f"warning: worker {p.pid} did not exit within 60 s; killed", file=sys.stderr)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -182,8 +227,12 @@ def run_once(url: str, n: int, per_client: int, settle_s: float, ttl: float,
         raise RuntimeError(f"{len(errors)} member(s) failed, first: {errors[0]}")
     done = [t for r in reports for t in r["done_at"]]
     gens = sorted({g for r in reports for g in r["generations"]})
-    if len(done) != n or len(gens) != 1 or any(r["worlds"] != 1 for r in reports) \
-            or any(r["world_size"] != n for r in reports):
+    if (
+        len(done) != n
+        or len(gens) != 1
+        or any(r["worlds"] != 1 for r in reports)
+        or any(r["world_size"] != n for r in reports)
+    ):
         raise RuntimeError(f"members do not all hold one World of {n}: {reports!r:.500}")
     counts: collections.Counter[str] = collections.Counter()
     for r in reports:
@@ -195,12 +244,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, nargs="+", default=[64, 256], help="members (default 64 256)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per N (default 3)")
-    ap.add_argument("--per-client", type=int, default=16,
-                    help="members per worker process, sharing one etcd client (default 16)")
-    ap.add_argument("--settle", type=float, default=RendezvousConfig.settle_s,
-                    help="settle window in seconds (default: the RendezvousConfig default)")
-    ap.add_argument("--ttl", type=float, default=RendezvousConfig.lease_ttl,
-                    help="lease TTL in seconds (default: the RendezvousConfig default)")
+    ap.add_argument(
+        "--per-client",
+        type=int,
+        default=16,
+        help="members per worker process, sharing one etcd client (default 16)",
+    )
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=RendezvousConfig.settle_s,
+        help="settle window in seconds (default: the RendezvousConfig default)",
+    )
+    ap.add_argument(
+        "--ttl",
+        type=float,
+        default=RendezvousConfig.lease_ttl,
+        help="lease TTL in seconds (default: the RendezvousConfig default)",
+    )
     ap.add_argument("--timeout", type=float, default=60.0, help="per-run bound in seconds")
     ap.add_argument("--etcd", default=None, help="etcd URL (default: an embedded etcd)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -217,29 +278,45 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = []
         for n in args.n:
-            runs = [run_once(url, n, args.per_client, args.settle, args.ttl, args.timeout)
-                    for _ in range(args.repeat)]
+            runs = [
+                run_once(url, n, args.per_client, args.settle, args.ttl, args.timeout)
+                for _ in range(args.repeat)
+            ]
             rows.append(runs)
             print(f"N={n}: " + ", ".join(f"{r.seconds:.2f}s" for r in runs), file=sys.stderr)
     finally:
         if server is not None:
             server.stop()
 
-    print(f"\nMembers are threads, {args.per_client} per worker process sharing one etcd "
-          f"client; min_workers = max_workers = N; settle window {args.settle:.2f}s; lease "
-          f"TTL {args.ttl:.0f}s; {args.repeat} run(s) per N; etcd "
-          f"{'embedded (same machine)' if server else url}; {os.cpu_count()} CPU(s).\n")
-    header = ["members", "processes", "s to common World (median)", "s (max)",
-              "requests/member", *[f"{k}/member" for k in KINDS], "other/member"]
+    print(
+        f"\nMembers are threads, {args.per_client} per worker process sharing one etcd "
+        f"client; min_workers = max_workers = N; settle window {args.settle:.2f}s; lease "
+        f"TTL {args.ttl:.0f}s; {args.repeat} run(s) per N; etcd "
+        f"{'embedded (same machine)' if server else url}; {os.cpu_count()} CPU(s).\n"
+    )
+    header = [
+        "members",
+        "processes",
+        "s to common World (median)",
+        "s (max)",
+        "requests/member",
+        *[f"{k}/member" for k in KINDS],
+        "other/member",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for runs in rows:
         med = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
         other = sum(v for k, v in med.counts.items() if k not in KINDS) / med.n
-        cells = [str(med.n), str(med.procs), f"{med.seconds:.2f}",
-                 f"{max(r.seconds for r in runs):.2f}",
-                 f"{statistics.median(r.per_member for r in runs):.2f}",
-                 *[f"{med.counts[k] / med.n:.2f}" for k in KINDS], f"{other:.2f}"]
+        cells = [
+            str(med.n),
+            str(med.procs),
+            f"{med.seconds:.2f}",
+            f"{max(r.seconds for r in runs):.2f}",
+            f"{statistics.median(r.per_member for r in runs):.2f}",
+            *[f"{med.counts[k] / med.n:.2f}" for k in KINDS],
+            f"{other:.2f}",
+        ]
         print("| " + " | ".join(cells) + " |")
     return 0
 

@@ -94,17 +94,39 @@ class EtcdCluster:
             url = f"http://{join_hostport(self.host, client)}"
             # On a restart etcd reads the membership from its data dir and
             # ignores the --initial-* flags: the same argv serves both.
-            argv = [binary, "--name", f"m{i}", "--data-dir", os.path.join(member_dir, "data"),
-                    "--listen-client-urls", url, "--advertise-client-urls", url,
-                    "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                    "--initial-cluster", cluster, "--initial-cluster-state", "new",
-                    "--initial-cluster-token", token, "--log-level", "warn"]
+            argv = [
+                binary,
+                "--name",
+                f"m{i}",
+                "--data-dir",
+                os.path.join(member_dir, "data"),
+                "--listen-client-urls",
+                url,
+                "--advertise-client-urls",
+                url,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                cluster,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                token,
+                "--log-level",
+                "warn",
+            ]
             self.members.append(Member(url, argv, os.path.join(member_dir, "etcd.log")))
 
     def _spawn(self, m: Member) -> None:
         with open(m.log, "ab") as log:
-            m.process = subprocess.Popen(dying_with_parent(m.argv), stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            m.process = subprocess.Popen(
+                dying_with_parent(m.argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def _wait_healthy(self, members: list[Member]) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -118,8 +140,10 @@ class EtcdCluster:
                 except (OSError, ValueError):
                     pass  # not up yet
             if left and time.monotonic() > deadline:
-                raise ClusterError(f"etcd members {sorted(left)} not healthy within "
-                                   f"{self.start_timeout}s (logs in {self.data_dir})")
+                raise ClusterError(
+                    f"etcd members {sorted(left)} not healthy within "
+                    f"{self.start_timeout}s (logs in {self.data_dir})"
+                )
             time.sleep(0.1)  # polling a health endpoint; bounded by the deadline
 
     def kill(self) -> None:
@@ -175,8 +199,11 @@ class EtcdCluster:
                 except Exception as exc:  # a member without quorum: ask the next one
                     last = repr(exc)
                     continue
-                urls = [u for u in (status.leader.client_urls if status.leader else [])
-                        if u in self.urls]
+                urls = [
+                    u
+                    for u in (status.leader.client_urls if status.leader else [])
+                    if u in self.urls
+                ]
                 if urls:
                     return urls[0]
                 last = "the cluster reports no leader"

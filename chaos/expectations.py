@@ -55,15 +55,20 @@ class FaultsFired(Expectation):
         out = []
         not_fired = [r["fault"] for r in run.records if not r.get("fired")]
         if run.records:
-            out.append(Check(self.name, not not_fired,
-                             f"not fired: {not_fired}" if not_fired
-                             else f"{len(run.records)} scheduled fault(s) fired"))
+            out.append(
+                Check(
+                    self.name,
+                    not not_fired,
+                    f"not fired: {not_fired}"
+                    if not_fired
+                    else f"{len(run.records)} scheduled fault(s) fired",
+                )
+            )
         recorded = read_storage_records(run.faults_dir)
         for f in run.schedule.storage:
             if f.action == "fail":
                 hits = sum(1 for r in recorded if r["fault"] == f.to_json())
-                out.append(Check(self.name, hits > 0,
-                                 f"{f.describe()}: injected {hits} time(s)"))
+                out.append(Check(self.name, hits > 0, f"{f.describe()}: injected {hits} time(s)"))
         return out
 
 
@@ -73,8 +78,13 @@ class NoEviction(Expectation):
 
     def check(self, run: Finished, store: StoreState) -> list[Check]:
         gens, fails = run.events(Event.GENERATION), run.events(Event.FAILURE)
-        return [Check(self.name, len(gens) == 1 and not fails,
-                      f"{len(gens)} generation(s), {len(fails)} failed collective(s)")]
+        return [
+            Check(
+                self.name,
+                len(gens) == 1 and not fails,
+                f"{len(gens)} generation(s), {len(fails)} failed collective(s)",
+            )
+        ]
 
 
 @EXPECTATIONS.register
@@ -84,9 +94,14 @@ class CheckpointFailureReported(Expectation):
     def check(self, run: Finished, store: StoreState) -> list[Check]:
         failed = run.events(Event.CHECKPOINT_FAILED)
         leaked = sorted({f.step for f in run.schedule.storage} & set(store.committed))
-        return [Check(self.name, bool(failed) and not leaked,
-                      f"{len(failed)} checkpoint failure(s) reported"
-                      + (f"; faulted step(s) {leaked} committed anyway" if leaked else ""))]
+        return [
+            Check(
+                self.name,
+                bool(failed) and not leaked,
+                f"{len(failed)} checkpoint failure(s) reported"
+                + (f"; faulted step(s) {leaked} committed anyway" if leaked else ""),
+            )
+        ]
 
 
 @EXPECTATIONS.register
@@ -97,9 +112,15 @@ class AllCommitted(Expectation):
         failed = run.events(Event.CHECKPOINT_FAILED)
         ckpts = set(run.planned_checkpoints())
         missing = sorted(ckpts - set(store.committed))
-        return [Check(self.name, not missing and not failed,
-                      f"missing steps {missing}, {len(failed)} checkpoint failure(s)"
-                      if missing or failed else f"all {len(ckpts)} checkpoints committed")]
+        return [
+            Check(
+                self.name,
+                not missing and not failed,
+                f"missing steps {missing}, {len(failed)} checkpoint failure(s)"
+                if missing or failed
+                else f"all {len(ckpts)} checkpoints committed",
+            )
+        ]
 
 
 @EXPECTATIONS.register
@@ -108,8 +129,11 @@ class StaleRefused(Expectation):
 
     def check(self, run: Finished, store: StoreState) -> list[Check]:
         # The fence refused the zombie's commit: storage says so by the error's type.
-        stale = [e for e in run.events(Event.CHECKPOINT_FAILED)
-                 if e.get("error_type") == StaleWriterError.__name__]
+        stale = [
+            e
+            for e in run.events(Event.CHECKPOINT_FAILED)
+            if e.get("error_type") == StaleWriterError.__name__
+        ]
         return [Check(self.name, bool(stale), f"{len(stale)} stale commit(s) refused")]
 
 
@@ -121,10 +145,15 @@ class DamageDetected(Expectation):
         damaged = run.schedule.corrupted_on_purpose
         undetected = sorted(s for s in damaged if s in store.committed and s not in store.bad)
         uncommitted = sorted(damaged - set(store.committed))
-        return [Check(self.name, not undetected and not uncommitted,
-                      f"damaged step(s) {sorted(damaged)}: flagged by verify "
-                      f"{sorted(damaged & set(store.bad))}, not flagged {undetected}, "
-                      f"never committed {uncommitted}")]
+        return [
+            Check(
+                self.name,
+                not undetected and not uncommitted,
+                f"damaged step(s) {sorted(damaged)}: flagged by verify "
+                f"{sorted(damaged & set(store.bad))}, not flagged {undetected}, "
+                f"never committed {uncommitted}",
+            )
+        ]
 
 
 @EXPECTATIONS.register

@@ -26,9 +26,21 @@ from chaos.spec import JOINER, KINDS, TRIGGERS, FaultSpec, inject
 from elastic.base.procutil import send_signal
 from storage.layout import MANIFEST, step_dir
 
-__all__ = ["BREAKS", "JOINER", "KINDS", "TRIGGERS", "FaultSpec", "StorageFault", "WorkerFaults",
-           "inject", "manifest_glob", "part_glob", "read_storage_records", "send_signal",
-           "shard_glob"]
+__all__ = [
+    "BREAKS",
+    "JOINER",
+    "KINDS",
+    "TRIGGERS",
+    "FaultSpec",
+    "StorageFault",
+    "WorkerFaults",
+    "inject",
+    "manifest_glob",
+    "part_glob",
+    "read_storage_records",
+    "send_signal",
+    "shard_glob",
+]
 
 # Deliberately broken components the workload can plug in (``--break``): a
 # sampler that does not re-split, a commit fence without the generation
@@ -57,8 +69,9 @@ class StorageFault(Fault):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.action == "crash":
-            raise ValueError("a storage fault cannot crash a worker's filesystem "
-                             "(kill the worker instead)")
+            raise ValueError(
+                "a storage fault cannot crash a worker's filesystem (kill the worker instead)"
+            )
         if self.permanent and self.action != "fail":
             raise ValueError(f"only a fail fault can be permanent, got {self.action!r}")
 
@@ -75,10 +88,17 @@ class StorageFault(Fault):
         return f"storage {self.action}{extra} {times} on {ops} {self.path}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"action": self.action, "path": self.path,
-                "ops": sorted(self.ops) if self.ops is not None else None, "nth": self.nth,
-                "times": self.times, "delay_s": self.delay_s, "keep": self.keep,
-                "step": self.step, "permanent": self.permanent}
+        return {
+            "action": self.action,
+            "path": self.path,
+            "ops": sorted(self.ops) if self.ops is not None else None,
+            "nth": self.nth,
+            "times": self.times,
+            "delay_s": self.delay_s,
+            "keep": self.keep,
+            "step": self.step,
+            "permanent": self.permanent,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> StorageFault:
@@ -124,9 +144,13 @@ class WorkerFaults:
     record_dir: str | None = None  # where workers note injected faults they observed
 
     def to_env(self) -> dict[str, str]:
-        payload = {"storage": [f.to_json() for f in self.storage], "seed": self.seed,
-                   "slow_step_s": self.slow_step_s, "slow_steps": self.slow_steps,
-                   "record_dir": self.record_dir}
+        payload = {
+            "storage": [f.to_json() for f in self.storage],
+            "seed": self.seed,
+            "slow_step_s": self.slow_step_s,
+            "slow_steps": self.slow_steps,
+            "record_dir": self.record_dir,
+        }
         return {WORKER_FAULTS_ENV: json.dumps(payload)}
 
     @classmethod
@@ -135,14 +159,19 @@ class WorkerFaults:
         if not raw:
             return cls()
         d = json.loads(raw)
-        return cls(storage=tuple(StorageFault.from_json(f) for f in d.get("storage", ())),
-                    seed=int(d.get("seed", 0)), slow_step_s=float(d.get("slow_step_s", 0.0)),
-                    slow_steps=int(d.get("slow_steps", 0)), record_dir=d.get("record_dir"))
+        return cls(
+            storage=tuple(StorageFault.from_json(f) for f in d.get("storage", ())),
+            seed=int(d.get("seed", 0)),
+            slow_step_s=float(d.get("slow_step_s", 0.0)),
+            slow_steps=int(d.get("slow_steps", 0)),
+            record_dir=d.get("record_dir"),
+        )
 
     def fault_plan(self, root: str) -> FaultPlan:
         """The FaultyFileSystem plan, globs anchored at ``root`` (the store's path)."""
-        return FaultPlan(faults=tuple(f.rooted(root, self.record_dir) for f in self.storage),
-                         seed=self.seed)
+        return FaultPlan(
+            faults=tuple(f.rooted(root, self.record_dir) for f in self.storage), seed=self.seed
+        )
 
 
 @dataclass
@@ -157,8 +186,11 @@ class _Recorder:
         if self.record_dir:
             os.makedirs(self.record_dir, exist_ok=True)
             line = json.dumps({"pid": os.getpid(), "message": message, "fault": self.spec})
-            fd = os.open(os.path.join(self.record_dir, "storage-faults.jsonl"),
-                         os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(
+                os.path.join(self.record_dir, "storage-faults.jsonl"),
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                0o644,
+            )
             try:
                 os.write(fd, (line + "\n").encode())
             finally:

@@ -49,16 +49,21 @@ class Hosts:
     def of_pid(self, pid: int) -> Host | None:
         """The host whose network namespace ``pid`` runs in (None: another one)."""
         try:
-            done = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True,
-                                  text=True, timeout=_IDENTIFY_TIMEOUT)
+            done = subprocess.run(
+                ["ip", "netns", "identify", str(pid)],
+                capture_output=True,
+                text=True,
+                timeout=_IDENTIFY_TIMEOUT,
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         names = set(done.stdout.split())
         return next((h for h in self.hosts if h.netns in names), None)
 
     def to_env(self) -> str:
-        return json.dumps({"hosts": [h.to_json() for h in self.hosts],
-                           "control": self.control.to_json()})
+        return json.dumps(
+            {"hosts": [h.to_json() for h in self.hosts], "control": self.control.to_json()}
+        )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Hosts | None:
@@ -90,10 +95,19 @@ def run_on_bed(n: int, argv: Sequence[str], prog: str = "elastic chaos") -> int:
             h.outside = outside
         hosts = Hosts(tuple(bed.hosts[:-1]), bed.hosts[-1])
         env = dict(os.environ, **{BED_ENV: hosts.to_env()})
-        print(f"[chaos] test bed: {n} hosts {[h.address for h in hosts.hosts]}, runner and "
-              f"etcd on {hosts.control.address}", file=sys.stderr, flush=True)
-        proc = subprocess.Popen([*hosts.control.prefix(), *dying_with_parent(
-            [sys.executable, "-m", "elastic.cli", *argv])], env=env)
+        print(
+            f"[chaos] test bed: {n} hosts {[h.address for h in hosts.hosts]}, runner and "
+            f"etcd on {hosts.control.address}",
+            file=sys.stderr,
+            flush=True,
+        )
+        proc = subprocess.Popen(
+            [
+                *hosts.control.prefix(),
+                *dying_with_parent([sys.executable, "-m", "elastic.cli", *argv]),
+            ],
+            env=env,
+        )
         try:
             return proc.wait()
         except KeyboardInterrupt:

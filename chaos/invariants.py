@@ -82,8 +82,12 @@ def max_param_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
     return worst
 
 
-def check_params(finals: dict[str, dict[str, Any]], reference: dict[str, Any] | None,
-                 tolerance: float = DEFAULT_TOLERANCE, unfinished: str | None = None) -> Check:
+def check_params(
+    finals: dict[str, dict[str, Any]],
+    reference: dict[str, Any] | None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    unfinished: str | None = None,
+) -> Check:
     """``unfinished``: why the job as a whole did not finish (then it has no final
     parameters, whatever single workers wrote before it failed)."""
     if reference is None:
@@ -96,11 +100,16 @@ def check_params(finals: dict[str, dict[str, Any]], reference: dict[str, Any] | 
     worst_member = max(diffs, key=diffs.get)
     worst = diffs[worst_member]
     if worst <= tolerance:
-        return Check(PARAMS, True, f"{len(finals)} finisher(s), max |diff| {worst:.2e} "
-                                   f"<= {tolerance:g}")
-    return Check(PARAMS, False, f"{worst_member}: max |diff| {worst:.3g} > {tolerance:g} "
-                                f"({sum(d > tolerance for d in diffs.values())} of "
-                                f"{len(finals)} finisher(s) differ)")
+        return Check(
+            PARAMS, True, f"{len(finals)} finisher(s), max |diff| {worst:.2e} <= {tolerance:g}"
+        )
+    return Check(
+        PARAMS,
+        False,
+        f"{worst_member}: max |diff| {worst:.3g} > {tolerance:g} "
+        f"({sum(d > tolerance for d in diffs.values())} of "
+        f"{len(finals)} finisher(s) differ)",
+    )
 
 
 # -- 2. exactly once ------------------------------------------------------------------
@@ -138,8 +147,9 @@ def steps_redone(records: list[dict[str, Any]]) -> int:
     return sum(len(a) - 1 for a in attempts.values())
 
 
-def expected_epochs(dataset_size: int, batch_size: int, seed: int,
-                    total_steps: int) -> dict[int, list[int]]:
+def expected_epochs(
+    dataset_size: int, batch_size: int, seed: int, total_steps: int
+) -> dict[int, list[int]]:
     """epoch -> sample ids a failure-free run consumes, from the sampler itself."""
     from elastic.train.sampler import ElasticSampler
 
@@ -151,8 +161,9 @@ def expected_epochs(dataset_size: int, batch_size: int, seed: int,
     return dict(out)
 
 
-def check_exactly_once(records: list[dict[str, Any]], expected: dict[int, list[int]],
-                       total_steps: int) -> Check:
+def check_exactly_once(
+    records: list[dict[str, Any]], expected: dict[int, list[int]], total_steps: int
+) -> Check:
     if not records:
         return Check(EXACTLY_ONCE, False, "no ledger records")
     survived = surviving_attempts(records)
@@ -184,9 +195,11 @@ def check_exactly_once(records: list[dict[str, Any]], expected: dict[int, list[i
         return Check(EXACTLY_ONCE, False, "; ".join(problems[:8]) + more)
     sizes = {e: sum(seen[e].values()) for e in sorted(seen)}
     if len(sizes) > 8:
-        counts = (f"{len(sizes)} epochs of {min(sizes.values())}"
-                  + (f"-{max(sizes.values())}" if max(sizes.values()) > min(sizes.values())
-                     else "") + " samples")
+        counts = (
+            f"{len(sizes)} epochs of {min(sizes.values())}"
+            + (f"-{max(sizes.values())}" if max(sizes.values()) > min(sizes.values()) else "")
+            + " samples"
+        )
     else:
         counts = ", ".join(f"epoch {e}: {n}" for e, n in sizes.items())
     return Check(EXACTLY_ONCE, True, f"{total_steps} steps, each sample once ({counts})")
@@ -208,8 +221,9 @@ def inspect_store(url: str) -> StoreState:
     from storage import CheckpointStore, StorageError
 
     store = CheckpointStore(url)
-    committed = {info.step: {"generation": info.generation, "created": info.created}
-                 for info in store.list()}
+    committed = {
+        info.step: {"generation": info.generation, "created": info.created} for info in store.list()
+    }
     bad: dict[int, str] = {}
     if committed:
         try:
@@ -229,9 +243,14 @@ class Restore:
     segment: int
 
 
-def check_checkpoints(final: StoreState, earlier: Sequence[StoreState],
-                      restores: Sequence[Restore], resumed_segments: Sequence[int],
-                      last_step: int | None, corrupted_on_purpose: set[int]) -> Check:
+def check_checkpoints(
+    final: StoreState,
+    earlier: Sequence[StoreState],
+    restores: Sequence[Restore],
+    resumed_segments: Sequence[int],
+    last_step: int | None,
+    corrupted_on_purpose: set[int],
+) -> Check:
     problems = []
     torn = {s: why for s, why in final.bad.items() if s not in corrupted_on_purpose}
     for step, why in sorted(torn.items()):
@@ -247,8 +266,10 @@ def check_checkpoints(final: StoreState, earlier: Sequence[StoreState],
         before = [s for s, c in intact.items() if c["created"] <= r.t]
         want = max(before, default=None)
         if want is None or r.step != want:
-            problems.append(f"segment {r.segment} restored step {r.step}, the newest intact "
-                            f"committed step then was {want}")
+            problems.append(
+                f"segment {r.segment} restored step {r.step}, the newest intact "
+                f"committed step then was {want}"
+            )
     restored_segments = {r.segment for r in restores}
     for seg in resumed_segments:
         if seg not in restored_segments:
@@ -288,7 +309,7 @@ def read_commits(client: Any, prefix: str = "/elastic/") -> list[CommitRecord]:
     out = []
     for _value, meta in client.get_prefix(prefix):
         key = meta.key.decode()
-        job, _, rest = key[len(prefix):].partition("/")
+        job, _, rest = key[len(prefix) :].partition("/")
         if not rest.startswith("commits/"):
             continue
         gen_key = f"{prefix}{job}/ctl/gen"
@@ -300,8 +321,11 @@ def read_commits(client: Any, prefix: str = "/elastic/") -> list[CommitRecord]:
             rec = json.loads(kv[0].value)
             gen_kvs = client.get_response(gen_key, revision=kv[0].mod_revision).kvs
             current = int(gen_kvs[0].value) if gen_kvs else 0
-            out.append(CommitRecord(job, int(rec["step"]), int(rec["generation"]), current,
-                                    kv[0].mod_revision))
+            out.append(
+                CommitRecord(
+                    job, int(rec["step"]), int(rec["generation"]), current, kv[0].mod_revision
+                )
+            )
             revision = kv[0].mod_revision - 1
     return sorted(out, key=lambda r: r.revision)
 
@@ -312,13 +336,16 @@ def check_fencing(commits: Sequence[CommitRecord] | None, committed: StoreState)
     problems = [
         f"job {c.job}: commit of step {c.step} by generation {c.generation} accepted while "
         f"generation {c.current} was current"
-        for c in commits if c.stale
+        for c in commits
+        if c.stale
     ]
     fenced = {(c.step, c.generation) for c in commits if not c.stale}
     for step, info in sorted(committed.committed.items()):
         if (step, info["generation"]) not in fenced:
-            problems.append(f"checkpoint step {step} (generation {info['generation']}) is "
-                            "committed without a fenced commit record")
+            problems.append(
+                f"checkpoint step {step} (generation {info['generation']}) is "
+                "committed without a fenced commit record"
+            )
     if problems:
         return Check(FENCING, False, "; ".join(problems))
     return Check(FENCING, True, f"{len(commits)} commit(s), each by the current generation")
@@ -327,14 +354,22 @@ def check_fencing(commits: Sequence[CommitRecord] | None, committed: StoreState)
 # -- 5. no hang -------------------------------------------------------------------------------
 
 
-def check_no_hang(ended: bool, wall_s: float, bound_s: float,
-                  exit_codes: Sequence[int | None]) -> Check:
+def check_no_hang(
+    ended: bool, wall_s: float, bound_s: float, exit_codes: Sequence[int | None]
+) -> Check:
     codes = ", ".join("killed" if c is None else str(c) for c in exit_codes)
     if not ended:
-        return Check(NO_HANG, False, f"still running after its bound of {bound_s:.0f}s: "
-                                     f"stopped by the runner (launcher exit codes {codes})")
-    return Check(NO_HANG, True, f"ended by itself in {wall_s:.1f}s (bound {bound_s:.0f}s, "
-                                f"launcher exit codes {codes})")
+        return Check(
+            NO_HANG,
+            False,
+            f"still running after its bound of {bound_s:.0f}s: "
+            f"stopped by the runner (launcher exit codes {codes})",
+        )
+    return Check(
+        NO_HANG,
+        True,
+        f"ended by itself in {wall_s:.1f}s (bound {bound_s:.0f}s, launcher exit codes {codes})",
+    )
 
 
 # -- scenario expectations ---------------------------------------------------------------------

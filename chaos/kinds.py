@@ -56,8 +56,9 @@ class WorkerFault(FaultKind):
             record["detail"] = f"pid {pid} was already gone"
         return fired
 
-    def act(self, spec: FaultSpec, target: Target, member: str, pid: int,
-            record: dict[str, Any]) -> bool:
+    def act(
+        self, spec: FaultSpec, target: Target, member: str, pid: int, record: dict[str, Any]
+    ) -> bool:
         assert self.signal is not None
         return procutil.send_signal(pid, self.signal)
 
@@ -70,8 +71,13 @@ class KillWorker(WorkerFault):
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         rcs = _exits(run, record["member"])
-        return [Check(self.name, -signal.SIGKILL in rcs,
-                      f"{record['member']}: its launcher saw exit code(s) {rcs}")]
+        return [
+            Check(
+                self.name,
+                -signal.SIGKILL in rcs,
+                f"{record['member']}: its launcher saw exit code(s) {rcs}",
+            )
+        ]
 
 
 @KINDS.register
@@ -85,8 +91,9 @@ class PauseWorker(WorkerFault):
     name = "pause-worker"
     summary = "SIGSTOP one worker past its lease TTL, SIGCONT once evicted"
 
-    def act(self, spec: FaultSpec, target: Target, member: str, pid: int,
-            record: dict[str, Any]) -> bool:
+    def act(
+        self, spec: FaultSpec, target: Target, member: str, pid: int, record: dict[str, Any]
+    ) -> bool:
         stopped = time.monotonic()
         fired = procutil.send_signal(pid, signal.SIGSTOP)
         try:
@@ -109,13 +116,20 @@ class FreezeWorker(PauseWorker):
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         until = record["t"] + record.get("stopped_s", 0.0)
-        timed_out = [e for e in _after(run, Event.FAILURE, record["t"])
-                     if e["t"] <= until
-                     and e.get("error_type") == CollectiveTimeoutError.__name__]
-        return [Check(self.name, bool(record.get("evicted")) and not timed_out,
-                      f"{record['member']} frozen {record.get('stopped_s')}s, a World without "
-                      f"it formed: {bool(record.get('evicted'))}; collective time-outs "
-                      f"meanwhile: {len(timed_out)}")]
+        timed_out = [
+            e
+            for e in _after(run, Event.FAILURE, record["t"])
+            if e["t"] <= until and e.get("error_type") == CollectiveTimeoutError.__name__
+        ]
+        return [
+            Check(
+                self.name,
+                bool(record.get("evicted")) and not timed_out,
+                f"{record['member']} frozen {record.get('stopped_s')}s, a World without "
+                f"it formed: {bool(record.get('evicted'))}; collective time-outs "
+                f"meanwhile: {len(timed_out)}",
+            )
+        ]
 
 
 @KINDS.register
@@ -129,8 +143,11 @@ class StepException(WorkerFault):
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         failures = _after(run, Event.FAILURE, record["t"])
-        return [Check(self.name, bool(failures),
-                      f"{len(failures)} failed collective(s) recorded after it")]
+        return [
+            Check(
+                self.name, bool(failures), f"{len(failures)} failed collective(s) recorded after it"
+            )
+        ]
 
 
 @KINDS.register
@@ -162,9 +179,14 @@ class HangWorker(WorkerFault):
         member = record["member"]
         by_peer = [e for e in run.events(Event.EVICT) if member in e.get("members", ())]
         killed = [e for e in run.events(Event.EVICTED) if e.get("member") == member]
-        return [Check(self.name, bool(by_peer) and bool(killed),
-                      f"{member}: evicted by a peer {len(by_peer)}x, killed by its "
-                      f"launcher {len(killed)}x")]
+        return [
+            Check(
+                self.name,
+                bool(by_peer) and bool(killed),
+                f"{member}: evicted by a peer {len(by_peer)}x, killed by its "
+                f"launcher {len(killed)}x",
+            )
+        ]
 
 
 @KINDS.register
@@ -180,8 +202,13 @@ class Leave(WorkerFault):
         left = [e for e in run.events(Event.LEAVE) if e.get("source") == member]
         rcs = _exits(run, member)
         clean = bool(rcs) and all(rc in (EXIT_LEFT, EXIT_STOPPED) for rc in rcs)
-        return [Check(self.name, bool(left) and clean,
-                      f"{member}: 'leave' events {len(left)}, exit code(s) {rcs}")]
+        return [
+            Check(
+                self.name,
+                bool(left) and clean,
+                f"{member}: 'leave' events {len(left)}, exit code(s) {rcs}",
+            )
+        ]
 
 
 @KINDS.register
@@ -192,8 +219,9 @@ class KillHost(WorkerFault):
     name = "kill-host"
     summary = "SIGKILL one launcher and all of its workers"
 
-    def act(self, spec: FaultSpec, target: Target, member: str, pid: int,
-            record: dict[str, Any]) -> bool:
+    def act(
+        self, spec: FaultSpec, target: Target, member: str, pid: int, record: dict[str, Any]
+    ) -> bool:
         launcher = procutil.parent(pid)
         running = target.launchers_running()
         if launcher not in running:
@@ -211,8 +239,10 @@ class KillHost(WorkerFault):
         for p in workers:
             procutil.send_signal(p, signal.SIGCONT)  # a stopped process must see the kill
             procutil.send_signal(p, signal.SIGKILL)
-        record.update(launchers_killed=[launcher],
-                      members=[m for m, p in target.spawned_by(launcher) if p in workers])
+        record.update(
+            launchers_killed=[launcher],
+            members=[m for m, p in target.spawned_by(launcher) if p in workers],
+        )
         return True
 
     def detail(self, spec: FaultSpec) -> str:
@@ -220,10 +250,16 @@ class KillHost(WorkerFault):
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         gone = set(record.get("members", ()))
-        after = [e for e in _after(run, Event.GENERATION, record["t"])
-                 if not gone & set(e["world"])]
-        return [Check(self.name, bool(gone) and bool(after),
-                      f"host of {sorted(gone)}: {len(after)} World(s) without them formed")]
+        after = [
+            e for e in _after(run, Event.GENERATION, record["t"]) if not gone & set(e["world"])
+        ]
+        return [
+            Check(
+                self.name,
+                bool(gone) and bool(after),
+                f"host of {sorted(gone)}: {len(after)} World(s) without them formed",
+            )
+        ]
 
 
 @KINDS.register
@@ -237,15 +273,19 @@ class LinkDown(WorkerFault):
 
     duration_means = "how long the link stays down"
 
-    def act(self, spec: FaultSpec, target: Target, member: str, pid: int,
-            record: dict[str, Any]) -> bool:
+    def act(
+        self, spec: FaultSpec, target: Target, member: str, pid: int, record: dict[str, Any]
+    ) -> bool:
         host = target.host_of(pid)
         if host is None:
             record["detail"] = f"{member} runs on no host of a test bed (run with --hosts N)"
             return False
         launcher = procutil.parent(pid)
-        elsewhere = [p for p in target.launchers_running() if p != launcher
-                     and target.host_of(p) not in (None, host)]
+        elsewhere = [
+            p
+            for p in target.launchers_running()
+            if p != launcher and target.host_of(p) not in (None, host)
+        ]
         if not elsewhere:
             record["detail"] = f"no launcher runs on another host than {host.address}"
             return False
@@ -257,9 +297,15 @@ class LinkDown(WorkerFault):
             time.sleep(max(0.0, spec.duration_s - (time.monotonic() - down)))  # the outage
         finally:
             host.link_up()
-        record.update(host=host.index, address=host.address, launcher=launcher,
-                      members=members, evicted=evicted,
-                      down_s=round(time.monotonic() - down, 3), up_t=time.time())
+        record.update(
+            host=host.index,
+            address=host.address,
+            launcher=launcher,
+            members=members,
+            evicted=evicted,
+            down_s=round(time.monotonic() - down, 3),
+            up_t=time.time(),
+        )
         return True
 
     def detail(self, spec: FaultSpec) -> str:
@@ -268,15 +314,23 @@ class LinkDown(WorkerFault):
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         gone = set(record.get("members", ()))
         down_t, up_t = record["t"], record["up_t"]
-        without = [e for e in run.events(Event.GENERATION)
-                   if down_t <= e["t"] <= up_t and not gone & set(e["world"])]
+        without = [
+            e
+            for e in run.events(Event.GENERATION)
+            if down_t <= e["t"] <= up_t and not gone & set(e["world"])
+        ]
         source = f"launcher-{record['launcher']}"
         ours = {e["member"] for e in run.events(Event.SPAWN) if e.get("source") == source}
         back = [e for e in _after(run, Event.GENERATION, up_t) if ours & set(e["world"])]
-        return [Check(self.name, bool(gone) and bool(without) and bool(back),
-                      f"host {record.get('address')} cut for {record.get('down_s')}s: "
-                      f"{len(without)} World(s) without {sorted(gone)} formed meanwhile, "
-                      f"{len(back)} with its workers after the link came back")]
+        return [
+            Check(
+                self.name,
+                bool(gone) and bool(without) and bool(back),
+                f"host {record.get('address')} cut for {record.get('down_s')}s: "
+                f"{len(without)} World(s) without {sorted(gone)} formed meanwhile, "
+                f"{len(back)} with its workers after the link came back",
+            )
+        ]
 
 
 # -- faults of the etcd server ----------------------------------------------------------
@@ -322,9 +376,14 @@ class KillEtcdLeader(FaultKind):
         after = _after(run, Event.STEP, t0)
         during = [e for e in after if e["t"] <= t1]
         redone = sum(1 for a, b in zip(after, after[1:], strict=False) if b["step"] <= a["step"])
-        return [Check(self.name, bool(during) and redone == 0,
-                      f"leader {record.get('leader')} down {record.get('down_s')}s: "
-                      f"{len(during)} step(s) completed meanwhile, {redone} redone after it")]
+        return [
+            Check(
+                self.name,
+                bool(during) and redone == 0,
+                f"leader {record.get('leader')} down {record.get('down_s')}s: "
+                f"{len(during)} step(s) completed meanwhile, {redone} redone after it",
+            )
+        ]
 
 
 @KINDS.register
@@ -372,8 +431,13 @@ class Join(FaultKind):
         source = f"launcher-{record['launcher']}"
         joined = {e["member"] for e in run.events(Event.SPAWN) if e.get("source") == source}
         trained = [e for e in run.events(Event.GENERATION) if joined & set(e["world"])]
-        return [Check(self.name, bool(trained),
-                      f"{len(joined)} joiner(s) spawned, in {len(trained)} World(s)")]
+        return [
+            Check(
+                self.name,
+                bool(trained),
+                f"{len(joined)} joiner(s) spawned, in {len(trained)} World(s)",
+            )
+        ]
 
 
 @KINDS.register

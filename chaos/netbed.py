@@ -38,8 +38,9 @@ _CMD_TIMEOUT = 20.0
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True,
-                          timeout=_CMD_TIMEOUT, check=check)
+    return subprocess.run(
+        ["ip", *args], capture_output=True, text=True, timeout=_CMD_TIMEOUT, check=check
+    )
 
 
 def _no_ipv6(link: str) -> None:
@@ -119,13 +120,23 @@ class Host:
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
-        return {"index": self.index, "netns": self.netns, "veth": self.veth,
-                "address": self.address, "outside": self.outside}
+        return {
+            "index": self.index,
+            "netns": self.netns,
+            "veth": self.veth,
+            "address": self.address,
+            "outside": self.outside,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, object]) -> Host:
-        return cls(int(d["index"]), str(d["netns"]), str(d["veth"]), str(d["address"]),
-                   None if d.get("outside") is None else str(d["outside"]))
+        return cls(
+            int(d["index"]),
+            str(d["netns"]),
+            str(d["veth"]),
+            str(d["address"]),
+            None if d.get("outside") is None else str(d["outside"]),
+        )
 
     def prefix(self) -> list[str]:
         """The argv prefix that runs a command inside this host."""
@@ -138,11 +149,11 @@ class Host:
             argv = ["nsenter", f"--net={self.outside}", *argv]
         subprocess.run(argv, capture_output=True, text=True, timeout=_CMD_TIMEOUT, check=True)
 
-    def run(self, argv: Sequence[str], env: dict[str, str] | None = None,
-            **popen: object) -> subprocess.Popen:
+    def run(
+        self, argv: Sequence[str], env: dict[str, str] | None = None, **popen: object
+    ) -> subprocess.Popen:
         """Start ``argv`` (``argv[0]`` a path) inside this host; it dies with the test."""
-        proc = subprocess.Popen([*self.prefix(), *dying_with_parent(list(argv))],
-                                env=env, **popen)  # type: ignore[call-overload]
+        proc = subprocess.Popen([*self.prefix(), *dying_with_parent(list(argv))], env=env, **popen)  # type: ignore[call-overload]
         self.processes.append(proc)
         return proc
 
@@ -195,8 +206,7 @@ class TestBed:
             _ip("link", "set", self.bridge, "up")
             for h in self.hosts:
                 _ip("netns", "add", h.netns)
-                _ip("link", "add", h.veth, "type", "veth", "peer", "name", "eth0",
-                    "netns", h.netns)
+                _ip("link", "add", h.veth, "type", "veth", "peer", "name", "eth0", "netns", h.netns)
                 _no_ipv6(h.veth)
                 _ip("link", "set", h.veth, "master", self.bridge)
                 _ip("link", "set", h.veth, "up")
@@ -236,9 +246,21 @@ class TestBed:
         log_path = os.path.join(data_dir, "etcd-cli.log")
         os.makedirs(data_dir, exist_ok=True)
         with open(log_path, "wb") as log:
-            h.run([sys.executable, "-m", "elastic.cli", "etcd", "--listen", h.address,
-                   "--data-dir", os.path.join(data_dir, "data")], env=env,
-                  stdout=log, stderr=subprocess.STDOUT)
+            h.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "elastic.cli",
+                    "etcd",
+                    "--listen",
+                    h.address,
+                    "--data-dir",
+                    os.path.join(data_dir, "data"),
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with open(log_path, encoding="utf-8", errors="replace") as f:
@@ -249,8 +271,9 @@ class TestBed:
         with open(log_path, encoding="utf-8", errors="replace") as f:
             raise AssertionError(f"etcd in {h.netns} did not start within {timeout}s: {f.read()}")
 
-    def etcd_cluster(self, data_dir: str,
-                     timeout: float = 60.0) -> tuple[str, list[subprocess.Popen]]:
+    def etcd_cluster(
+        self, data_dir: str, timeout: float = 60.0
+    ) -> tuple[str, list[subprocess.Popen]]:
         """One etcd member per host (the first three): the client URL list, the servers."""
         members = self.hosts[:3]
         binary = find_etcd_binary()
@@ -260,14 +283,29 @@ class TestBed:
             member_dir = os.path.join(data_dir, f"m{h.index}")
             os.makedirs(member_dir, exist_ok=True)
             with open(os.path.join(member_dir, "etcd.log"), "wb") as log:
-                argv = [binary, "--name", f"m{h.index}", "--data-dir", member_dir + "/data",
-                        "--listen-client-urls", f"http://{h.address}:2379",
-                        "--advertise-client-urls", f"http://{h.address}:2379",
-                        "--listen-peer-urls", f"http://{h.address}:2380",
-                        "--initial-advertise-peer-urls", f"http://{h.address}:2380",
-                        "--initial-cluster", cluster, "--initial-cluster-state", "new",
-                        "--initial-cluster-token", os.path.basename(data_dir),
-                        "--log-level", "warn"]
+                argv = [
+                    binary,
+                    "--name",
+                    f"m{h.index}",
+                    "--data-dir",
+                    member_dir + "/data",
+                    "--listen-client-urls",
+                    f"http://{h.address}:2379",
+                    "--advertise-client-urls",
+                    f"http://{h.address}:2379",
+                    "--listen-peer-urls",
+                    f"http://{h.address}:2380",
+                    "--initial-advertise-peer-urls",
+                    f"http://{h.address}:2380",
+                    "--initial-cluster",
+                    cluster,
+                    "--initial-cluster-state",
+                    "new",
+                    "--initial-cluster-token",
+                    os.path.basename(data_dir),
+                    "--log-level",
+                    "warn",
+                ]
                 servers.append(h.run(argv, stdout=log, stderr=subprocess.STDOUT))
             self._etcd_members[h.index] = (argv, os.path.join(member_dir, "etcd.log"))
         urls = [f"http://{h.address}:2379" for h in members]

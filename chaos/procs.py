@@ -31,4 +31,3 @@ def processes_with_token(token: str) -> set[int]:
 def children_with_token(pid: int, token: str) -> set[int]:
     """The run's live processes whose parent is ``pid`` (a launcher's workers)."""
     return {p for p in processes_with_token(token) if parent(p) == pid}
-

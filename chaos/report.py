@@ -20,7 +20,8 @@ from chaos.results import Reference, RunResult
 
 def _stamp(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
-        "%Y-%m-%d %H:%M:%S UTC")
+        "%Y-%m-%d %H:%M:%S UTC"
+    )
 
 
 def _faults_cell(r: RunResult) -> str:
@@ -42,8 +43,9 @@ def _faults_cell(r: RunResult) -> str:
 def _recovery_cell(r: RunResult) -> str:
     if not r.recovery_s:
         return "-"
-    return f"{max(r.recovery_s):.2f}" + (f" ({len(r.recovery_s)}x)" if len(r.recovery_s) > 1
-                                         else "")
+    return f"{max(r.recovery_s):.2f}" + (
+        f" ({len(r.recovery_s)}x)" if len(r.recovery_s) > 1 else ""
+    )
 
 
 def _held_cell(r: RunResult) -> str:
@@ -55,21 +57,31 @@ def _held_cell(r: RunResult) -> str:
 
 
 def summary_table(results: list[RunResult]) -> str:
-    lines = ["| scenario | seed | faults injected | recovery s (max) | steps redone | "
-             "invariants held | expectations | warnings | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| scenario | seed | faults injected | recovery s (max) | steps redone | "
+        "invariants held | expectations | warnings | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         exp_failed = [c.name for c in r.expectations if not c.held]
         exp = "ok" if not exp_failed else "failed: " + ", ".join(dict.fromkeys(exp_failed))
         name = r.name + (f" [break: {', '.join(r.breaks)}]" if r.breaks else "")
-        lines.append(f"| {name} | {r.seed} | {_faults_cell(r)} | {_recovery_cell(r)} | "
-                     f"{r.steps_redone} | {_held_cell(r)} | {exp} | {len(r.warnings) or '-'} | "
-                     f"{'PASS' if r.passed else 'FAIL'} |")
+        lines.append(
+            f"| {name} | {r.seed} | {_faults_cell(r)} | {_recovery_cell(r)} | "
+            f"{r.steps_redone} | {_held_cell(r)} | {exp} | {len(r.warnings) or '-'} | "
+            f"{'PASS' if r.passed else 'FAIL'} |"
+        )
     return "\n".join(lines)
 
 
-def write(report_dir: str, results: list[RunResult], references: dict[str, Reference], *,
-          command: str, started: float) -> dict[str, Any]:
+def write(
+    report_dir: str,
+    results: list[RunResult],
+    references: dict[str, Reference],
+    *,
+    command: str,
+    started: float,
+) -> dict[str, Any]:
     os.makedirs(report_dir, exist_ok=True)
     pictures, note = timelines(report_dir, results, references)
     passed = sum(r.passed for r in results)
@@ -77,14 +89,23 @@ def write(report_dir: str, results: list[RunResult], references: dict[str, Refer
         "generated": _stamp(datetime.datetime.now().timestamp()),
         "started": _stamp(started),
         "command": command,
-        "summary": {"runs": len(results), "passed": passed, "failed": len(results) - passed,
-                    "all_invariants_held": all(r.invariants_held for r in results),
-                    "invariants": list(INVARIANTS)},
-        "references": {key: {"run_dir": ref.result.run_dir, "wall_s": round(ref.result.wall_s, 2),
-                             "final_loss": ref.losses.get(ref.config.total_steps),
-                             "losses": ref.losses,
-                             "checks": [c.to_json() for c in ref.result.checks]}
-                       for key, ref in references.items()},
+        "summary": {
+            "runs": len(results),
+            "passed": passed,
+            "failed": len(results) - passed,
+            "all_invariants_held": all(r.invariants_held for r in results),
+            "invariants": list(INVARIANTS),
+        },
+        "references": {
+            key: {
+                "run_dir": ref.result.run_dir,
+                "wall_s": round(ref.result.wall_s, 2),
+                "final_loss": ref.losses.get(ref.config.total_steps),
+                "losses": ref.losses,
+                "checks": [c.to_json() for c in ref.result.checks],
+            }
+            for key, ref in references.items()
+        },
         "runs": [r.to_json() for r in results],
         "timelines": pictures,
         "timeline_note": note,
@@ -101,11 +122,13 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def markdown(doc: dict[str, Any], results: list[RunResult], pictures: dict[str, str],
-             note: str | None) -> str:
+def markdown(
+    doc: dict[str, Any], results: list[RunResult], pictures: dict[str, str], note: str | None
+) -> str:
     s = doc["summary"]
     out = [
-        "# Chaos report", "",
+        "# Chaos report",
+        "",
         f"- generated: {doc['generated']} (started {doc['started']})",
         f"- command: `{doc['command']}`",
         f"- runs: {s['runs']}, passed: {s['passed']}, failed: {s['failed']}",
@@ -116,14 +139,17 @@ def markdown(doc: dict[str, Any], results: list[RunResult], pictures: dict[str, 
         "restores load the newest intact step), 4 `fencing` (no commit from a stale "
         "generation), 5 `no-hang` (each run ends within its bound).",
         "",
-        summary_table(results), "",
+        summary_table(results),
+        "",
     ]
     bad = [r for r in results if not r.passed]
     if bad:
         out += ["## What failed", ""]
         for r in bad:
-            out.append(f"### {r.name} seed {r.seed}" + (f" (break: {', '.join(r.breaks)})"
-                                                       if r.breaks else ""))
+            out.append(
+                f"### {r.name} seed {r.seed}"
+                + (f" (break: {', '.join(r.breaks)})" if r.breaks else "")
+            )
             if r.error:
                 out.append(f"- run error: {r.error}")
             for c in r.checks + r.expectations:
@@ -140,8 +166,10 @@ def markdown(doc: dict[str, Any], results: list[RunResult], pictures: dict[str, 
         out.append("")
     out += ["## Runs", ""]
     for r in results:
-        out.append(f"- **{r.name} seed {r.seed}**: {'; '.join(r.schedule) or 'no faults'} — "
-                   + "; ".join(f"{c.name}: {c.detail}" for c in r.checks))
+        out.append(
+            f"- **{r.name} seed {r.seed}**: {'; '.join(r.schedule) or 'no faults'} — "
+            + "; ".join(f"{c.name}: {c.detail}" for c in r.checks)
+        )
     out.append("")
     if pictures:
         out += ["## Timelines", ""]
@@ -153,8 +181,9 @@ def markdown(doc: dict[str, Any], results: list[RunResult], pictures: dict[str, 
     return "\n".join(out)
 
 
-def timelines(report_dir: str, results: list[RunResult],
-              references: dict[str, Reference]) -> tuple[dict[str, str], str | None]:
+def timelines(
+    report_dir: str, results: list[RunResult], references: dict[str, Reference]
+) -> tuple[dict[str, str], str | None]:
     """One PNG per scenario, one row per run of it; (pictures, note if skipped)."""
     try:
         import matplotlib
@@ -188,30 +217,60 @@ def _plot_run(ax: Any, r: RunResult, ref: Reference | None) -> None:
     segs = sorted({s["seg"] for s in steps})
     for seg in segs:
         pts = [s for s in steps if s["seg"] == seg]
-        ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], ".-", ms=3, lw=1,
-                label="loss" if seg == 0 else f"loss after resume {seg}")
+        ax.plot(
+            [p["step"] for p in pts],
+            [p["loss"] for p in pts],
+            ".-",
+            ms=3,
+            lw=1,
+            label="loss" if seg == 0 else f"loss after resume {seg}",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     world = ax.twinx()
     for seg in segs:
         pts = [s for s in steps if s["seg"] == seg]
-        world.step([p["step"] for p in pts], [p["world"] for p in pts], where="post",
-                   color="tab:green", alpha=0.6, lw=1.5)
+        world.step(
+            [p["step"] for p in pts],
+            [p["world"] for p in pts],
+            where="post",
+            color="tab:green",
+            alpha=0.6,
+            lw=1.5,
+        )
     world.set_ylabel("world size", color="tab:green")
     world.set_ylim(0, max([p["world"] for p in steps] + [1]) + 1)
     for f in r.schedule_json.get("storage", []):
         if f.get("step") is not None:
             ax.axvline(f["step"], color="tab:orange", ls=":", lw=1)
-            ax.annotate(f"storage {f['action']}", (f["step"], 0),
-                        xycoords=("data", "axes fraction"), rotation=90, va="bottom",
-                        ha="right", fontsize=7, color="tab:orange")
+            ax.annotate(
+                f"storage {f['action']}",
+                (f["step"], 0),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                va="bottom",
+                ha="right",
+                fontsize=7,
+                color="tab:orange",
+            )
     for f in r.timeline["faults"]:
         if f.get("step") is not None:
             ax.axvline(f["step"], color="tab:red" if f["fired"] else "0.8", ls="--", lw=1)
-            ax.annotate(f["kind"], (f["step"], 1), xycoords=("data", "axes fraction"),
-                        rotation=90, va="top", ha="right", fontsize=7, color="tab:red")
+            ax.annotate(
+                f["kind"],
+                (f["step"], 1),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=7,
+                color="tab:red",
+            )
     verdict = "PASS" if r.passed else "FAIL"
-    ax.set_title(f"{r.name} seed {r.seed}: {verdict}"
-                 + (f" (break: {', '.join(r.breaks)})" if r.breaks else ""), fontsize=9)
+    ax.set_title(
+        f"{r.name} seed {r.seed}: {verdict}"
+        + (f" (break: {', '.join(r.breaks)})" if r.breaks else ""),
+        fontsize=9,
+    )
     ax.legend(loc="lower left", fontsize=7)

@@ -40,8 +40,18 @@ from elastic.base.procutil import alive, dying_with_parent, environ_has, send_si
 if TYPE_CHECKING:
     from elastic.coord.jobstate import JobState
 
-__all__ = ["ChaosError", "EventTail", "Reference", "Run", "RunPlan", "RunResult", "Settings",
-           "processes_with_token", "run_one", "run_reference"]
+__all__ = [
+    "ChaosError",
+    "EventTail",
+    "Reference",
+    "Run",
+    "RunPlan",
+    "RunResult",
+    "Settings",
+    "processes_with_token",
+    "run_one",
+    "run_reference",
+]
 
 EXIT_OK, EXIT_VIOLATION = 0, 1  # the verdict: every invariant held, or one did not
 WORKLOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workload.py")
@@ -122,8 +132,7 @@ def _start_etcd(data_dir: str, binary: str | None, host: str, members: int) -> A
         return EtcdCluster(data_dir, size=members, host=host, binary=binary).start()
     from elastic.coord.etcd import EmbeddedEtcd
 
-    return EmbeddedEtcd(data_dir=data_dir, binary=binary, host=host,
-                        die_with_parent=True).start()
+    return EmbeddedEtcd(data_dir=data_dir, binary=binary, host=host, die_with_parent=True).start()
 
 
 def check_report_dir(path: str) -> str | None:
@@ -176,8 +185,7 @@ class Run:
         self.scenario = plan.scenario
         self.workers = plan.workers or self.scenario.workers
         self.launchers = plan.launchers or self.scenario.launchers
-        self.collective_timeout = (self.scenario.collective_timeout
-                                   or settings.collective_timeout)
+        self.collective_timeout = self.scenario.collective_timeout or settings.collective_timeout
         self.run_dir = run_dir
         self.token = uuid.uuid4().hex
         self.segments: list[Segment] = []
@@ -191,10 +199,16 @@ class Run:
         self.out_dir = os.path.join(run_dir, "out")
         self.faults_dir = os.path.join(run_dir, "faults")
         base = settings.checkpoint_base
-        self.checkpoint = (f"{base.rstrip('/')}/{os.path.basename(run_dir)}-{self.token[:8]}"
-                           if base else "file://" + os.path.join(run_dir, "ckpt"))
-        self.bound_s = (plan.bound_s if plan.bound_s is not None
-                        else self.scenario.bound_s * settings.timeout_scale)
+        self.checkpoint = (
+            f"{base.rstrip('/')}/{os.path.basename(run_dir)}-{self.token[:8]}"
+            if base
+            else "file://" + os.path.join(run_dir, "ckpt")
+        )
+        self.bound_s = (
+            plan.bound_s
+            if plan.bound_s is not None
+            else self.scenario.bound_s * settings.timeout_scale
+        )
         self.commits: list[inv.CommitRecord] | None = None
         self._record_specs: list[FaultSpec] = []  # the spec of each of self.records
         self.ended = False
@@ -226,18 +240,27 @@ class Run:
         return [*range(every, total + 1, every), total]
 
     def launchers_running(self) -> list[int]:
-        return [lp.proc.pid for lp in self.launched
-                if lp.segment == self.segment.index and lp.proc.poll() is None]
+        return [
+            lp.proc.pid
+            for lp in self.launched
+            if lp.segment == self.segment.index and lp.proc.poll() is None
+        ]
 
     def live_workers(self) -> list[tuple[str, int]]:
         """(member id, pid) of this segment's workers still running (in a World or not)."""
-        return [(e["member"], int(e["pid"])) for e in self.segment.tail.of(Event.SPAWN)
-                if belongs(int(e["pid"]), self.token)]
+        return [
+            (e["member"], int(e["pid"]))
+            for e in self.segment.tail.of(Event.SPAWN)
+            if belongs(int(e["pid"]), self.token)
+        ]
 
     def spawned_by(self, launcher_pid: int) -> list[tuple[str, int]]:
         source = f"launcher-{launcher_pid}"
-        return [(e["member"], int(e["pid"])) for e in self.events(Event.SPAWN)
-                if e.get("source") == source]
+        return [
+            (e["member"], int(e["pid"]))
+            for e in self.events(Event.SPAWN)
+            if e.get("source") == source
+        ]
 
     def world(self) -> list[str]:
         gens = self.segment.tail.of(Event.GENERATION)
@@ -254,8 +277,12 @@ class Run:
         self.poll()
         world = self.world()
         if rank == JOINER:
-            outside = [e["member"] for seg in self.segments for e in seg.tail.of(Event.SPAWN)
-                       if e["member"] not in world]
+            outside = [
+                e["member"]
+                for seg in self.segments
+                for e in seg.tail.of(Event.SPAWN)
+                if e["member"] not in world
+            ]
             if not outside:
                 return None
             member = outside[-1]
@@ -276,8 +303,10 @@ class Run:
         while time.monotonic() < deadline:
             self.poll()
             if not evicted:
-                evicted = any(e.get("event") == Event.GENERATION and member not in e["world"]
-                              for e in self.segment.tail.events[since:])
+                evicted = any(
+                    e.get("event") == Event.GENERATION and member not in e["world"]
+                    for e in self.segment.tail.events[since:]
+                )
             if evicted and time.monotonic() >= earliest:
                 return True
             time.sleep(POLL_S)
@@ -299,19 +328,29 @@ class Run:
         seg = self._new_segment(resume=True)
         self.resume_recoveries.append((killed_at, seg.index))
         newest = max(self.snapshots[-1].committed, default=None)
-        return (f"killed {victims} process(es); resuming as job {seg.job} "
-                f"(newest committed step {newest})")
+        return (
+            f"killed {victims} process(es); resuming as job {seg.job} "
+            f"(newest committed step {newest})"
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def _new_segment(self, resume: bool) -> Segment:
         index = len(self.segments)
         job = f"chaos-{self.token[:8]}-{index}"
-        seg = Segment(index, job, EventTail(os.path.join(self.run_dir, f"events-{index}.jsonl")),
-                      os.path.join(self.run_dir, "ledger", f"seg{index}"), resume, time.time())
+        seg = Segment(
+            index,
+            job,
+            EventTail(os.path.join(self.run_dir, f"events-{index}.jsonl")),
+            os.path.join(self.run_dir, "ledger", f"seg{index}"),
+            resume,
+            time.time(),
+        )
         self.segments.append(seg)
-        shares = [self.workers // self.launchers + (i < self.workers % self.launchers)
-                  for i in range(self.launchers)]
+        shares = [
+            self.workers // self.launchers + (i < self.workers % self.launchers)
+            for i in range(self.launchers)
+        ]
         self._launch(seg, shares[0], role="main")
         for share in shares[1:]:
             # The first launcher creates the job; the others join it as other hosts.
@@ -323,34 +362,68 @@ class Run:
         deadline = time.monotonic() + max(30.0, self.bound_s / 2)
         while not seg.tail.of(Event.GENERATION):
             if time.monotonic() > deadline or not self._launchers_running():
-                raise ChaosError(f"job {seg.job}: no World formed before starting another "
-                                 "launcher")
+                raise ChaosError(f"job {seg.job}: no World formed before starting another launcher")
             time.sleep(POLL_S)
             seg.tail.poll()
 
     def _launch(self, seg: Segment, nproc: int, role: str) -> Launched:
         s, plan = self.settings, self.plan
-        cmd = [s.python, "-m", "elastic.cli", "run", "--etcd", self.etcd.url, "--job", seg.job,
-               "-n", str(nproc), "--event-log", seg.tail.path, "--ledger-dir", seg.ledger,
-               "--checkpoint", self.checkpoint,
-               "--checkpoint-every", str(self.scenario.checkpoint_every),
-               "--lease-ttl", str(s.lease_ttl),
-               "--collective-timeout", str(self.collective_timeout),
-               "--settle", str(self.scenario.settle_s), "--max-restarts", str(s.max_restarts),
-               "--min-workers", str(self.scenario.min_workers),
-               "--join-timeout", str(max(30.0, self.bound_s))]
+        cmd = [
+            s.python,
+            "-m",
+            "elastic.cli",
+            "run",
+            "--etcd",
+            self.etcd.url,
+            "--job",
+            seg.job,
+            "-n",
+            str(nproc),
+            "--event-log",
+            seg.tail.path,
+            "--ledger-dir",
+            seg.ledger,
+            "--checkpoint",
+            self.checkpoint,
+            "--checkpoint-every",
+            str(self.scenario.checkpoint_every),
+            "--lease-ttl",
+            str(s.lease_ttl),
+            "--collective-timeout",
+            str(self.collective_timeout),
+            "--settle",
+            str(self.scenario.settle_s),
+            "--max-restarts",
+            str(s.max_restarts),
+            "--min-workers",
+            str(self.scenario.min_workers),
+            "--join-timeout",
+            str(max(30.0, self.bound_s)),
+        ]
         if seg.resume and role == "main":
             cmd.append("--resume")
         step_time = plan.step_time if plan.step_time is not None else self.scenario.step_time
-        cmd += [s.workload, "--out-dir", self.out_dir, "--step-time", str(step_time),
-                *self.scenario.train.args()]
+        cmd += [
+            s.workload,
+            "--out-dir",
+            self.out_dir,
+            "--step-time",
+            str(step_time),
+            *self.scenario.train.args(),
+        ]
         for b in plan.breaks:
             cmd += ["--break", b]
         sched = plan.schedule
         env = dict(os.environ)
-        env.update(WorkerFaults(storage=sched.storage, seed=plan.seed or 0,
-                                slow_step_s=sched.slow_step_s, slow_steps=sched.slow_steps,
-                                record_dir=self.faults_dir).to_env())
+        env.update(
+            WorkerFaults(
+                storage=sched.storage,
+                seed=plan.seed or 0,
+                slow_step_s=sched.slow_step_s,
+                slow_steps=sched.slow_steps,
+                record_dir=self.faults_dir,
+            ).to_env()
+        )
         env[TOKEN_ENV] = self.token
         env["PYTHONUNBUFFERED"] = "1"
         log = os.path.join(self.run_dir, "logs", f"launcher-{len(self.launched)}-{role}.log")
@@ -359,9 +432,14 @@ class Run:
             # real machine: nothing host-specific is passed.
             cmd = [*s.hosts.place(len(self.launched)).prefix(), *cmd]
         with open(log, "wb") as out:
-            proc = subprocess.Popen(dying_with_parent(cmd), env=env, stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                dying_with_parent(cmd),
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         launched = Launched(proc, seg.index, role, log)
         self.launched.append(launched)
         return launched
@@ -393,8 +471,9 @@ class Run:
         if self._client is None:
             from elastic.coord.etcd import EtcdConfig, connect
 
-            self._client = connect(EtcdConfig.from_url(self.etcd.url, rpc_timeout=2.0,
-                                                       connect_timeout=10.0))
+            self._client = connect(
+                EtcdConfig.from_url(self.etcd.url, rpc_timeout=2.0, connect_timeout=10.0)
+            )
         return self._client
 
     def _job_state(self) -> JobState | None:
@@ -417,7 +496,8 @@ class Run:
     def joiner_ready(self) -> bool:
         state = self._job_state()
         return state is not None and bool(
-            (state.members.keys() & state.ready.keys()) - state.world_ids)
+            (state.members.keys() & state.ready.keys()) - state.world_ids
+        )
 
     def _await(self, spec: FaultSpec, since: int, deadline: float) -> bool:
         """Wait (bounded) for the trigger of ``spec``; False if the run ended first."""
@@ -440,19 +520,29 @@ class Run:
         started = time.monotonic()
         deadline = self.deadline = started + self.bound_s
         try:
-            host = (self.settings.hosts.control.address if self.settings.hosts is not None
-                    else "127.0.0.1")
-            self.etcd = _start_etcd(self._etcd_dir, self.settings.etcd_binary, host,
-                                    self.scenario.etcd_members)
+            host = (
+                self.settings.hosts.control.address
+                if self.settings.hosts is not None
+                else "127.0.0.1"
+            )
+            self.etcd = _start_etcd(
+                self._etcd_dir, self.settings.etcd_binary, host, self.scenario.etcd_members
+            )
             self._new_segment(resume=False)
             for spec in self._specs():
                 since = len(self.segment.tail.events)
                 if self.records and self.records[-1].get("segment") == self.segment.index:
                     since = self.records[-1].get("event_index", since)
                 if not self._await(spec, since, deadline):
-                    self.records.append({"kind": spec.kind, "fault": spec.describe(),
-                                         "fired": False, "t": time.time(),
-                                         "detail": "trigger not reached before the run ended"})
+                    self.records.append(
+                        {
+                            "kind": spec.kind,
+                            "fault": spec.describe(),
+                            "fired": False,
+                            "t": time.time(),
+                            "detail": "trigger not reached before the run ended",
+                        }
+                    )
                     self._record_specs.append(spec)
                     continue
                 if spec.delay_s:
@@ -512,27 +602,34 @@ class Run:
         records = inv.read_ledgers([seg.ledger for seg in self.segments])
         expected = inv.expected_epochs(train.dataset_size, train.batch_size, train.seed, total)
         final_store = inv.inspect_store(self.checkpoint)
-        restores = [inv.Restore(e["t"], e["step"], seg.index)
-                    for seg in self.segments for e in seg.tail.of(Event.RESTORE)]
+        restores = [
+            inv.Restore(e["t"], e["step"], seg.index)
+            for seg in self.segments
+            for e in seg.tail.of(Event.RESTORE)
+        ]
         resumed = [seg.index for seg in self.segments if seg.resume]
         unfinished = self._unfinished()
         if reference is not None:
-            params = inv.check_params(finals, reference.params, self.settings.tolerance,
-                                      unfinished)
+            params = inv.check_params(finals, reference.params, self.settings.tolerance, unfinished)
         else:
             params = _self_consistent(finals, self.settings.tolerance, unfinished)
         checks = [
             params,
             inv.check_exactly_once(records, expected, total),
-            inv.check_checkpoints(final_store, self.snapshots, restores, resumed, total,
-                                  sched.corrupted_on_purpose),
+            inv.check_checkpoints(
+                final_store, self.snapshots, restores, resumed, total, sched.corrupted_on_purpose
+            ),
             inv.check_fencing(self.commits, final_store),
-            inv.check_no_hang(self.ended, self.wall_s, self.bound_s,
-                              [lp.proc.returncode for lp in self.launched]),
+            inv.check_no_hang(
+                self.ended, self.wall_s, self.bound_s, [lp.proc.returncode for lp in self.launched]
+            ),
         ]
         if self.commits is None:
-            checks[3] = inv.Check(inv.FENCING, False, "etcd history unavailable: "
-                                  + getattr(self, "commit_error", "unknown error"))
+            checks[3] = inv.Check(
+                inv.FENCING,
+                False,
+                "etcd history unavailable: " + getattr(self, "commit_error", "unknown error"),
+            )
         expectations = self._expectations(final_store)
         recovery = [float(e["seconds"]) for e in self.events(Event.RECOVERED)]
         for killed_at, index in self.resume_recoveries:
@@ -540,12 +637,23 @@ class Run:
             if steps:
                 recovery.append(round(steps[0]["t"] - killed_at, 3))
         return RunResult(
-            name=plan.name, seed=plan.seed, breaks=plan.breaks, schedule=sched.describe(),
-            schedule_json=sched.to_json(), faults=self.records, checks=checks,
-            expectations=expectations, recovery_s=recovery,
-            steps_redone=inv.steps_redone(records), wall_s=self.wall_s, bound_s=self.bound_s,
-            exit_codes=[lp.proc.returncode for lp in self.launched], run_dir=self.run_dir,
-            timeline=self._timeline(), config_key=train.key, warnings=self._warnings(),
+            name=plan.name,
+            seed=plan.seed,
+            breaks=plan.breaks,
+            schedule=sched.describe(),
+            schedule_json=sched.to_json(),
+            faults=self.records,
+            checks=checks,
+            expectations=expectations,
+            recovery_s=recovery,
+            steps_redone=inv.steps_redone(records),
+            wall_s=self.wall_s,
+            bound_s=self.bound_s,
+            exit_codes=[lp.proc.returncode for lp in self.launched],
+            run_dir=self.run_dir,
+            timeline=self._timeline(),
+            config_key=train.key,
+            warnings=self._warnings(),
         )
 
     def _warnings(self) -> list[str]:
@@ -556,8 +664,10 @@ class Run:
         for seg in self.segments:
             for e in seg.tail.of(Event.EXIT):
                 if e.get("rc") not in (0, EXIT_STOPPED) and e["member"] not in targets:
-                    out.append(f"worker {e['member']} exited with {e['rc']} without being "
-                               f"targeted (segment {seg.index}; see its launcher log)")
+                    out.append(
+                        f"worker {e['member']} exited with {e['rc']} without being "
+                        f"targeted (segment {seg.index}; see its launcher log)"
+                    )
         return out
 
     def _unfinished(self) -> str | None:
@@ -565,8 +675,11 @@ class Run:
         ``finished`` and every launcher of that launch ended without an error (exit 0,
         or 3: its workers left while the job went on elsewhere)."""
         killed = {p for r in self.records for p in r.get("launchers_killed", ())}
-        last = [lp for lp in self.launched
-                if lp.segment == self.segment.index and lp.proc.pid not in killed]
+        last = [
+            lp
+            for lp in self.launched
+            if lp.segment == self.segment.index and lp.proc.pid not in killed
+        ]
         codes = [lp.proc.returncode for lp in last]
         problems = []
         if not self.segment.tail.of(Event.FINISHED):
@@ -577,8 +690,9 @@ class Run:
             problems.append(f"launcher exit code(s) {shown}")
         gave_up = self.segment.tail.of(Event.GIVE_UP)
         if gave_up:
-            problems.append(f"the launcher gave up on {gave_up[0].get('member')} "
-                            "(no restarts left)")
+            problems.append(
+                f"the launcher gave up on {gave_up[0].get('member')} (no restarts left)"
+            )
         return "; ".join(problems) or None
 
     def _expectations(self, store: inv.StoreState) -> list[inv.Check]:
@@ -590,17 +704,35 @@ class Run:
         return checks
 
     def _timeline(self) -> dict[str, Any]:
-        steps = [{"seg": seg.index, "t": e["t"], "step": e["step"], "loss": e["loss"],
-                  "world": e["world"], "gen": e["gen"]}
-                 for seg in self.segments for e in seg.tail.of(Event.STEP)]
-        faults = [{"t": r["t"], "step": r.get("step"), "seg": r.get("segment"),
-                   "kind": r["kind"], "fired": r.get("fired", False)} for r in self.records]
+        steps = [
+            {
+                "seg": seg.index,
+                "t": e["t"],
+                "step": e["step"],
+                "loss": e["loss"],
+                "world": e["world"],
+                "gen": e["gen"],
+            }
+            for seg in self.segments
+            for e in seg.tail.of(Event.STEP)
+        ]
+        faults = [
+            {
+                "t": r["t"],
+                "step": r.get("step"),
+                "seg": r.get("segment"),
+                "kind": r["kind"],
+                "fired": r.get("fired", False),
+            }
+            for r in self.records
+        ]
         t0 = min((seg.started for seg in self.segments), default=0.0)
         return {"t0": t0, "steps": steps, "faults": faults}
 
 
-def _self_consistent(finals: dict[str, dict[str, Any]], tolerance: float,
-                     unfinished: str | None) -> inv.Check:
+def _self_consistent(
+    finals: dict[str, dict[str, Any]], tolerance: float, unfinished: str | None
+) -> inv.Check:
     """For the reference itself: every finisher holds the same parameters."""
     if unfinished:
         return inv.Check(inv.PARAMS, False, f"the job did not finish: {unfinished}")
@@ -608,12 +740,20 @@ def _self_consistent(finals: dict[str, dict[str, Any]], tolerance: float,
         return inv.Check(inv.PARAMS, False, "no worker finished training")
     first = next(iter(finals.values()))
     worst = max(inv.max_param_diff(p, first) for p in finals.values())
-    return inv.Check(inv.PARAMS, worst <= tolerance,
-                     f"reference: {len(finals)} finisher(s) agree within {worst:.2e}")
+    return inv.Check(
+        inv.PARAMS,
+        worst <= tolerance,
+        f"reference: {len(finals)} finisher(s) agree within {worst:.2e}",
+    )
 
 
-def run_one(plan: RunPlan, settings: Settings, run_dir: str, reference: Reference | None,
-            make: Callable[[RunPlan, Settings, str], Run] | None = None) -> RunResult:
+def run_one(
+    plan: RunPlan,
+    settings: Settings,
+    run_dir: str,
+    reference: Reference | None,
+    make: Callable[[RunPlan, Settings, str], Run] | None = None,
+) -> RunResult:
     """Carry out one run (``make`` builds it: a :class:`Run` unless told otherwise)."""
     if os.path.exists(run_dir):
         shutil.rmtree(run_dir)
@@ -639,31 +779,49 @@ def run_one(plan: RunPlan, settings: Settings, run_dir: str, reference: Referenc
 def _unevaluated(plan: RunPlan, run: Run, error: str) -> RunResult:
     checks = [inv.Check(name, False, "not evaluated: the run failed") for name in inv.INVARIANTS]
     return RunResult(
-        name=plan.name, seed=plan.seed, breaks=plan.breaks, schedule=plan.schedule.describe(),
-        schedule_json=plan.schedule.to_json(), faults=run.records, checks=checks,
-        expectations=[], recovery_s=[], steps_redone=0, wall_s=run.wall_s, bound_s=run.bound_s,
-        exit_codes=[lp.proc.returncode for lp in run.launched], run_dir=run.run_dir,
-        timeline={"t0": 0.0, "steps": [], "faults": []}, config_key=plan.scenario.train.key,
-        error=error)
+        name=plan.name,
+        seed=plan.seed,
+        breaks=plan.breaks,
+        schedule=plan.schedule.describe(),
+        schedule_json=plan.schedule.to_json(),
+        faults=run.records,
+        checks=checks,
+        expectations=[],
+        recovery_s=[],
+        steps_redone=0,
+        wall_s=run.wall_s,
+        bound_s=run.bound_s,
+        exit_codes=[lp.proc.returncode for lp in run.launched],
+        run_dir=run.run_dir,
+        timeline={"t0": 0.0, "steps": [], "faults": []},
+        config_key=plan.scenario.train.key,
+        error=error,
+    )
 
 
 def run_reference(config: sc.TrainConfig, settings: Settings, work_dir: str) -> Reference:
     # The bound grows with the training: a soak's reference trains tens of
     # thousands of steps (a fixed 120 s stopped a 6,648-step one at 4,481).
-    bound = max(sc.Scenario.bound_s,
-                60.0 + config.total_steps * (4 * REFERENCE_STEP_TIME + 0.05))
-    scenario = sc.Scenario("reference", "failure-free run", lambda rng, s: sc.Schedule(),
-                           train=config, step_time=REFERENCE_STEP_TIME,
-                           workers=REFERENCE_WORKERS, bound_s=round(bound, 1))
+    bound = max(sc.Scenario.bound_s, 60.0 + config.total_steps * (4 * REFERENCE_STEP_TIME + 0.05))
+    scenario = sc.Scenario(
+        "reference",
+        "failure-free run",
+        lambda rng, s: sc.Schedule(),
+        train=config,
+        step_time=REFERENCE_STEP_TIME,
+        workers=REFERENCE_WORKERS,
+        bound_s=round(bound, 1),
+    )
     plan = RunPlan("reference", None, scenario, sc.Schedule())
     result = run_one(plan, settings, os.path.join(work_dir, "reference-" + config.key), None)
     if not result.passed:
-        failed = [f"{c.name}: {c.detail}" for c in result.checks + result.expectations
-                  if not c.held]
-        raise ChaosError(f"the failure-free reference run for {config.key} failed "
-                         f"({result.error or '; '.join(failed)}); see {result.run_dir}")
+        failed = [
+            f"{c.name}: {c.detail}" for c in result.checks + result.expectations if not c.held
+        ]
+        raise ChaosError(
+            f"the failure-free reference run for {config.key} failed "
+            f"({result.error or '; '.join(failed)}); see {result.run_dir}"
+        )
     params = inv.load_params(os.path.join(result.run_dir, "out"))
     losses = {s["step"]: s["loss"] for s in result.timeline["steps"]}
     return Reference(config, next(iter(params.values())), losses, result)
-
-

@@ -54,13 +54,22 @@ class TrainConfig:
         return self.epochs * self.steps_per_epoch
 
     def args(self) -> list[str]:
-        return ["--dataset-size", str(self.dataset_size), "--batch-size", str(self.batch_size),
-                "--epochs", str(self.epochs), "--lr", str(self.lr), "--seed", str(self.seed)]
+        return [
+            "--dataset-size",
+            str(self.dataset_size),
+            "--batch-size",
+            str(self.batch_size),
+            "--epochs",
+            str(self.epochs),
+            "--lr",
+            str(self.lr),
+            "--seed",
+            str(self.seed),
+        ]
 
     @property
     def key(self) -> str:
-        return (f"n{self.dataset_size}-b{self.batch_size}-e{self.epochs}-lr{self.lr:g}"
-                f"-s{self.seed}")
+        return f"n{self.dataset_size}-b{self.batch_size}-e{self.epochs}-lr{self.lr:g}-s{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -77,14 +86,20 @@ class Schedule:
         return {f.step for f in self.storage if f.corrupts and f.step is not None}
 
     def describe(self) -> list[str]:
-        slow = ([f"slow rank: {self.slow_steps} step(s) {self.slow_step_s:g}s slower"]
-                if self.slow_steps else [])
+        slow = (
+            [f"slow rank: {self.slow_steps} step(s) {self.slow_step_s:g}s slower"]
+            if self.slow_steps
+            else []
+        )
         return [f.describe() for f in self.faults] + [f.describe() for f in self.storage] + slow
 
     def to_json(self) -> dict[str, Any]:
-        return {"faults": [f.to_json() for f in self.faults],
-                "storage": [f.to_json() for f in self.storage],
-                "slow_step_s": self.slow_step_s, "slow_steps": self.slow_steps}
+        return {
+            "faults": [f.to_json() for f in self.faults],
+            "storage": [f.to_json() for f in self.storage],
+            "slow_step_s": self.slow_step_s,
+            "slow_steps": self.slow_steps,
+        }
 
 
 @dataclass(frozen=True)
@@ -101,9 +116,22 @@ class Shape:
         return list(range(self.checkpoint_every, self.total_steps, self.checkpoint_every))
 
 
-__all__ = ["EXPECT_ALL_COMMITTED", "EXPECT_CHECKPOINT_FAILED", "EXPECT_DAMAGE_DETECTED",
-           "EXPECT_FAULTS_FIRED", "EXPECT_JOINED", "EXPECT_NO_EVICTION", "EXPECT_STALE_REFUSED",
-           "SCENARIOS", "Scenario", "Schedule", "Shape", "TrainConfig", "get", "smoke"]
+__all__ = [
+    "EXPECT_ALL_COMMITTED",
+    "EXPECT_CHECKPOINT_FAILED",
+    "EXPECT_DAMAGE_DETECTED",
+    "EXPECT_FAULTS_FIRED",
+    "EXPECT_JOINED",
+    "EXPECT_NO_EVICTION",
+    "EXPECT_STALE_REFUSED",
+    "SCENARIOS",
+    "Scenario",
+    "Schedule",
+    "Shape",
+    "TrainConfig",
+    "get",
+    "smoke",
+]
 
 
 @dataclass(frozen=True)
@@ -129,8 +157,10 @@ class Scenario:
         for name in self.expect:
             EXPECTATIONS[name]  # raises on an unknown name
         if not 1 <= self.launchers <= self.workers:
-            raise ValueError(f"scenario {self.name}: launchers must be in 1..workers "
-                             f"({self.workers}), got {self.launchers}")
+            raise ValueError(
+                f"scenario {self.name}: launchers must be in 1..workers "
+                f"({self.workers}), got {self.launchers}"
+            )
 
     @property
     def shape(self) -> Shape:
@@ -166,8 +196,9 @@ def kill_two(rng: random.Random, s: Shape) -> Schedule:
     step = _mid(rng, s)
     a, b = rng.sample(range(s.workers), 2)
     # Both ranks refer to the same World: the second kill follows within milliseconds.
-    return Schedule((FaultSpec("kill-worker", step, rank=a),
-                     FaultSpec("kill-worker", step, rank=b)))
+    return Schedule(
+        (FaultSpec("kill-worker", step, rank=a), FaultSpec("kill-worker", step, rank=b))
+    )
 
 
 def kill_same_rank(rng: random.Random, s: Shape) -> Schedule:
@@ -178,8 +209,13 @@ def kill_same_rank(rng: random.Random, s: Shape) -> Schedule:
 
 
 def zombie(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec("pause-worker", _mid(rng, s), rank=rng.randrange(1, s.workers),
-                               duration_s=30.0),))
+    return Schedule(
+        (
+            FaultSpec(
+                "pause-worker", _mid(rng, s), rank=rng.randrange(1, s.workers), duration_s=30.0
+            ),
+        )
+    )
 
 
 def zombie_rank0(rng: random.Random, s: Shape) -> Schedule:
@@ -190,10 +226,13 @@ def zombie_rank0_saving(rng: random.Random, s: Shape) -> Schedule:
     ckpt = rng.choice(s.checkpoints[:-1])
     # Hold rank 0's commit (reading the other ranks' part records) long enough
     # for it to be frozen mid-save; it resumes after a newer World formed.
-    hold = StorageFault("delay", path=part_glob(ckpt), ops=("cat",), times=None,
-                        delay_s=1.5, step=ckpt)
-    return Schedule((FaultSpec("pause-worker", ckpt, on="checkpoint", rank=0, delay_s=0.3,
-                               duration_s=30.0),), storage=(hold,))
+    hold = StorageFault(
+        "delay", path=part_glob(ckpt), ops=("cat",), times=None, delay_s=1.5, step=ckpt
+    )
+    return Schedule(
+        (FaultSpec("pause-worker", ckpt, on="checkpoint", rank=0, delay_s=0.3, duration_s=30.0),),
+        storage=(hold,),
+    )
 
 
 def step_exception(rng: random.Random, s: Shape) -> Schedule:
@@ -202,77 +241,137 @@ def step_exception(rng: random.Random, s: Shape) -> Schedule:
 
 def step_exception_twice(rng: random.Random, s: Shape) -> Schedule:
     first = _mid(rng, s, 0.15, 0.3)
-    return Schedule((FaultSpec("step-exception", first, rank=rng.randrange(s.workers)),
-                     FaultSpec("step-exception", first + rng.randint(4, 10),
-                               rank=rng.randrange(s.workers - 1))))
+    return Schedule(
+        (
+            FaultSpec("step-exception", first, rank=rng.randrange(s.workers)),
+            FaultSpec(
+                "step-exception", first + rng.randint(4, 10), rank=rng.randrange(s.workers - 1)
+            ),
+        )
+    )
 
 
 def slow_rank(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec("slow-rank", _mid(rng, s), rank=rng.randrange(s.workers)),),
-                    slow_step_s=round(rng.uniform(1.5, 2.5), 2), slow_steps=rng.randint(3, 5))
+    return Schedule(
+        (FaultSpec("slow-rank", _mid(rng, s), rank=rng.randrange(s.workers)),),
+        slow_step_s=round(rng.uniform(1.5, 2.5), 2),
+        slow_steps=rng.randint(3, 5),
+    )
 
 
 def etcd_kill(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec("kill-etcd", _mid(rng, s),
-                               duration_s=round(rng.uniform(0.5, 3.0), 2)),))
+    return Schedule(
+        (FaultSpec("kill-etcd", _mid(rng, s), duration_s=round(rng.uniform(0.5, 3.0), 2)),)
+    )
 
 
 def etcd_pause(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec("pause-etcd", _mid(rng, s),
-                               duration_s=round(rng.uniform(1.0, 4.0), 2)),))
+    return Schedule(
+        (FaultSpec("pause-etcd", _mid(rng, s), duration_s=round(rng.uniform(1.0, 4.0), 2)),)
+    )
 
 
 def etcd_kill_during_save(rng: random.Random, s: Shape) -> Schedule:
     ckpt = rng.choice(s.checkpoints[:-1])
     # Slow the shard writes so the commit (and its fenced etcd transaction)
     # comes while etcd is down.
-    slow = StorageFault("delay", path=shard_glob(ckpt), ops=("write",), times=None, delay_s=0.5,
-                        step=ckpt)
-    return Schedule((FaultSpec("kill-etcd", ckpt, on="checkpoint",
-                               duration_s=round(rng.uniform(1.5, 3.0), 2)),), storage=(slow,))
+    slow = StorageFault(
+        "delay", path=shard_glob(ckpt), ops=("write",), times=None, delay_s=0.5, step=ckpt
+    )
+    return Schedule(
+        (
+            FaultSpec(
+                "kill-etcd", ckpt, on="checkpoint", duration_s=round(rng.uniform(1.5, 3.0), 2)
+            ),
+        ),
+        storage=(slow,),
+    )
 
 
 def etcd_outage_with_crash(rng: random.Random, s: Shape) -> Schedule:
     step = _mid(rng, s)
-    return Schedule((FaultSpec("kill-etcd", step),
-                     FaultSpec("kill-worker", step, rank=rng.randrange(s.workers),
-                               delay_s=round(rng.uniform(0.2, 1.0), 2)),
-                     FaultSpec("restart-etcd", step, delay_s=round(rng.uniform(1.0, 3.0), 2))))
+    return Schedule(
+        (
+            FaultSpec("kill-etcd", step),
+            FaultSpec(
+                "kill-worker",
+                step,
+                rank=rng.randrange(s.workers),
+                delay_s=round(rng.uniform(0.2, 1.0), 2),
+            ),
+            FaultSpec("restart-etcd", step, delay_s=round(rng.uniform(1.0, 3.0), 2)),
+        )
+    )
 
 
 def storage_transient(rng: random.Random, s: Shape) -> Schedule:
     ckpt = rng.choice(s.checkpoints)
     rank = rng.randrange(s.workers)
-    return Schedule(storage=(
-        StorageFault("fail", path=shard_glob(ckpt, rank), ops=("write",), times=rng.randint(1, 3),
-                     step=ckpt),
-        StorageFault("fail", path=manifest_glob(ckpt), ops=("write",), times=1, step=ckpt),
-        StorageFault("fail", path=part_glob(ckpt), ops=("cat",), times=rng.randint(1, 2),
-                     step=ckpt),
-    ))
+    return Schedule(
+        storage=(
+            StorageFault(
+                "fail",
+                path=shard_glob(ckpt, rank),
+                ops=("write",),
+                times=rng.randint(1, 3),
+                step=ckpt,
+            ),
+            StorageFault("fail", path=manifest_glob(ckpt), ops=("write",), times=1, step=ckpt),
+            StorageFault(
+                "fail", path=part_glob(ckpt), ops=("cat",), times=rng.randint(1, 2), step=ckpt
+            ),
+        )
+    )
 
 
 def storage_permanent(rng: random.Random, s: Shape) -> Schedule:
     ckpt = rng.choice(s.checkpoints)
-    return Schedule(storage=(
-        StorageFault("fail", path=shard_glob(ckpt, 0), ops=("write",), times=None, step=ckpt,
-                     permanent=True),))
+    return Schedule(
+        storage=(
+            StorageFault(
+                "fail",
+                path=shard_glob(ckpt, 0),
+                ops=("write",),
+                times=None,
+                step=ckpt,
+                permanent=True,
+            ),
+        )
+    )
 
 
 def storage_latency(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule(storage=(
-        StorageFault("delay", path="step-*/g*/r*/data-*", ops=("write",), times=None,
-                     delay_s=round(rng.uniform(0.3, 1.0), 2)),
-        StorageFault("delay", path="step-*/*manifest.json", ops=("write",), times=None,
-                     delay_s=round(rng.uniform(0.1, 0.5), 2)),
-    ))
+    return Schedule(
+        storage=(
+            StorageFault(
+                "delay",
+                path="step-*/g*/r*/data-*",
+                ops=("write",),
+                times=None,
+                delay_s=round(rng.uniform(0.3, 1.0), 2),
+            ),
+            StorageFault(
+                "delay",
+                path="step-*/*manifest.json",
+                ops=("write",),
+                times=None,
+                delay_s=round(rng.uniform(0.1, 0.5), 2),
+            ),
+        )
+    )
 
 
 def _damaged_then_resumed(action: str) -> Callable[[random.Random, Shape], Schedule]:
     def draw(rng: random.Random, s: Shape) -> Schedule:
         ckpt, kill_at = _after_checkpoint(rng, s, first=1)
-        damage = StorageFault(action, path=shard_glob(ckpt, rng.randrange(s.workers)),
-                              ops=("write",), times=1, keep=0.5, step=ckpt)
+        damage = StorageFault(
+            action,
+            path=shard_glob(ckpt, rng.randrange(s.workers)),
+            ops=("write",),
+            times=1,
+            keep=0.5,
+            step=ckpt,
+        )
         return Schedule((FaultSpec("kill-all-resume", kill_at),), storage=(damage,))
 
     return draw
@@ -286,18 +385,24 @@ def kill_during_save(rng: random.Random, s: Shape) -> Schedule:
     ckpt = rng.choice(s.checkpoints[:-1])
     rank = rng.randrange(s.workers)
     # A slow shard write keeps the victim inside its save when the kill lands.
-    slow = StorageFault("delay", path=shard_glob(ckpt, rank), ops=("write",), times=None,
-                        delay_s=1.5, step=ckpt)
-    return Schedule((FaultSpec("kill-worker", ckpt, on="checkpoint", rank=rank, delay_s=0.4),),
-                    storage=(slow,))
+    slow = StorageFault(
+        "delay", path=shard_glob(ckpt, rank), ops=("write",), times=None, delay_s=1.5, step=ckpt
+    )
+    return Schedule(
+        (FaultSpec("kill-worker", ckpt, on="checkpoint", rank=rank, delay_s=0.4),), storage=(slow,)
+    )
 
 
 def kill_during_rendezvous(rng: random.Random, s: Shape) -> Schedule:
     a, b = rng.sample(range(s.workers), 2)
     # The first kill brings a replacement; the second lands while it waits in
     # the settle window (or while a World is being gathered).
-    return Schedule((FaultSpec("kill-worker", _mid(rng, s, 0.1, 0.2), rank=a),
-                     FaultSpec("kill-worker", 0, on="rendezvous", rank=b)))
+    return Schedule(
+        (
+            FaultSpec("kill-worker", _mid(rng, s, 0.1, 0.2), rank=a),
+            FaultSpec("kill-worker", 0, on="rendezvous", rank=b),
+        )
+    )
 
 
 def freeze_joiner(rng: random.Random, s: Shape) -> Schedule:
@@ -306,15 +411,28 @@ def freeze_joiner(rng: random.Random, s: Shape) -> Schedule:
     # (forming a World with the frozen member fails) until the joiner thaws,
     # notices its lease is gone, and joins again.
     step = _mid(rng, s, 0.1, 0.2)
-    return Schedule((FaultSpec("kill-worker", step, rank=rng.randrange(s.workers)),
-                     FaultSpec("pause-worker", 0, on="joiner-ready", rank=JOINER,
-                               duration_s=round(rng.uniform(4.0, 8.0), 1))))
+    return Schedule(
+        (
+            FaultSpec("kill-worker", step, rank=rng.randrange(s.workers)),
+            FaultSpec(
+                "pause-worker",
+                0,
+                on="joiner-ready",
+                rank=JOINER,
+                duration_s=round(rng.uniform(4.0, 8.0), 1),
+            ),
+        )
+    )
 
 
 def kill_on_failure(rng: random.Random, s: Shape) -> Schedule:
     a, b = rng.sample(range(s.workers), 2)
-    return Schedule((FaultSpec("step-exception", _mid(rng, s), rank=a),
-                     FaultSpec("kill-worker", 0, on="failure", rank=b)))
+    return Schedule(
+        (
+            FaultSpec("step-exception", _mid(rng, s), rank=a),
+            FaultSpec("kill-worker", 0, on="failure", rank=b),
+        )
+    )
 
 
 def hang_worker(rng: random.Random, s: Shape) -> Schedule:
@@ -322,8 +440,9 @@ def hang_worker(rng: random.Random, s: Shape) -> Schedule:
 
 
 def freeze_worker(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec("freeze-worker", _mid(rng, s), rank=rng.randrange(s.workers),
-                               duration_s=30.0),))
+    return Schedule(
+        (FaultSpec("freeze-worker", _mid(rng, s), rank=rng.randrange(s.workers), duration_s=30.0),)
+    )
 
 
 def kill_host(rng: random.Random, s: Shape) -> Schedule:
@@ -335,13 +454,22 @@ def leave(rng: random.Random, s: Shape) -> Schedule:
 
 
 def link_down(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec("link-down", _mid(rng, s), rank=rng.randrange(s.workers),
-                               duration_s=round(rng.uniform(4.0, 8.0), 1)),))
+    return Schedule(
+        (
+            FaultSpec(
+                "link-down",
+                _mid(rng, s),
+                rank=rng.randrange(s.workers),
+                duration_s=round(rng.uniform(4.0, 8.0), 1),
+            ),
+        )
+    )
 
 
 def etcd_leader_kill(rng: random.Random, s: Shape) -> Schedule:
-    return Schedule((FaultSpec("kill-etcd-leader", _mid(rng, s),
-                               duration_s=round(rng.uniform(2.0, 5.0), 1)),))
+    return Schedule(
+        (FaultSpec("kill-etcd-leader", _mid(rng, s), duration_s=round(rng.uniform(2.0, 5.0), 1)),)
+    )
 
 
 def no_faults(rng: random.Random, s: Shape) -> Schedule:
@@ -361,86 +489,198 @@ def kill_all_resume_twice(rng: random.Random, s: Shape) -> Schedule:
 
 def _scenarios() -> dict[str, Scenario]:
     all_ = [
-        Scenario("kill-worker", "SIGKILL one worker (any rank) mid-run", kill_worker,
-                 smoke=True),
+        Scenario("kill-worker", "SIGKILL one worker (any rank) mid-run", kill_worker, smoke=True),
         Scenario("kill-rank0", "SIGKILL rank 0 (leader, store host) mid-run", kill_rank0),
         Scenario("kill-two-workers", "SIGKILL two of three workers at the same step", kill_two),
-        Scenario("kill-same-rank-repeatedly",
-                 "SIGKILL the same rank three times, each once the World is full again",
-                 kill_same_rank, step_time=0.45, bound_s=180.0),
-        Scenario("zombie-worker", "SIGSTOP a worker past its lease TTL, SIGCONT once evicted",
-                 zombie),
-        Scenario("zombie-rank0", "SIGSTOP rank 0 past its lease TTL, SIGCONT once evicted",
-                 zombie_rank0),
-        Scenario("zombie-rank0-during-save",
-                 "freeze rank 0 inside a checkpoint commit; it wakes up in a newer generation",
-                 zombie_rank0_saving, expect=(EXPECT_STALE_REFUSED,)),
-        Scenario("step-exception", "an exception raised inside one rank's training step",
-                 step_exception, smoke=True),
-        Scenario("step-exception-twice", "exceptions inside the step on two occasions",
-                 step_exception_twice),
-        Scenario("slow-rank", "one rank runs slower than its peers (below the collective "
-                 "timeout) for a few steps: it must not be evicted", slow_rank,
-                 expect=(EXPECT_NO_EVICTION,)),
-        Scenario("etcd-kill-restart", "SIGKILL etcd, restart it on its data dir after an outage",
-                 etcd_kill, smoke=True),
+        Scenario(
+            "kill-same-rank-repeatedly",
+            "SIGKILL the same rank three times, each once the World is full again",
+            kill_same_rank,
+            step_time=0.45,
+            bound_s=180.0,
+        ),
+        Scenario(
+            "zombie-worker", "SIGSTOP a worker past its lease TTL, SIGCONT once evicted", zombie
+        ),
+        Scenario(
+            "zombie-rank0", "SIGSTOP rank 0 past its lease TTL, SIGCONT once evicted", zombie_rank0
+        ),
+        Scenario(
+            "zombie-rank0-during-save",
+            "freeze rank 0 inside a checkpoint commit; it wakes up in a newer generation",
+            zombie_rank0_saving,
+            expect=(EXPECT_STALE_REFUSED,),
+        ),
+        Scenario(
+            "step-exception",
+            "an exception raised inside one rank's training step",
+            step_exception,
+            smoke=True,
+        ),
+        Scenario(
+            "step-exception-twice",
+            "exceptions inside the step on two occasions",
+            step_exception_twice,
+        ),
+        Scenario(
+            "slow-rank",
+            "one rank runs slower than its peers (below the collective "
+            "timeout) for a few steps: it must not be evicted",
+            slow_rank,
+            expect=(EXPECT_NO_EVICTION,),
+        ),
+        Scenario(
+            "etcd-kill-restart",
+            "SIGKILL etcd, restart it on its data dir after an outage",
+            etcd_kill,
+            smoke=True,
+        ),
         Scenario("etcd-pause", "SIGSTOP etcd for up to 4 s, then SIGCONT", etcd_pause),
-        Scenario("etcd-kill-during-save", "SIGKILL etcd while a checkpoint commits",
-                 etcd_kill_during_save),
-        Scenario("etcd-outage-with-crash",
-                 "a worker dies while etcd is down; etcd comes back, the job re-forms",
-                 etcd_outage_with_crash),
-        Scenario("storage-transient", "transient storage errors on shard, part-record and "
-                 "manifest I/O of one checkpoint: retried", storage_transient, smoke=True,
-                 expect=(EXPECT_ALL_COMMITTED,)),
-        Scenario("storage-permanent", "a permanent storage error on one checkpoint: reported, "
-                 "nothing torn, later checkpoints commit", storage_permanent,
-                 expect=(EXPECT_CHECKPOINT_FAILED,)),
-        Scenario("storage-latency", "slow shard writes and manifest commits on every checkpoint",
-                 storage_latency, expect=(EXPECT_ALL_COMMITTED,)),
-        Scenario("storage-torn-write", "a shard file is torn on write; every worker is then "
-                 "killed and the job resumed: the torn step must be skipped",
-                 _damaged_then_resumed("truncate"), expect=(EXPECT_DAMAGE_DETECTED,)),
-        Scenario("storage-bitflip", "one bit of a shard file flips on write; every worker is "
-                 "then killed and the job resumed: the bad step must be skipped",
-                 _damaged_then_resumed("bitflip"), expect=(EXPECT_DAMAGE_DETECTED,)),
-        Scenario("join-burst", "two workers join a running job at once", join_burst,
-                 workers=2, step_time=0.3, expect=(EXPECT_JOINED,), settle_s=1.0),
-        Scenario("kill-during-save", "SIGKILL a worker while it writes a checkpoint",
-                 kill_during_save),
-        Scenario("kill-during-rendezvous", "SIGKILL a worker while a World is being formed",
-                 kill_during_rendezvous, step_time=0.3, settle_s=1.5),
-        Scenario("zombie-joiner", "a replacement worker freezes right after asking to join "
-                 "while the job may not run below 2 workers; it thaws and joins again",
-                 freeze_joiner, workers=2, min_workers=2, step_time=0.3),
-        Scenario("kill-on-failure", "SIGKILL a survivor right after a peer failed",
-                 kill_on_failure),
-        Scenario("kill-all-resume", "SIGKILL the launcher and every worker, then --resume",
-                 kill_all_resume, smoke=True),
-        Scenario("checkpoint-on-last-step", "no fault: the periodic checkpoint falls on the "
-                 "last step, where the final checkpoint is taken too", no_faults,
-                 checkpoint_every=8, bound_s=90.0),
-        Scenario("kill-all-resume-twice", "kill everything and resume, two times",
-                 kill_all_resume_twice, bound_s=180.0),
-        Scenario("hang-worker", "one rank's training thread hangs while its lease lives: it "
-                 "is evicted by progress detection and replaced", hang_worker, smoke=True,
-                 collective_timeout=60.0),
-        Scenario("freeze-worker", "SIGSTOP a worker under a 120 s collective timeout: the "
-                 "survivors abandon the collective when its lease expires", freeze_worker,
-                 collective_timeout=120.0),
-        Scenario("kill-host", "SIGKILL one of two launchers and every worker it started",
-                 kill_host, workers=4, launchers=2),
-        Scenario("leave", "SIGTERM one worker: it leaves at the next step boundary, the others "
-                 "carry on without a replacement", leave),
+        Scenario(
+            "etcd-kill-during-save",
+            "SIGKILL etcd while a checkpoint commits",
+            etcd_kill_during_save,
+        ),
+        Scenario(
+            "etcd-outage-with-crash",
+            "a worker dies while etcd is down; etcd comes back, the job re-forms",
+            etcd_outage_with_crash,
+        ),
+        Scenario(
+            "storage-transient",
+            "transient storage errors on shard, part-record and "
+            "manifest I/O of one checkpoint: retried",
+            storage_transient,
+            smoke=True,
+            expect=(EXPECT_ALL_COMMITTED,),
+        ),
+        Scenario(
+            "storage-permanent",
+            "a permanent storage error on one checkpoint: reported, "
+            "nothing torn, later checkpoints commit",
+            storage_permanent,
+            expect=(EXPECT_CHECKPOINT_FAILED,),
+        ),
+        Scenario(
+            "storage-latency",
+            "slow shard writes and manifest commits on every checkpoint",
+            storage_latency,
+            expect=(EXPECT_ALL_COMMITTED,),
+        ),
+        Scenario(
+            "storage-torn-write",
+            "a shard file is torn on write; every worker is then "
+            "killed and the job resumed: the torn step must be skipped",
+            _damaged_then_resumed("truncate"),
+            expect=(EXPECT_DAMAGE_DETECTED,),
+        ),
+        Scenario(
+            "storage-bitflip",
+            "one bit of a shard file flips on write; every worker is "
+            "then killed and the job resumed: the bad step must be skipped",
+            _damaged_then_resumed("bitflip"),
+            expect=(EXPECT_DAMAGE_DETECTED,),
+        ),
+        Scenario(
+            "join-burst",
+            "two workers join a running job at once",
+            join_burst,
+            workers=2,
+            step_time=0.3,
+            expect=(EXPECT_JOINED,),
+            settle_s=1.0,
+        ),
+        Scenario(
+            "kill-during-save", "SIGKILL a worker while it writes a checkpoint", kill_during_save
+        ),
+        Scenario(
+            "kill-during-rendezvous",
+            "SIGKILL a worker while a World is being formed",
+            kill_during_rendezvous,
+            step_time=0.3,
+            settle_s=1.5,
+        ),
+        Scenario(
+            "zombie-joiner",
+            "a replacement worker freezes right after asking to join "
+            "while the job may not run below 2 workers; it thaws and joins again",
+            freeze_joiner,
+            workers=2,
+            min_workers=2,
+            step_time=0.3,
+        ),
+        Scenario(
+            "kill-on-failure", "SIGKILL a survivor right after a peer failed", kill_on_failure
+        ),
+        Scenario(
+            "kill-all-resume",
+            "SIGKILL the launcher and every worker, then --resume",
+            kill_all_resume,
+            smoke=True,
+        ),
+        Scenario(
+            "checkpoint-on-last-step",
+            "no fault: the periodic checkpoint falls on the "
+            "last step, where the final checkpoint is taken too",
+            no_faults,
+            checkpoint_every=8,
+            bound_s=90.0,
+        ),
+        Scenario(
+            "kill-all-resume-twice",
+            "kill everything and resume, two times",
+            kill_all_resume_twice,
+            bound_s=180.0,
+        ),
+        Scenario(
+            "hang-worker",
+            "one rank's training thread hangs while its lease lives: it "
+            "is evicted by progress detection and replaced",
+            hang_worker,
+            smoke=True,
+            collective_timeout=60.0,
+        ),
+        Scenario(
+            "freeze-worker",
+            "SIGSTOP a worker under a 120 s collective timeout: the "
+            "survivors abandon the collective when its lease expires",
+            freeze_worker,
+            collective_timeout=120.0,
+        ),
+        Scenario(
+            "kill-host",
+            "SIGKILL one of two launchers and every worker it started",
+            kill_host,
+            workers=4,
+            launchers=2,
+        ),
+        Scenario(
+            "leave",
+            "SIGTERM one worker: it leaves at the next step boundary, the others "
+            "carry on without a replacement",
+            leave,
+        ),
         # The cut-off host must rejoin before the end: a longer run (96 steps) at
         # a slower pace than the others.
-        Scenario("link-down", "cut one host's link for 4-8 s (3 hosts, a worker each): the "
-                 "others re-form without it, it trains nothing meanwhile and rejoins",
-                 link_down, launchers=3, needs_hosts=True, step_time=0.25,
-                 train=TrainConfig(epochs=4), bound_s=240.0),
-        Scenario("etcd-leader-loss", "SIGKILL the leader of a 3-member etcd cluster, restart "
-                 "it after 2-5 s: training goes on through the other two, no step redone",
-                 etcd_leader_kill, launchers=3, etcd_members=3),
+        Scenario(
+            "link-down",
+            "cut one host's link for 4-8 s (3 hosts, a worker each): the "
+            "others re-form without it, it trains nothing meanwhile and rejoins",
+            link_down,
+            launchers=3,
+            needs_hosts=True,
+            step_time=0.25,
+            train=TrainConfig(epochs=4),
+            bound_s=240.0,
+        ),
+        Scenario(
+            "etcd-leader-loss",
+            "SIGKILL the leader of a 3-member etcd cluster, restart "
+            "it after 2-5 s: training goes on through the other two, no step redone",
+            etcd_leader_kill,
+            launchers=3,
+            etcd_members=3,
+        ),
     ]
     return {s.name: s for s in all_}
 

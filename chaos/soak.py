@@ -74,11 +74,11 @@ class SoakConfig:
         if self.faults < 1:
             raise ValueError(f"--faults must be >= 1, got {self.faults}")
         if not self.every_s > 0 or not self.step_time > 0:
-            raise ValueError(f"--every and --step-time must be > 0, got {self.every_s} and "
-                             f"{self.step_time}")
+            raise ValueError(
+                f"--every and --step-time must be > 0, got {self.every_s} and {self.step_time}"
+            )
         if self.workers < 2:
-            raise ValueError(f"--workers must be >= 2 (a soak removes workers), got "
-                             f"{self.workers}")
+            raise ValueError(f"--workers must be >= 2 (a soak removes workers), got {self.workers}")
         if not 1 <= self.launchers <= self.workers:
             raise ValueError(f"launchers must be in 1..{self.workers}, got {self.launchers}")
         for kind in self.kinds:
@@ -105,22 +105,29 @@ class SoakConfig:
     @property
     def bound_s(self) -> float:
         """Generous: every step at four times its nominal time plus 30 s per fault."""
-        return round(120.0 + self.train.total_steps * (4 * self.step_time + 0.05)
-                     + 30.0 * self.faults, 1)
+        return round(
+            120.0 + self.train.total_steps * (4 * self.step_time + 0.05) + 30.0 * self.faults, 1
+        )
 
     def scenario(self) -> sc.Scenario:
         return sc.Scenario(
-            "soak", f"{self.faults} random faults, one every {self.every_s:g}s of training",
-            lambda rng, shape: sc.Schedule(), workers=self.workers, step_time=self.step_time,
-            checkpoint_every=5 * self.every_steps, train=self.train, bound_s=self.bound_s,
-            launchers=self.launchers, collective_timeout=COLLECTIVE_TIMEOUT)
+            "soak",
+            f"{self.faults} random faults, one every {self.every_s:g}s of training",
+            lambda rng, shape: sc.Schedule(),
+            workers=self.workers,
+            step_time=self.step_time,
+            checkpoint_every=5 * self.every_steps,
+            train=self.train,
+            bound_s=self.bound_s,
+            launchers=self.launchers,
+            collective_timeout=COLLECTIVE_TIMEOUT,
+        )
 
 
 class Soak(Run):
     """A :class:`~chaos.run.Run` whose faults are drawn one by one as the job goes."""
 
-    def __init__(self, plan: RunPlan, settings: Settings, run_dir: str,
-                 config: SoakConfig) -> None:
+    def __init__(self, plan: RunPlan, settings: Settings, run_dir: str, config: SoakConfig) -> None:
         super().__init__(plan, settings, run_dir)
         self.config = config
         self.rng = random.Random(f"soak:{config.seed}")
@@ -143,19 +150,29 @@ class Soak(Run):
 
     def _draw(self, at: int) -> FaultSpec:
         world = len(self.world()) or self.config.workers
-        return draw(self.rng, self.config, at, live=max(world, len(self.live_workers())),
-                    world=world, hosts=len(self.launchers_running()))
+        return draw(
+            self.rng,
+            self.config,
+            at,
+            live=max(world, len(self.live_workers())),
+            world=world,
+            hosts=len(self.launchers_running()),
+        )
 
 
-def draw(rng: random.Random, cfg: SoakConfig, at: int, live: int, world: int,
-         hosts: int) -> FaultSpec:
+def draw(
+    rng: random.Random, cfg: SoakConfig, at: int, live: int, world: int, hosts: int
+) -> FaultSpec:
     """The next fault for ``live`` workers (``world`` of them in the World) on ``hosts``
     running launchers."""
     size = live
-    allowed = [k for k in cfg.kinds
-               if not (k in REMOVES and size <= cfg.low)
-               and not (k == "kill-host" and hosts < 2)
-               and not (k == "join" and size >= cfg.high)]
+    allowed = [
+        k
+        for k in cfg.kinds
+        if not (k in REMOVES and size <= cfg.low)
+        and not (k == "kill-host" and hosts < 2)
+        and not (k == "join" and size >= cfg.high)
+    ]
     if (size < cfg.low and "join" in cfg.kinds) or not allowed:
         allowed = ["join"]
     kind = rng.choice(allowed)
@@ -165,8 +182,9 @@ def draw(rng: random.Random, cfg: SoakConfig, at: int, live: int, world: int,
     return FaultSpec(kind, at, rank=rng.randrange(world), duration_s=duration)
 
 
-def run_soak(config: SoakConfig, settings: Settings, report_dir: str,
-             progress: Any = lambda line: None) -> tuple[RunResult, dict[str, Any]]:
+def run_soak(
+    config: SoakConfig, settings: Settings, report_dir: str, progress: Any = lambda line: None
+) -> tuple[RunResult, dict[str, Any]]:
     """Reference, soak, reports; returns the soak's result and its summary."""
     started = time.time()
     settings = replace(settings, max_restarts=config.faults + 10)
@@ -174,14 +192,22 @@ def run_soak(config: SoakConfig, settings: Settings, report_dir: str,
     runs = os.path.join(report_dir, "runs")
     progress(f"reference run: {config.train.total_steps} steps ...")
     ref = run_reference(config.train, settings, runs)
-    progress(f"reference: {ref.result.wall_s:.1f}s; soak: {config.faults} fault(s), bound "
-             f"{scenario.bound_s:.0f}s ...")
+    progress(
+        f"reference: {ref.result.wall_s:.1f}s; soak: {config.faults} fault(s), bound "
+        f"{scenario.bound_s:.0f}s ..."
+    )
     plan = RunPlan("soak", config.seed, scenario, sc.Schedule(), step_time=config.step_time)
-    result = run_one(plan, settings, os.path.join(runs, f"soak-s{config.seed}"), ref,
-                     make=lambda p, s, d: Soak(p, s, d, config))
+    result = run_one(
+        plan,
+        settings,
+        os.path.join(runs, f"soak-s{config.seed}"),
+        ref,
+        make=lambda p, s, d: Soak(p, s, d, config),
+    )
     summary = summarize(config, result)
-    report.write(report_dir, [result], {config.train.key: ref}, command=_command(config),
-                 started=started)
+    report.write(
+        report_dir, [result], {config.train.key: ref}, command=_command(config), started=started
+    )
     _write(report_dir, summary)
     return result, summary
 
@@ -191,27 +217,42 @@ def summarize(config: SoakConfig, result: RunResult) -> dict[str, Any]:
     missed = Counter(f["kind"] for f in result.faults if not f.get("fired"))
     rec = result.recovery_s
     return {
-        "passed": result.passed, "invariants_held": result.invariants_held,
-        "error": result.error, "faults_requested": config.faults,
-        "faults_fired": sum(fired.values()), "fired_per_kind": dict(sorted(fired.items())),
+        "passed": result.passed,
+        "invariants_held": result.invariants_held,
+        "error": result.error,
+        "faults_requested": config.faults,
+        "faults_fired": sum(fired.values()),
+        "fired_per_kind": dict(sorted(fired.items())),
         "not_fired_per_kind": dict(sorted(missed.items())),
-        "recoveries": {"count": len(rec),
-                       "median_s": round(statistics.median(rec), 3) if rec else None,
-                       "max_s": round(max(rec), 3) if rec else None},
-        "steps": config.train.total_steps, "steps_redone": result.steps_redone,
+        "recoveries": {
+            "count": len(rec),
+            "median_s": round(statistics.median(rec), 3) if rec else None,
+            "max_s": round(max(rec), 3) if rec else None,
+        },
+        "steps": config.train.total_steps,
+        "steps_redone": result.steps_redone,
         "invariants": [c.to_json() for c in result.checks],
         "expectations_failed": [c.to_json() for c in result.expectations if not c.held],
-        "wall_s": round(result.wall_s, 1), "bound_s": result.bound_s,
-        "config": {"faults": config.faults, "seed": config.seed, "every_s": config.every_s,
-                   "every_steps": config.every_steps, "workers": config.workers,
-                   "step_time": config.step_time, "launchers": config.launchers},
+        "wall_s": round(result.wall_s, 1),
+        "bound_s": result.bound_s,
+        "config": {
+            "faults": config.faults,
+            "seed": config.seed,
+            "every_s": config.every_s,
+            "every_steps": config.every_steps,
+            "workers": config.workers,
+            "step_time": config.step_time,
+            "launchers": config.launchers,
+        },
         "run_dir": result.run_dir,
     }
 
 
 def _command(config: SoakConfig) -> str:
-    return (f"elastic chaos soak --faults {config.faults} --seed {config.seed} "
-            f"--every {config.every_s:g} --workers {config.workers}")
+    return (
+        f"elastic chaos soak --faults {config.faults} --seed {config.seed} "
+        f"--every {config.every_s:g} --workers {config.workers}"
+    )
 
 
 def _write(report_dir: str, summary: dict[str, Any]) -> None:
@@ -219,22 +260,31 @@ def _write(report_dir: str, summary: dict[str, Any]) -> None:
         json.dump(summary, f, indent=2)
     rec = summary["recoveries"]
     lines = [
-        "# Soak", "",
+        "# Soak",
+        "",
         f"- verdict: {'PASS' if summary['passed'] else 'FAIL'}"
         + (f" (error: {summary['error']})" if summary["error"] else ""),
         f"- faults fired: {summary['faults_fired']} of {summary['faults_requested']}: "
         + (", ".join(f"{k} {n}" for k, n in summary["fired_per_kind"].items()) or "none"),
         f"- recoveries: {rec['count']}, median {rec['median_s']} s, max {rec['max_s']} s",
         f"- steps: {summary['steps']}, redone: {summary['steps_redone']}; wall "
-        f"{summary['wall_s']} s (bound {summary['bound_s']} s)", "",
-        "| invariant | held | detail |", "|---|---|---|",
-        *(f"| {c['name']} | {'yes' if c['held'] else 'NO'} | {c['detail']} |"
-          for c in summary["invariants"]), "",
+        f"{summary['wall_s']} s (bound {summary['bound_s']} s)",
+        "",
+        "| invariant | held | detail |",
+        "|---|---|---|",
+        *(
+            f"| {c['name']} | {'yes' if c['held'] else 'NO'} | {c['detail']} |"
+            for c in summary["invariants"]
+        ),
+        "",
     ]
     if summary["expectations_failed"]:
-        lines += ["## Expectations not met", "",
-                  *(f"- `{c['name']}`: {c['detail']}" for c in summary["expectations_failed"]),
-                  ""]
+        lines += [
+            "## Expectations not met",
+            "",
+            *(f"- `{c['name']}`: {c['detail']}" for c in summary["expectations_failed"]),
+            "",
+        ]
     lines += ["Per-run details and the timeline: [report.md](report.md).", ""]
     with open(os.path.join(report_dir, "soak.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -244,19 +294,42 @@ def _write(report_dir: str, summary: dict[str, Any]) -> None:
 
 
 def add_soak_parser(sub: Any, positive_int: Any, positive_float: Any) -> None:
-    p = sub.add_parser("soak", help="one long run under a random fault every few seconds",
-                       description="Exit 0 only if every invariant and expectation held.")
-    p.add_argument("--faults", type=positive_int, required=True, metavar="N",
-                   help="how many faults to inject")
+    p = sub.add_parser(
+        "soak",
+        help="one long run under a random fault every few seconds",
+        description="Exit 0 only if every invariant and expectation held.",
+    )
+    p.add_argument(
+        "--faults", type=positive_int, required=True, metavar="N", help="how many faults to inject"
+    )
     p.add_argument("--seed", type=int, default=0, metavar="S")
-    p.add_argument("--every", type=positive_float, default=3.0, metavar="S",
-                   help="seconds of training between faults (default 3)")
-    p.add_argument("--workers", type=positive_int, default=3, metavar="W",
-                   help="workers at the start, over two launchers (default 3, at least 2)")
-    p.add_argument("--step-time", type=positive_float, default=0.05, metavar="S",
-                   help="simulated compute per step (default 0.05)")
-    p.add_argument("--report", default="chaos-soak", metavar="DIR",
-                   help="report directory (default ./chaos-soak)")
+    p.add_argument(
+        "--every",
+        type=positive_float,
+        default=3.0,
+        metavar="S",
+        help="seconds of training between faults (default 3)",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=3,
+        metavar="W",
+        help="workers at the start, over two launchers (default 3, at least 2)",
+    )
+    p.add_argument(
+        "--step-time",
+        type=positive_float,
+        default=0.05,
+        metavar="S",
+        help="simulated compute per step (default 0.05)",
+    )
+    p.add_argument(
+        "--report",
+        default="chaos-soak",
+        metavar="DIR",
+        help="report directory (default ./chaos-soak)",
+    )
     p.add_argument("--lease-ttl", type=positive_float, default=2.0, metavar="S")
     p.add_argument("--etcd-binary", default=None, metavar="PATH")
     p.set_defaults(func=cmd_soak)
@@ -264,9 +337,14 @@ def add_soak_parser(sub: Any, positive_int: Any, positive_float: Any) -> None:
 
 def cmd_soak(args: argparse.Namespace) -> int:
     try:
-        config = SoakConfig(args.faults, seed=args.seed, every_s=args.every,
-                            workers=args.workers, step_time=args.step_time,
-                            launchers=min(2, args.workers))
+        config = SoakConfig(
+            args.faults,
+            seed=args.seed,
+            every_s=args.every,
+            workers=args.workers,
+            step_time=args.step_time,
+            launchers=min(2, args.workers),
+        )
     except ValueError as exc:
         print(f"elastic chaos soak: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -278,11 +356,16 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
     def work() -> int:
         result, summary = run_soak(
-            config, settings, args.report,
-            progress=lambda line: print(f"[soak] {line}", file=sys.stderr, flush=True))
-        print(f"[soak] {'PASS' if result.passed else 'FAIL'}: {summary['faults_fired']} "
-              f"fault(s) fired; report in {os.path.join(args.report, 'soak.md')}",
-              file=sys.stderr)
+            config,
+            settings,
+            args.report,
+            progress=lambda line: print(f"[soak] {line}", file=sys.stderr, flush=True),
+        )
+        print(
+            f"[soak] {'PASS' if result.passed else 'FAIL'}: {summary['faults_fired']} "
+            f"fault(s) fired; report in {os.path.join(args.report, 'soak.md')}",
+            file=sys.stderr,
+        )
         return EXIT_OK if result.passed else EXIT_VIOLATION
 
     return guarded("elastic chaos soak", work)

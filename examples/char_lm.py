@@ -1,6 +1,6 @@
 """A tiny character-level transformer language model on a public-domain text.
 
-    elastic run -n 3 examples/char_lm.py
+elastic run -n 3 examples/char_lm.py
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class CharWindows(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         s = self.starts[i]
-        chunk = self.ids[s:s + self.context + 1]
+        chunk = self.ids[s : s + self.context + 1]
         return chunk[:-1], chunk[1:]
 
 
@@ -45,8 +45,9 @@ class TinyLM(torch.nn.Module):
         self.pos = torch.nn.Embedding(context, dim)
         # dropout=0: the runtime reseeds per step, but a sample's dropout mask
         # would still depend on which rank it lands on.
-        layer = torch.nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim,
-                                                 dropout=0.0, batch_first=True)
+        layer = torch.nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True
+        )
         self.blocks = torch.nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
         self.head = torch.nn.Linear(dim, vocab)
         self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(context))
@@ -74,9 +75,17 @@ def main() -> int:
 
     # Adam amplifies float32 rounding differences between world sizes; exact
     # micro-batch summation makes the run bitwise independent of them.
-    trainer = Trainer(model, opt, data, loss_fn=loss_fn, global_batch_size=args.batch_size,
-                      epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
-                      grad_shards=8)
+    trainer = Trainer(
+        model,
+        opt,
+        data,
+        loss_fn=loss_fn,
+        global_batch_size=args.batch_size,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        grad_shards=8,
+    )
     return finish(trainer.fit(), model, args.out)
 
 

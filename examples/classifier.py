@@ -1,6 +1,6 @@
 """An MLP classifier on generated data, trained on elastic workers.
 
-    elastic run -n 3 examples/classifier.py
+elastic run -n 3 examples/classifier.py
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ def main() -> int:
     torch.manual_seed(args.seed)
     data = make_dataset()
     model = torch.nn.Sequential(
-        torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+        torch.nn.Linear(16, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
         torch.nn.Linear(64, 4),
     )
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
@@ -41,8 +44,16 @@ def main() -> int:
         x, y = batch
         return F.cross_entropy(model(x), y)
 
-    trainer = Trainer(model, opt, data, loss_fn=loss_fn, global_batch_size=args.batch_size,
-                      epochs=args.epochs, max_steps=args.max_steps, seed=args.seed)
+    trainer = Trainer(
+        model,
+        opt,
+        data,
+        loss_fn=loss_fn,
+        global_batch_size=args.batch_size,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        seed=args.seed,
+    )
     return finish(trainer.fit(), model, args.out)
 
 

@@ -16,8 +16,12 @@ def base_parser(description: str, *, steps: int, batch: int, lr: float) -> argpa
     p.add_argument("--batch-size", type=int, default=batch, help="global batch size")
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step-time", type=float, default=0.0,
-                   help="extra seconds per step, to stand in for a bigger model")
+    p.add_argument(
+        "--step-time",
+        type=float,
+        default=0.0,
+        help="extra seconds per step, to stand in for a bigger model",
+    )
     p.add_argument("--out", default=None, help="write final parameters here (torch.save)")
     return p
 

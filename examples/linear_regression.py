@@ -1,6 +1,6 @@
 """The classic distributed linear regression, made elastic.
 
-    elastic run -n 3 examples/linear_regression.py
+elastic run -n 3 examples/linear_regression.py
 """
 
 from __future__ import annotations
@@ -36,9 +36,16 @@ def main() -> int:
         x, y = batch
         return torch.nn.functional.mse_loss(model(x), y)
 
-    trainer = Trainer(model, opt, make_dataset(), loss_fn=loss_fn,
-                      global_batch_size=args.batch_size, epochs=args.epochs,
-                      max_steps=args.max_steps, seed=args.seed)
+    trainer = Trainer(
+        model,
+        opt,
+        make_dataset(),
+        loss_fn=loss_fn,
+        global_batch_size=args.batch_size,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        seed=args.seed,
+    )
     return finish(trainer.fit(), model, args.out)
 
 

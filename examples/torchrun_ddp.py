@@ -1,7 +1,7 @@
 """A plain torchrun script (env:// rendezvous, DDP, no elastic API).
 
-    torchrun --nproc-per-node 2 examples/torchrun_ddp.py
-    elastic run --torchrun-compat -n 2 examples/torchrun_ddp.py   # the same, unchanged
+torchrun --nproc-per-node 2 examples/torchrun_ddp.py
+elastic run --torchrun-compat -n 2 examples/torchrun_ddp.py   # the same, unchanged
 """
 
 import os

@@ -136,9 +136,7 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def unseal(
-    kind: str, data: bytes, where: str, key: bytes | None
-) -> tuple[dict[str, Any], str]:
+def unseal(kind: str, data: bytes, where: str, key: bytes | None) -> tuple[dict[str, Any], str]:
     """(body, signature status) of a sealed record; with `key`, only a record signed
     with it is accepted."""
     try:
@@ -203,8 +201,11 @@ def _locations_from_json(data: Any, where: str) -> tuple[Location, ...]:
         if not isinstance(item, list) or len(item) != 4:
             raise CorruptCheckpointError(f"{where}: a tensor location is not [file, o, s, n]")
         path = check_relative(item[0], f"{where}: tensor location file")
-        f = Fields(dict(zip(("file", "offset", "start", "nbytes"), item, strict=True)), where,
-                   f"tensor location in {path!r}")
+        f = Fields(
+            dict(zip(("file", "offset", "start", "nbytes"), item, strict=True)),
+            where,
+            f"tensor location in {path!r}",
+        )
         out.append(Location(path, f.int("offset"), f.int("start"), f.int("nbytes")))
     return tuple(out)
 
@@ -297,8 +298,7 @@ def _check_consistent(m: Manifest, where: str) -> None:
             size = sizes.get(loc.file)
             if size is None or loc.offset + loc.nbytes > size:
                 raise CorruptCheckpointError(
-                    f"{where}: tensor {tid[:80]} points outside the checkpoint's files "
-                    f"({loc.file})"
+                    f"{where}: tensor {tid[:80]} points outside the checkpoint's files ({loc.file})"
                 )
             if loc.start != covered:
                 break

@@ -144,4 +144,3 @@ class RetryPolicy:
             )
 
         return before_sleep
-

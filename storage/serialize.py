@@ -165,8 +165,10 @@ def check_encoded_tree(node: Any, tensor_ids: Container[str]) -> None:
             stack.extend((v, depth + 1) for v in value)
         elif tag == "d" and isinstance(value, list):
             for pair in value:
-                if not isinstance(pair, list) or len(pair) != 2 or not isinstance(
-                    pair[0], _KEY_TYPES
+                if (
+                    not isinstance(pair, list)
+                    or len(pair) != 2
+                    or not isinstance(pair[0], _KEY_TYPES)
                 ):
                     raise ValueError("malformed dict item in encoded state")
                 stack.append((pair[1], depth + 1))

@@ -433,7 +433,10 @@ class CheckpointStore:
             raise error
 
     def _persist_logged(
-        self, prepared: PreparedSave, fence: Fence | None, timeout: float,
+        self,
+        prepared: PreparedSave,
+        fence: Fence | None,
+        timeout: float,
         abandon: Callable[[], bool] | None = None,
     ) -> CheckpointInfo:
         try:
@@ -449,7 +452,10 @@ class CheckpointStore:
             raise
 
     def _persist(
-        self, prepared: PreparedSave, fence: Fence | None, timeout: float,
+        self,
+        prepared: PreparedSave,
+        fence: Fence | None,
+        timeout: float,
         abandon: Callable[[], bool] | None = None,
     ) -> CheckpointInfo:
         deadline = time.monotonic() + timeout
@@ -521,7 +527,10 @@ class CheckpointStore:
                 self._manifests.pop(step, None)
             log.warning(
                 "step %d under %s had an unreadable manifest (%s); moved aside to %s",
-                step, self.url, exc, self._io.display(torn),
+                step,
+                self.url,
+                exc,
+                self._io.display(torn),
             )
             return
         raise CheckpointExistsError(
@@ -531,7 +540,10 @@ class CheckpointStore:
         )
 
     def _wait_for_parts(
-        self, prepared: PreparedSave, deadline: float, timeout: float,
+        self,
+        prepared: PreparedSave,
+        deadline: float,
+        timeout: float,
         abandon: Callable[[], bool] | None = None,
     ) -> dict[int, PartRecord]:
         step_rel = layout.step_dir(prepared.step)
@@ -591,7 +603,7 @@ class CheckpointStore:
         """A part's files lie in its own writer directory of its generation, checksummed
         with this store's algorithm: nothing else may enter the manifest."""
         prefix = layout.generation_dir(record.generation) + "/"
-        if not record.writer.startswith(prefix) or "/" in record.writer[len(prefix):]:
+        if not record.writer.startswith(prefix) or "/" in record.writer[len(prefix) :]:
             raise CorruptCheckpointError(f"{where}: writer {record.writer!r} is not a writer dir")
         for entry in record.files:
             if not layout.written_by_store(entry.path) or not entry.path.startswith(
@@ -680,8 +692,11 @@ class CheckpointStore:
             self._io.remove_empty_dirs(layout.join(step_rel, gen), keep_top=False)
         except StorageError as exc:
             log.warning(
-                "could not remove the files of refused step %d at %s/%s: %s", step, step_rel,
-                gen, exc,
+                "could not remove the files of refused step %d at %s/%s: %s",
+                step,
+                step_rel,
+                gen,
+                exc,
             )
 
     def _remove_store_files(

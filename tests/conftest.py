@@ -108,8 +108,11 @@ class MemberProcess:
         self.stderr_path = stderr_path
         with open(stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.helpers.member", *args], cwd=REPO,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                [sys.executable, "-m", "tests.helpers.member", *args],
+                cwd=REPO,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
             )
         self.messages: queue.Queue[dict] = queue.Queue()
         self.seen: list[dict] = []
@@ -187,15 +190,27 @@ class MemberProcess:
 
 
 @pytest.fixture
-def spawn_member(etcd_url: str, keys: Keyspace,
-                 tmp_path: Any) -> Iterator[Callable[..., MemberProcess]]:
+def spawn_member(
+    etcd_url: str, keys: Keyspace, tmp_path: Any
+) -> Iterator[Callable[..., MemberProcess]]:
     """Start member processes of this test's job; each is killed and reaped at teardown."""
     started: list[MemberProcess] = []
 
-    def spawn(member_id: str, *, ttl: float = 2.0, min_workers: int = 1,
-              url: str | None = None) -> MemberProcess:
-        args = ["--etcd", url or etcd_url, "--job", keys.job, "--id", member_id,
-                "--ttl", str(ttl), "--min-workers", str(min_workers)]
+    def spawn(
+        member_id: str, *, ttl: float = 2.0, min_workers: int = 1, url: str | None = None
+    ) -> MemberProcess:
+        args = [
+            "--etcd",
+            url or etcd_url,
+            "--job",
+            keys.job,
+            "--id",
+            member_id,
+            "--ttl",
+            str(ttl),
+            "--min-workers",
+            str(min_workers),
+        ]
         started.append(MemberProcess(args, str(tmp_path / f"{member_id}.stderr")))
         return started[-1]
 

@@ -177,8 +177,9 @@ def route_address(host: str, port: int, timeout: float = 5.0) -> str:
         try:
             s.connect((ip, port))
         except OSError as exc:
-            raise ConfigError(f"no route from this machine to etcd at "
-                              f"{join_hostport(ip, port)}: {exc.strerror}") from exc
+            raise ConfigError(
+                f"no route from this machine to etcd at {join_hostport(ip, port)}: {exc.strerror}"
+            ) from exc
         return str(ipaddress.ip_address(s.getsockname()[0].split("%")[0]))
 
 
@@ -203,11 +204,15 @@ def mixed_hosts(own: str, others: Iterable[tuple[str, str]]) -> str | None:
         if not address or is_loopback(address) == is_loopback(own):
             continue
         if is_loopback(own):
-            return (f"this host's address {own} is loopback, but member {member} is on "
-                    f"another host ({address}) and cannot reach it; pass --host with an "
-                    "address the other hosts reach, or leave --host out to use the route "
-                    "to etcd")
-        return (f"member {member} advertises the loopback address {address}, which this "
-                f"host ({own}) cannot reach; that member must be restarted with a --host "
-                "the other hosts reach")
+            return (
+                f"this host's address {own} is loopback, but member {member} is on "
+                f"another host ({address}) and cannot reach it; pass --host with an "
+                "address the other hosts reach, or leave --host out to use the route "
+                "to etcd"
+            )
+        return (
+            f"member {member} advertises the loopback address {address}, which this "
+            f"host ({own}) cannot reach; that member must be restarted with a --host "
+            "the other hosts reach"
+        )
     return None

@@ -63,8 +63,9 @@ class Event(str, Enum):
 
 # Events about a failure: each carries ``error`` (the message) and ``error_type``
 # (the exception's class name), so readers decide on the type, never on the text.
-FAILURE_EVENTS = frozenset({Event.FAILURE, Event.CHECKPOINT_FAILED, Event.REVOKE_FAILED,
-                            Event.STOP_FAILED})
+FAILURE_EVENTS = frozenset(
+    {Event.FAILURE, Event.CHECKPOINT_FAILED, Event.REVOKE_FAILED, Event.STOP_FAILED}
+)
 
 
 def error_fields(exc: BaseException) -> dict[str, str]:
@@ -73,8 +74,9 @@ def error_fields(exc: BaseException) -> dict[str, str]:
 
 
 class EventLog:
-    def __init__(self, path: str | None, *, source: str,
-                 console: bool | Callable[[str], None] = False) -> None:
+    def __init__(
+        self, path: str | None, *, source: str, console: bool | Callable[[str], None] = False
+    ) -> None:
         self.path = path
         self.source = source
         self.console = console
@@ -93,8 +95,7 @@ class EventLog:
             raise ValueError(f"unknown event {event!r} (known: {known})") from None
         if event in FAILURE_EVENTS and "error_type" not in fields:
             raise ValueError(f"event {event.value!r} needs error_type (see error_fields)")
-        record = {"t": round(time.time(), 6), "source": self.source, "event": event.value,
-                  **fields}
+        record = {"t": round(time.time(), 6), "source": self.source, "event": event.value, **fields}
         if self._fd is not None:
             os.write(self._fd, (json.dumps(record, sort_keys=True) + "\n").encode())
         if self.console and message:

@@ -50,7 +50,7 @@ def _stat_fields(pid: int) -> list[bytes] | None:
     except OSError:
         return None
     # The command name may contain spaces and parentheses: split after the last ")".
-    return stat[stat.rfind(b")") + 2:].split()
+    return stat[stat.rfind(b")") + 2 :].split()
 
 
 def alive(pid: int) -> bool:

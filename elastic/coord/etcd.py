@@ -113,7 +113,8 @@ class EtcdConfig:
             if sep:
                 if scheme not in ("http", "https"):
                     raise ConfigError(
-                        f"etcd: unsupported scheme {scheme!r} in {url!r}; use http or https")
+                        f"etcd: unsupported scheme {scheme!r} in {url!r}; use http or https"
+                    )
                 schemes.add(scheme)
             else:
                 rest = scheme
@@ -130,18 +131,33 @@ class EtcdConfig:
         return cls(endpoints=tuple(endpoints), **kwargs)  # type: ignore[arg-type]
 
     @classmethod
-    def from_options(cls, url: str, *, user: str | None = None, password: str | None = None,
-                     ca: str | None = None, cert: str | None = None, key: str | None = None,
-                     timeout: float = 10.0) -> EtcdConfig:
+    def from_options(
+        cls,
+        url: str,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        timeout: float = 10.0,
+    ) -> EtcdConfig:
         """The client config of ``elastic``'s etcd options, for the launcher and its workers.
 
         One request may take at most ``min(5 s, timeout)``: with a short
         ``--etcd-timeout`` a single hung request must not outlast the whole
         retry budget.
         """
-        return cls.from_url(url, user=user, password=password, ca_cert=ca, cert_cert=cert,
-                            cert_key=key, connect_timeout=timeout,
-                            rpc_timeout=min(cls.rpc_timeout, timeout))
+        return cls.from_url(
+            url,
+            user=user,
+            password=password,
+            ca_cert=ca,
+            cert_cert=cert,
+            cert_key=key,
+            connect_timeout=timeout,
+            rpc_timeout=min(cls.rpc_timeout, timeout),
+        )
 
     @property
     def url(self) -> str:
@@ -163,15 +179,25 @@ _CHANNEL_OPTIONS = [
 def _build_client(config: EtcdConfig) -> etcd3.MultiEndpointEtcd3Client:
     creds = None
     if config.secure:
-        creds = etcd3.MultiEndpointEtcd3Client.get_secure_creds(
-            config.ca_cert, config.cert_key, config.cert_cert
-        ) if config.ca_cert else grpc.ssl_channel_credentials()
+        creds = (
+            etcd3.MultiEndpointEtcd3Client.get_secure_creds(
+                config.ca_cert, config.cert_key, config.cert_cert
+            )
+            if config.ca_cert
+            else grpc.ssl_channel_credentials()
+        )
     endpoints = [
         # time_retry: the library marks an endpoint unusable for this long after
         # one failure; its default (300 s) would outlast an etcd restart.
         # etcd3 joins host and port as they are: an IPv6 host needs its brackets.
-        etcd3.Endpoint(f"[{host}]" if ":" in host else host, port, secure=config.secure,
-                       creds=creds, time_retry=0.5, opts=_CHANNEL_OPTIONS)  # type: ignore[arg-type]
+        etcd3.Endpoint(
+            f"[{host}]" if ":" in host else host,
+            port,
+            secure=config.secure,
+            creds=creds,
+            time_retry=0.5,
+            opts=_CHANNEL_OPTIONS,
+        )  # type: ignore[arg-type]
         for host, port in config.endpoints
     ]
     return etcd3.MultiEndpointEtcd3Client(
@@ -187,24 +213,30 @@ def lease_gone(exc: BaseException) -> bool:
     """True for etcd's answer to a request naming a lease that expired or was revoked."""
     code = getattr(exc, "code", None)
     details = getattr(exc, "details", None)
-    return (isinstance(exc, grpc.RpcError) and callable(code)
-            and code() == grpc.StatusCode.NOT_FOUND
-            and callable(details) and "lease not found" in (details() or ""))
+    return (
+        isinstance(exc, grpc.RpcError)
+        and callable(code)
+        and code() == grpc.StatusCode.NOT_FOUND
+        and callable(details)
+        and "lease not found" in (details() or "")
+    )
 
 
 # gRPC codes that say "try again": the server is down, slow, overloaded or
 # mid-election.  Anything else (auth refused, invalid request, request too
 # large, compacted revision) fails the same way on every attempt, so retrying it
 # would only turn a clear error into a timeout.
-_RETRYABLE_CODES = frozenset({
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.CANCELLED,
-})
+_RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+    }
+)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -274,12 +306,11 @@ def connect(config: EtcdConfig | str) -> etcd3.MultiEndpointEtcd3Client:
     try:
         client = _build_client(config)
     except (grpc.RpcError, etcd_exc.Etcd3Exception) as exc:
-        raise EtcdUnavailableError(
-            f"etcd: cannot authenticate at {config.url}: {exc!r}"
-        ) from exc
+        raise EtcdUnavailableError(f"etcd: cannot authenticate at {config.url}: {exc!r}") from exc
     try:
-        retry_call(client.status, what=f"connecting to {config.url}",
-                   timeout=config.connect_timeout)
+        retry_call(
+            client.status, what=f"connecting to {config.url}", timeout=config.connect_timeout
+        )
     except EtcdUnavailableError:
         client.close()
         raise
@@ -310,21 +341,21 @@ def find_etcd_binary(explicit: str | None = None) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                       socket.SOCK_STREAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def _check_port_free(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                       socket.SOCK_STREAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise EtcdError(f"port {port} on {host} is taken ({exc.strerror}): choose another "
-                            "--port, or leave it out for a free one") from exc
+            raise EtcdError(
+                f"port {port} on {host} is taken ({exc.strerror}): choose another "
+                "--port, or leave it out for a free one"
+            ) from exc
 
 
 @dataclass
@@ -368,8 +399,11 @@ class EmbeddedEtcd:
         if self.process is not None and self.process.poll() is None:
             return self
         binary = find_etcd_binary(self.binary)
-        if self.data_dir is not None and os.path.exists(self.data_dir) \
-                and not os.path.isdir(self.data_dir):
+        if (
+            self.data_dir is not None
+            and os.path.exists(self.data_dir)
+            and not os.path.isdir(self.data_dir)
+        ):
             raise EtcdError(f"etcd data dir {self.data_dir!r} exists and is not a directory")
         if self.data_dir is None:
             self.data_dir = tempfile.mkdtemp(prefix="elastic-etcd-")
@@ -412,21 +446,31 @@ class EmbeddedEtcd:
         peer = f"http://{join_hostport(self.host, self.peer_port)}"
         cmd = [
             binary,
-            "--name", "elastic",
-            "--data-dir", os.path.join(self.data_dir, "member-data"),
-            "--listen-client-urls", client,
-            "--advertise-client-urls", client,
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"elastic={peer}",
-            "--log-level", "warn",
+            "--name",
+            "elastic",
+            "--data-dir",
+            os.path.join(self.data_dir, "member-data"),
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"elastic={peer}",
+            "--log-level",
+            "warn",
         ]
         with open(self._log_path, "ab") as logf:
             # New session: a Ctrl-C meant for the launcher must not kill etcd
             # before the workers have left cleanly.
             self.process = subprocess.Popen(
                 dying_with_parent(cmd) if self.die_with_parent else cmd,
-                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:

@@ -90,9 +90,20 @@ class HangWatch:
     REPORT_SHARE = 0.25
     CHECK_EVERY_S = 0.5
 
-    def __init__(self, *, client: Any, keys: Keyspace, lease_id: int, member_id: str,
-                 world: World, step: int, bound_s: float, broken: Callable[[], str | None],
-                 on_evict: Callable[[list[str], str], None], op_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        client: Any,
+        keys: Keyspace,
+        lease_id: int,
+        member_id: str,
+        world: World,
+        step: int,
+        bound_s: float,
+        broken: Callable[[], str | None],
+        on_evict: Callable[[list[str], str], None],
+        op_timeout: float = 2.0,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.lease_id = lease_id
@@ -126,20 +137,25 @@ class HangWatch:
 
     def _report(self) -> None:
         record = json.dumps({"gen": self.world.generation, "step": self.step})
-        retry_call(lambda: self.client.put(self.keys.waiting + self.me, record,
-                                           lease=self.lease_id),
-                   what="reporting a wait", timeout=self.op_timeout)
+        retry_call(
+            lambda: self.client.put(self.keys.waiting + self.me, record, lease=self.lease_id),
+            what="reporting a wait",
+            timeout=self.op_timeout,
+        )
         self._reported = True
 
     def _waiters(self) -> set[str]:
-        rows = retry_call(lambda: list(self.client.get_prefix(self.keys.waiting)),
-                          what="reading waiting ranks", timeout=self.op_timeout)
+        rows = retry_call(
+            lambda: list(self.client.get_prefix(self.keys.waiting)),
+            what="reading waiting ranks",
+            timeout=self.op_timeout,
+        )
         mine = {"gen": self.world.generation, "step": self.step}
         out = set()
         for value, meta in rows:
             try:
                 if json.loads(value) == mine:
-                    out.add(meta.key.decode()[len(self.keys.waiting):])
+                    out.add(meta.key.decode()[len(self.keys.waiting) :])
             except (ValueError, TypeError):
                 continue
         return out
@@ -156,22 +172,31 @@ class HangWatch:
         first = min(self.world.rank_of(m) for m in waiters)
         if self.world.rank_of(self.me) != first and waited < self.bound_s + 2 * self.CHECK_EVERY_S:
             return
-        reason = (f"did not reach step {self.step}'s all-reduce of generation "
-                  f"{self.world.generation} within {self.bound_s:.1f}s of its peers")
+        reason = (
+            f"did not reach step {self.step}'s all-reduce of generation "
+            f"{self.world.generation} within {self.bound_s:.1f}s of its peers"
+        )
         for m in hung:
             evict(self.client, self.keys, m, reason, by=self.me, timeout=self.op_timeout)
             self._evicted.add(m)
         self.on_evict(hung, reason)
 
 
-def evict(client: Any, keys: Keyspace, member_id: str, reason: str, *, by: str,
-          timeout: float) -> None:
+def evict(
+    client: Any, keys: Keyspace, member_id: str, reason: str, *, by: str, timeout: float
+) -> None:
     """Record why ``member_id`` is evicted, then revoke its lease (fencing it)."""
     record = json.dumps({"reason": reason, "by": by, "at": time.time()})
-    retry_call(lambda: client.put(keys.evicted + member_id, record),
-               what=f"recording the eviction of {member_id}", timeout=timeout)
-    raw = retry_call(lambda: client.get(keys.root + f"leases/{member_id}")[0],
-                     what=f"reading the lease of {member_id}", timeout=timeout)
+    retry_call(
+        lambda: client.put(keys.evicted + member_id, record),
+        what=f"recording the eviction of {member_id}",
+        timeout=timeout,
+    )
+    raw = retry_call(
+        lambda: client.get(keys.root + f"leases/{member_id}")[0],
+        what=f"reading the lease of {member_id}",
+        timeout=timeout,
+    )
     if raw is None:
         return  # gone already
     try:

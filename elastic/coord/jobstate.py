@@ -52,11 +52,11 @@ class JobState:
         last: int | None = None
         for key, kv in snapshot.items():
             if key.startswith(keys.members):
-                members[key[len(keys.members):]] = kv
+                members[key[len(keys.members) :]] = kv
             elif key.startswith(keys.ready):
-                ready[key[len(keys.ready):]] = int(kv.value)
+                ready[key[len(keys.ready) :]] = int(kv.value)
             elif key.startswith(keys.commits):
-                step = key[len(keys.commits):]
+                step = key[len(keys.commits) :]
                 # Only the runtime writes here; a foreign key must not stop the coordinator.
                 if step.isdigit():
                     last = int(step) if last is None else max(last, int(step))

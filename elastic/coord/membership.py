@@ -58,8 +58,9 @@ class Session:
         self.lost_reason = ""
         self._stop = threading.Event()
         self._callbacks: list[Callable[[str], None]] = []
-        lease = retry_call(lambda: client.lease(self.ttl), what="granting a lease",
-                           timeout=op_timeout)
+        lease = retry_call(
+            lambda: client.lease(self.ttl), what="granting a lease", timeout=op_timeout
+        )
         self.lease_id: int = lease.id
         # etcd raises TTLs below its minimum (2 s with default election
         # settings): judge silence by the TTL the lease really has.
@@ -88,7 +89,8 @@ class Session:
         self.lost_reason = reason
         self.lost.set()
         (log.info if reason == "closed" else log.warning)(
-            "session lease %x lost: %s", self.lease_id, reason)
+            "session lease %x lost: %s", self.lease_id, reason
+        )
         for cb in list(self._callbacks):
             try:
                 cb(reason)
@@ -129,8 +131,11 @@ class Session:
         self._thread.join(timeout)
         if not self.lost.is_set():
             try:
-                retry_call(lambda: self.client.revoke_lease(self.lease_id),
-                           what="revoking the lease", timeout=timeout)
+                retry_call(
+                    lambda: self.client.revoke_lease(self.lease_id),
+                    what="revoking the lease",
+                    timeout=timeout,
+                )
             except SessionLostError:
                 pass  # expired already: nothing left to revoke
             except EtcdUnavailableError as exc:
@@ -173,8 +178,9 @@ class Member:
         )
 
 
-def register_member(client: Any, keys: Keyspace, member: Member, session: Session,
-                    timeout: float = 10.0) -> None:
+def register_member(
+    client: Any, keys: Keyspace, member: Member, session: Session, timeout: float = 10.0
+) -> None:
     """Put the member record under the session's lease (it vanishes with the lease)."""
     session.check()
     if not member.registered_at:
@@ -218,9 +224,14 @@ class _WatchStream:
     process, and the end of a stream must always reach us.
     """
 
-    def __init__(self, client: Any, prefix: str, start_revision: int,
-                 on_events: Callable[[list[Any]], None],
-                 on_end: Callable[[BaseException | None], None]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        prefix: str,
+        start_revision: int,
+        on_events: Callable[[list[Any]], None],
+        on_end: Callable[[BaseException | None], None],
+    ) -> None:
         self._requests: queue.Queue = queue.Queue()
         key = prefix.encode()
         create = etcdrpc.WatchCreateRequest(
@@ -370,8 +381,13 @@ class PrefixMirror:
             self._raise_if_failed()
             return self._data.get(key)
 
-    def wait_for(self, predicate: Callable[[dict[str, KeyValue]], T | None],
-                 timeout: float, *, wake: threading.Event | None = None) -> T | None:
+    def wait_for(
+        self,
+        predicate: Callable[[dict[str, KeyValue]], T | None],
+        timeout: float,
+        *,
+        wake: threading.Event | None = None,
+    ) -> T | None:
         """Return the first non-None ``predicate(data)``; None on timeout or ``wake``."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -400,8 +416,11 @@ class PrefixMirror:
     # -- watch maintenance ------------------------------------------------
 
     def _relist(self) -> None:
-        resp = retry_call(lambda: self.client.get_prefix_response(self.prefix),
-                          what=f"listing {self.prefix}", timeout=self.op_timeout)
+        resp = retry_call(
+            lambda: self.client.get_prefix_response(self.prefix),
+            what=f"listing {self.prefix}",
+            timeout=self.op_timeout,
+        )
         fresh = {kv.key.decode(): KeyValue.of(kv) for kv in resp.kvs}
         events: list[MirrorEvent] = []
         with self._cond:
@@ -412,8 +431,11 @@ class PrefixMirror:
                     events.append(MirrorEvent("delete", key, None))
             for key, kv in fresh.items():
                 prev = old.get(key)
-                if prev is None or prev.mod_revision != kv.mod_revision \
-                        or prev.create_revision != kv.create_revision:
+                if (
+                    prev is None
+                    or prev.mod_revision != kv.mod_revision
+                    or prev.create_revision != kv.create_revision
+                ):
                     events.append(MirrorEvent("put", key, kv))
             self._data = fresh
             self._rev = resp.header.revision
@@ -429,7 +451,9 @@ class PrefixMirror:
                 epoch = self._epoch
                 start = self._rev + 1
             stream = _WatchStream(
-                self.client, self.prefix, start,
+                self.client,
+                self.prefix,
+                start,
                 on_events=lambda evs, e=epoch: self._apply(e, evs),
                 on_end=lambda err, e=epoch: self._ended(e, err),
             )

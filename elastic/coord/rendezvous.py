@@ -139,7 +139,9 @@ class Rendezvous:
             self.session = Session(self.client, cfg.lease_ttl, op_timeout=cfg.op_timeout)
         register_member(self.client, self.keys, self.member, self.session, cfg.op_timeout)
         self.ctl = shared_mirrors.acquire(
-            self.client, self.keys.ctl, outage_timeout=cfg.outage_timeout,
+            self.client,
+            self.keys.ctl,
+            outage_timeout=cfg.outage_timeout,
             op_timeout=cfg.op_timeout,
         )
         self.session.on_lost(lambda _reason: self.ctl.notify() if self.ctl else None)
@@ -185,8 +187,10 @@ class Rendezvous:
         A local read of the mirrored ``ctl/`` keys: cheap enough for every step.
         """
         snap = self.ctl.snapshot()
-        return max(int_value(snap.get(self.keys.round)),
-                   int_value(snap.get(self.keys.gen))) > generation
+        return (
+            max(int_value(snap.get(self.keys.round)), int_value(snap.get(self.keys.gen)))
+            > generation
+        )
 
     def job_flag(self, name: str) -> bool:
         """Whether ``ctl/stop`` or ``ctl/done`` is set (a local read)."""
@@ -227,7 +231,8 @@ class Rendezvous:
             lambda: self.client.put(
                 self.keys.ready_of(self.id), str(after + 1), lease=self.session.lease_id
             ),
-            what="announcing readiness", timeout=self.config.op_timeout,
+            what="announcing readiness",
+            timeout=self.config.op_timeout,
         )
 
         def mine(snap: dict[str, KeyValue]) -> World | str | object | None:
@@ -271,8 +276,7 @@ class Rendezvous:
 
     def evict(self, member_id: str, reason: str) -> None:
         """Fence a member out of the job (its lease revoked); its launcher kills it."""
-        evict(self.client, self.keys, member_id, reason, by=self.id,
-              timeout=self.config.op_timeout)
+        evict(self.client, self.keys, member_id, reason, by=self.id, timeout=self.config.op_timeout)
 
     def fenced_txn(self, generation: int, ops: Sequence[Any]) -> bool:
         """Run ``ops`` in one etcd transaction only if ``generation`` is current."""
@@ -291,8 +295,9 @@ class Rendezvous:
 
     def commit_record(self, step: int, generation: int) -> str:
         """The value of ``commits/{step}``: which member committed it under which generation."""
-        return json.dumps({"step": step, "generation": generation, "by": self.id,
-                           "at": time.time()})
+        return json.dumps(
+            {"step": step, "generation": generation, "by": self.id, "at": time.time()}
+        )
 
     def commit_fence(self, generation: int) -> Callable[[int], bool]:
         """A checkpoint fence: records commit of ``step`` iff ``generation`` is current."""
@@ -328,7 +333,8 @@ class Rendezvous:
                         success=[tx.put(self.keys.leader, self.id, lease=self.session.lease_id)],
                         failure=[],
                     ),
-                    what="campaigning for leader", timeout=self.config.op_timeout,
+                    what="campaigning for leader",
+                    timeout=self.config.op_timeout,
                 )
                 if won:
                     log.info("member %s leads job %s", self.id, self.keys.job)
@@ -370,7 +376,9 @@ class Coordinator:
 
     def run(self) -> None:
         mirror = PrefixMirror(
-            self.client, self.keys.root, outage_timeout=self.cfg.outage_timeout,
+            self.client,
+            self.keys.root,
+            outage_timeout=self.cfg.outage_timeout,
             op_timeout=self.cfg.op_timeout,
         ).start()
         try:
@@ -386,7 +394,8 @@ class Coordinator:
                 # Block until the mirror changes or the settle/last-call timer
                 # is due; the 0.5 s cap re-checks leadership and stop flags.
                 mirror.wait_for(
-                    changed, timeout=0.5 if wait is None else max(0.0, min(wait, 0.5)),
+                    changed,
+                    timeout=0.5 if wait is None else max(0.0, min(wait, 0.5)),
                     wake=self._stop,
                 )
                 seen[0] = mirror.version
@@ -417,8 +426,9 @@ class Coordinator:
 
         survivors = [m for m in (world.ids if world else ()) if m in live]
         departed = [m for m in (world.ids if world else ()) if m not in live]
-        joiners = sorted((m for m in live if m not in in_world),
-                         key=lambda m: (live[m].create_revision, m))
+        joiners = sorted(
+            (m for m in live if m not in in_world), key=lambda m: (live[m].create_revision, m)
+        )
         ready_joiners = [m for m in joiners if is_ready(m)]
 
         now = time.monotonic()
@@ -439,8 +449,12 @@ class Coordinator:
                 left = self._first_ready_at + cfg.last_call_s - now
                 if left > 0:
                     return left
-                log.warning("forming the first World with %d of %d initial workers after %.1fs",
-                            len(ready_joiners), want, cfg.last_call_s)
+                log.warning(
+                    "forming the first World with %d of %d initial workers after %.1fs",
+                    len(ready_joiners),
+                    want,
+                    cfg.last_call_s,
+                )
             if settle_left > 0:
                 return settle_left
             return self._form(gen, ready_joiners[: cfg.max_workers], live)
@@ -474,8 +488,12 @@ class Coordinator:
             left = self._gather_since + cfg.last_call_s - now
             if left > 0:
                 return left
-            log.warning("forming generation %d without %s: not ready within %.1fs",
-                        gen + 1, absent, cfg.last_call_s)
+            log.warning(
+                "forming generation %d without %s: not ready within %.1fs",
+                gen + 1,
+                absent,
+                cfg.last_call_s,
+            )
         if ready_joiners and settle_left > 0:
             return settle_left
         chosen = [m for m in survivors if is_ready(m)] + ready_joiners
@@ -493,8 +511,9 @@ class Coordinator:
             # launcher replaces it. The leader itself may be the hung one (its
             # coordinator thread lives on): it forms the World, then fences itself.
             for m in absent:
-                self.rdzv.evict(m, f"not at the rendezvous of generation {gen + 1} "
-                                   f"within {cfg.last_call_s:g}s")
+                self.rdzv.evict(
+                    m, f"not at the rendezvous of generation {gen + 1} within {cfg.last_call_s:g}s"
+                )
         return wait
 
     def _form(self, gen: int, chosen: list[str], live: dict[str, KeyValue]) -> float | None:
@@ -505,8 +524,9 @@ class Coordinator:
             members.append(WorldMember(rec.id, rec.address, rec.store))
         world = World(keys.job, gen + 1, tuple(members), time.time())
         cmp = [tx.value(keys.leader) == self.rdzv.id.encode()]
-        cmp.append(tx.version(keys.gen) == 0 if gen == 0
-                   else tx.value(keys.gen) == str(gen).encode())
+        cmp.append(
+            tx.version(keys.gen) == 0 if gen == 0 else tx.value(keys.gen) == str(gen).encode()
+        )
         ok, _ = retry_call(
             lambda: self.client.transaction(
                 compare=cmp,
@@ -517,7 +537,8 @@ class Coordinator:
                 ],
                 failure=[],
             ),
-            what=f"forming generation {gen + 1}", timeout=self.cfg.op_timeout,
+            what=f"forming generation {gen + 1}",
+            timeout=self.cfg.op_timeout,
         )
         if ok:
             self.worlds_formed += 1

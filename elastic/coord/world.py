@@ -66,7 +66,6 @@ class World:
             generation=int(d["generation"]),
             formed_at=float(d.get("formed_at", 0.0)),
             members=tuple(
-                WorldMember(m["id"], m.get("address", ""), m.get("store", ""))
-                for m in d["members"]
+                WorldMember(m["id"], m.get("address", ""), m.get("store", "")) for m in d["members"]
             ),
         )

@@ -55,71 +55,150 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     from .etcdopts import add_etcd_options
 
     p = sub.add_parser(
-        "run", help="run a training script on elastic workers",
+        "run",
+        help="run a training script on elastic workers",
         description="Run SCRIPT on N local workers that survive failures and joins.",
     )
-    p.add_argument("-n", "--nproc", type=int, default=1, metavar="N",
-                   help="local workers to start (default 1)")
+    p.add_argument(
+        "-n", "--nproc", type=int, default=1, metavar="N", help="local workers to start (default 1)"
+    )
     p.add_argument("--job", default=None, help="job id (default: a new random one)")
-    p.add_argument("--min-workers", type=int, default=default_of(RendezvousConfig, "min_workers"),
-                   help="keep training while at least this many workers live "
-                        "(default %(default)s)")
-    p.add_argument("--max-workers", type=int, default=None,
-                   help="at most this many train; extras wait as standbys (default: no cap)")
-    p.add_argument("--checkpoint", default=None, metavar="URL",
-                   help="checkpoint location (any fsspec URL; default with the embedded "
-                        "etcd: ./elastic-checkpoints/JOB, with --etcd: none)")
-    p.add_argument("--no-checkpoint", action="store_true",
-                   help="write no checkpoint, not even the final one")
-    p.add_argument("--checkpoint-every", type=int,
-                   default=default_of(RuntimeConfig, "checkpoint_every"), metavar="STEPS",
-                   help="checkpoint every STEPS steps (default: only at the end)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --checkpoint")
-    p.add_argument("--checkpoint-key-file", default=None, metavar="PATH",
-                   help="sign checkpoints with the key in PATH; refuse unsigned ones")
-    p.add_argument("--max-restarts", type=int, default=3,
-                   help="replace crashed local workers this many times in all (default 3)")
-    p.add_argument("--lease-ttl", type=argtypes.seconds,
-                   default=default_of(RendezvousConfig, "lease_ttl"), metavar="S",
-                   help="a frozen worker is evicted after S seconds (default %(default)g)")
-    p.add_argument("--collective-timeout", type=argtypes.seconds,
-                   default=default_of(RuntimeConfig, "collective_timeout"), metavar="S",
-                   help="a collective hung for S seconds counts as failed (default %(default)g)")
-    p.add_argument("--hang-floor", type=argtypes.seconds,
-                   default=default_of(HangConfig, "floor_s"), metavar="S",
-                   help="a rank that reaches a step's all-reduce later than max(S, "
-                        "FACTOR x median step time) after its peers is evicted as hung "
-                        "(default %(default)g; never later than 0.9 x --collective-timeout)")
-    p.add_argument("--hang-factor", type=argtypes.factor, default=default_of(HangConfig, "factor"),
-                   metavar="FACTOR", help="see --hang-floor (default %(default)g)")
-    p.add_argument("--settle", type=argtypes.seconds_or_zero,
-                   default=default_of(RendezvousConfig, "settle_s"), metavar="S",
-                   help="wait S quiet seconds after a join before re-forming "
-                        "(default %(default)g)")
-    p.add_argument("--join-timeout", type=argtypes.seconds,
-                   default=default_of(RuntimeConfig, "join_timeout"), metavar="S",
-                   help="give up when no World forms within S seconds (default %(default)g)")
-    p.add_argument("--etcd-outage", type=argtypes.seconds,
-                   default=default_of(RuntimeConfig, "etcd_outage"), metavar="S",
-                   help="a worker cut off from etcd keeps trying to rejoin for S seconds "
-                        "(a partition may heal), then stops (default %(default)g)")
-    p.add_argument("--event-log", default=None, metavar="PATH",
-                   help="JSONL event log (default ./elastic-JOB.events.jsonl)")
-    p.add_argument("--ledger-dir", default=None, metavar="DIR",
-                   help="write a per-worker sample ledger here (for exactly-once checks)")
-    p.add_argument("--host", default=None, metavar="ADDR",
-                   help="address of this machine that the others reach it at; workers "
-                        "listen on it alone (default: the local address of the route to "
-                        "etcd, so 127.0.0.1 with the embedded etcd)")
-    p.add_argument("--torchrun-compat", action="store_true",
-                   help="run an unmodified torchrun script; restart all workers on failure")
-    p.add_argument("--stop-grace", type=argtypes.seconds, default=120.0, metavar="S",
-                   help="after SIGINT/SIGTERM wait S seconds for the final checkpoint "
-                        "(default 120)")
-    p.add_argument("--progress-every", type=argtypes.seconds, default=10.0, metavar="S",
-                   help="progress line every S seconds when stderr is not a terminal "
-                        "(default 10; redrawn in place on a terminal)")
+    p.add_argument(
+        "--min-workers",
+        type=int,
+        default=default_of(RendezvousConfig, "min_workers"),
+        help="keep training while at least this many workers live (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-workers",
+        type=int,
+        default=None,
+        help="at most this many train; extras wait as standbys (default: no cap)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="URL",
+        help="checkpoint location (any fsspec URL; default with the embedded "
+        "etcd: ./elastic-checkpoints/JOB, with --etcd: none)",
+    )
+    p.add_argument(
+        "--no-checkpoint", action="store_true", help="write no checkpoint, not even the final one"
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=default_of(RuntimeConfig, "checkpoint_every"),
+        metavar="STEPS",
+        help="checkpoint every STEPS steps (default: only at the end)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint"
+    )
+    p.add_argument(
+        "--checkpoint-key-file",
+        default=None,
+        metavar="PATH",
+        help="sign checkpoints with the key in PATH; refuse unsigned ones",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="replace crashed local workers this many times in all (default 3)",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=argtypes.seconds,
+        default=default_of(RendezvousConfig, "lease_ttl"),
+        metavar="S",
+        help="a frozen worker is evicted after S seconds (default %(default)g)",
+    )
+    p.add_argument(
+        "--collective-timeout",
+        type=argtypes.seconds,
+        default=default_of(RuntimeConfig, "collective_timeout"),
+        metavar="S",
+        help="a collective hung for S seconds counts as failed (default %(default)g)",
+    )
+    p.add_argument(
+        "--hang-floor",
+        type=argtypes.seconds,
+        default=default_of(HangConfig, "floor_s"),
+        metavar="S",
+        help="a rank that reaches a step's all-reduce later than max(S, "
+        "FACTOR x median step time) after its peers is evicted as hung "
+        "(default %(default)g; never later than 0.9 x --collective-timeout)",
+    )
+    p.add_argument(
+        "--hang-factor",
+        type=argtypes.factor,
+        default=default_of(HangConfig, "factor"),
+        metavar="FACTOR",
+        help="see --hang-floor (default %(default)g)",
+    )
+    p.add_argument(
+        "--settle",
+        type=argtypes.seconds_or_zero,
+        default=default_of(RendezvousConfig, "settle_s"),
+        metavar="S",
+        help="wait S quiet seconds after a join before re-forming (default %(default)g)",
+    )
+    p.add_argument(
+        "--join-timeout",
+        type=argtypes.seconds,
+        default=default_of(RuntimeConfig, "join_timeout"),
+        metavar="S",
+        help="give up when no World forms within S seconds (default %(default)g)",
+    )
+    p.add_argument(
+        "--etcd-outage",
+        type=argtypes.seconds,
+        default=default_of(RuntimeConfig, "etcd_outage"),
+        metavar="S",
+        help="a worker cut off from etcd keeps trying to rejoin for S seconds "
+        "(a partition may heal), then stops (default %(default)g)",
+    )
+    p.add_argument(
+        "--event-log",
+        default=None,
+        metavar="PATH",
+        help="JSONL event log (default ./elastic-JOB.events.jsonl)",
+    )
+    p.add_argument(
+        "--ledger-dir",
+        default=None,
+        metavar="DIR",
+        help="write a per-worker sample ledger here (for exactly-once checks)",
+    )
+    p.add_argument(
+        "--host",
+        default=None,
+        metavar="ADDR",
+        help="address of this machine that the others reach it at; workers "
+        "listen on it alone (default: the local address of the route to "
+        "etcd, so 127.0.0.1 with the embedded etcd)",
+    )
+    p.add_argument(
+        "--torchrun-compat",
+        action="store_true",
+        help="run an unmodified torchrun script; restart all workers on failure",
+    )
+    p.add_argument(
+        "--stop-grace",
+        type=argtypes.seconds,
+        default=120.0,
+        metavar="S",
+        help="after SIGINT/SIGTERM wait S seconds for the final checkpoint (default 120)",
+    )
+    p.add_argument(
+        "--progress-every",
+        type=argtypes.seconds,
+        default=10.0,
+        metavar="S",
+        help="progress line every S seconds when stderr is not a terminal "
+        "(default 10; redrawn in place on a terminal)",
+    )
     add_etcd_options(p, required=False)
     p.add_argument("script", help="training script")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments of the script")
@@ -149,8 +228,15 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError("--resume needs --checkpoint URL")
     if args.no_checkpoint and (args.checkpoint or args.checkpoint_every):
         raise ConfigError("--no-checkpoint contradicts --checkpoint/--checkpoint-every")
-    for name in ("lease_ttl", "collective_timeout", "join_timeout", "etcd_outage", "stop_grace",
-                 "hang_floor", "progress_every"):
+    for name in (
+        "lease_ttl",
+        "collective_timeout",
+        "join_timeout",
+        "etcd_outage",
+        "stop_grace",
+        "hang_floor",
+        "progress_every",
+    ):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
     if args.job is not None:
@@ -184,8 +270,9 @@ def _check_directory(flag: str, path: str) -> None:
     _check_writable_file(flag, os.path.join(path, "probe"))
 
 
-def _check_checkpoint(args: argparse.Namespace, joining: bool, job: str, client: Any,
-                      keys: Keyspace) -> None:
+def _check_checkpoint(
+    args: argparse.Namespace, joining: bool, job: str, client: Any, keys: Keyspace
+) -> None:
     """Before any worker starts: refuse a location workers cannot share or write,
     refuse to silently start over on (or resume from nothing in) one, and claim it
     for this launch, telling the job's workers which launch that is through etcd.
@@ -205,7 +292,8 @@ def _check_checkpoint(args: argparse.Namespace, joining: bool, job: str, client:
     if store.process_local:
         raise ConfigError(
             f"{where} lives in one process's memory, and the workers of a job are separate "
-            "processes: they cannot share it (use a directory or an object store)")
+            "processes: they cannot share it (use a directory or an object store)"
+        )
     if joining:
         return
     try:
@@ -214,8 +302,10 @@ def _check_checkpoint(args: argparse.Namespace, joining: bool, job: str, client:
         latest = CheckpointStore(args.checkpoint).latest()
         if args.resume and (latest is None or (key is not None and store.latest() is None)):
             signed = " signed with the key" if latest is not None else ""
-            raise ConfigError(f"--resume: no committed checkpoint{signed} in "
-                              f"{args.checkpoint!r}" + ("" if signed else " (empty location)"))
+            raise ConfigError(
+                f"--resume: no committed checkpoint{signed} in "
+                f"{args.checkpoint!r}" + ("" if signed else " (empty location)")
+            )
         if not args.resume and latest is not None:
             raise ConfigError(
                 f"{args.checkpoint!r} already holds checkpoints (newest step {latest.step}); "
@@ -229,17 +319,25 @@ def _check_checkpoint(args: argparse.Namespace, joining: bool, job: str, client:
     claim_key = keys.claim
     instance = f"{job}-{uuid.uuid4().hex[:12]}"
     tx = client.transactions
-    created, resp = retry_call(lambda: client.transaction(
-        compare=[tx.version(claim_key) == 0], success=[tx.put(claim_key, instance)],
-        failure=[tx.get(claim_key)],
-    ), what="recording the checkpoint claim", timeout=args.etcd_timeout)
+    created, resp = retry_call(
+        lambda: client.transaction(
+            compare=[tx.version(claim_key) == 0],
+            success=[tx.put(claim_key, instance)],
+            failure=[tx.get(claim_key)],
+        ),
+        what="recording the checkpoint claim",
+        timeout=args.etcd_timeout,
+    )
     if not created:
         return  # another launcher of this job claimed the location; its workers' claim is ours
     try:
         store.claim(instance, job, takeover=args.resume)
     except StorageError as exc:
-        retry_call(lambda: client.delete(claim_key), what="withdrawing the checkpoint claim",
-                   timeout=args.etcd_timeout)
+        retry_call(
+            lambda: client.delete(claim_key),
+            what="withdrawing the checkpoint claim",
+            timeout=args.etcd_timeout,
+        )
         raise ConfigError(f"{where}: {exc}") from exc
 
 
@@ -247,8 +345,11 @@ def _member_addresses(client: object, keys: Keyspace, timeout: float) -> list[tu
     """``(member id, address)`` of the job's current members."""
     from ..coord.membership import Member
 
-    records = retry_call(lambda: list(client.get_prefix(keys.members)),  # type: ignore[attr-defined]
-                         what="listing the job's members", timeout=timeout)
+    records = retry_call(
+        lambda: list(client.get_prefix(keys.members)),  # type: ignore[attr-defined]
+        what="listing the job's members",
+        timeout=timeout,
+    )
     return [(m.id, m.address) for m in (Member.from_json(v) for v, _ in records)]
 
 
@@ -297,40 +398,60 @@ class ElasticLauncher:
             self.client = connect(etcd_config(args))
             self.keys = Keyspace(self.job, args.etcd_prefix)
             joining = self._job_running()
-            if (args.checkpoint is None and not args.no_checkpoint and not joining
-                    and self.etcd_server is not None):
+            if (
+                args.checkpoint is None
+                and not args.no_checkpoint
+                and not joining
+                and self.etcd_server is not None
+            ):
                 # One machine (the embedded etcd listens on 127.0.0.1 only), so a
                 # local directory is reachable by every worker: checkpoint there by
                 # default. With --etcd, workers may sit on other machines, where a
                 # local path would split one checkpoint over several disks.
                 args.checkpoint = "file://" + os.path.abspath(
-                    os.path.join("elastic-checkpoints", self.job))
+                    os.path.join("elastic-checkpoints", self.job)
+                )
             if args.checkpoint_every and not args.checkpoint and not joining:
-                raise ConfigError("--checkpoint-every needs a location: pass --checkpoint URL "
-                                  "(with --etcd there is no default)")
+                raise ConfigError(
+                    "--checkpoint-every needs a location: pass --checkpoint URL "
+                    "(with --etcd there is no default)"
+                )
             _check_checkpoint(args, joining, self.job, self.client, self.keys)
             self.base_config = self._runtime_config(etcd_url, joining)
-            self.progress = ProgressView(self.base_config.event_log, nproc=args.nproc,
-                                         config=ProgressConfig(interval_s=args.progress_every))
-            self.events = EventLog(self.base_config.event_log, source=f"launcher-{os.getpid()}",
-                                   console=self.progress.write)
+            self.progress = ProgressView(
+                self.base_config.event_log,
+                nproc=args.nproc,
+                config=ProgressConfig(interval_s=args.progress_every),
+            )
+            self.events = EventLog(
+                self.base_config.event_log,
+                source=f"launcher-{os.getpid()}",
+                console=self.progress.write,
+            )
             self.events.emit(
                 Event.LAUNCH,
                 f"job {self.job} on etcd {etcd_url}: starting {args.nproc} worker(s)"
                 + (" (joining a running job)" if joining else "")
                 + f"; add workers with: elastic run --job {self.job} --etcd {etcd_url} -n 1 "
-                + args.script + f"; events in {self.base_config.event_log}"
-                + (f"; checkpoints in {args.checkpoint}" if args.checkpoint and not joining
-                   else ""),
-                job=self.job, etcd=etcd_url, nproc=args.nproc, joining=joining,
+                + args.script
+                + f"; events in {self.base_config.event_log}"
+                + (
+                    f"; checkpoints in {args.checkpoint}" if args.checkpoint and not joining else ""
+                ),
+                job=self.job,
+                etcd=etcd_url,
+                nproc=args.nproc,
+                joining=joining,
             )
             least = self.base_config.rendezvous.min_workers
             if not joining and least > args.nproc:
                 self.events.emit(
-                    Event.NOTE, f"--min-workers {least} is above the "
+                    Event.NOTE,
+                    f"--min-workers {least} is above the "
                     f"{args.nproc} worker(s) this launcher starts: training starts once other "
                     f"launchers add {least - args.nproc} (elastic run "
-                    f"--job {self.job} --etcd {etcd_url} -n N {args.script})")
+                    f"--job {self.job} --etcd {etcd_url} -n N {args.script})",
+                )
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self._on_signal)
             for i in range(args.nproc):
@@ -347,7 +468,9 @@ class ElasticLauncher:
         # Retried: an etcd election ("leader changed") must not fail a start.
         gen, done = retry_call(
             lambda: (self.client.get(self.keys.gen)[0], self.client.get(self.keys.done)[0]),
-            what="reading the job's state", timeout=self.args.etcd_timeout)
+            what="reading the job's state",
+            timeout=self.args.etcd_timeout,
+        )
         if done is not None:
             raise ConfigError(
                 f"job {self.job} already finished (at step {done.decode()}); use a new --job"
@@ -362,15 +485,18 @@ class ElasticLauncher:
             raise ConfigError(problem)
         # The first launcher records the job's bounds; joiners adopt them so any
         # member that becomes leader applies the same rules.
-        job_conf = {"min_workers": args.min_workers,
-                    "max_workers": args.max_workers or MAX_WORKERS}
+        job_conf = {"min_workers": args.min_workers, "max_workers": args.max_workers or MAX_WORKERS}
         tx = self.client.transactions
         key = self.keys.ctl + "config"
-        ok, resp = retry_call(lambda: self.client.transaction(
-            compare=[tx.version(key) == 0],
-            success=[tx.put(key, json.dumps(job_conf))],
-            failure=[tx.get(key)],
-        ), what="reading the job's settings", timeout=args.etcd_timeout)
+        ok, resp = retry_call(
+            lambda: self.client.transaction(
+                compare=[tx.version(key) == 0],
+                success=[tx.put(key, json.dumps(job_conf))],
+                failure=[tx.get(key)],
+            ),
+            what="reading the job's settings",
+            timeout=args.etcd_timeout,
+        )
         if not ok:
             job_conf = json.loads(resp[0][0][0])
         from .etcdopts import etcd_config
@@ -381,8 +507,12 @@ class ElasticLauncher:
             member_id=f"{self.launch_id}-0",
             etcd=etcd_config(args),
             rendezvous=RendezvousConfig(
-                min_workers=job_conf["min_workers"], max_workers=job_conf["max_workers"],
-                initial_workers=initial, settle_s=args.settle, lease_ttl=args.lease_ttl),
+                min_workers=job_conf["min_workers"],
+                max_workers=job_conf["max_workers"],
+                initial_workers=initial,
+                settle_s=args.settle,
+                lease_ttl=args.lease_ttl,
+            ),
             hangs=HangConfig(floor_s=args.hang_floor, factor=args.hang_factor),
             collective_timeout=args.collective_timeout,
             join_timeout=args.join_timeout,
@@ -412,15 +542,21 @@ class ElasticLauncher:
         # stops the job in order (final checkpoint) instead of killing workers.
         proc = subprocess.Popen(
             dying_with_parent([sys.executable, self.args.script, *self.args.script_args]),
-            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         self.progress.forward(proc)  # its lines must not land on the progress line
         worker = _Worker(member_id, local_rank, proc)
         self.workers[member_id] = worker
-        threading.Thread(target=lambda: self.exits.put((worker, proc.wait())),
-                         daemon=True).start()
-        self.events.emit(Event.SPAWN, f"started worker {member_id} (pid {proc.pid})",
-                         member=member_id, pid=proc.pid)
+        threading.Thread(target=lambda: self.exits.put((worker, proc.wait())), daemon=True).start()
+        self.events.emit(
+            Event.SPAWN,
+            f"started worker {member_id} (pid {proc.pid})",
+            member=member_id,
+            pid=proc.pid,
+        )
 
     def _revoke(self, member_id: str) -> None:
         """Remove a dead worker's keys now instead of after its lease TTL."""
@@ -429,8 +565,12 @@ class ElasticLauncher:
             if raw is not None:
                 self.client.revoke_lease(int(raw))
         except Exception as exc:  # the TTL still removes it
-            self.events.emit(Event.REVOKE_FAILED, f"could not revoke {member_id}: {exc}",
-                             member=member_id, **error_fields(exc))
+            self.events.emit(
+                Event.REVOKE_FAILED,
+                f"could not revoke {member_id}: {exc}",
+                member=member_id,
+                **error_fields(exc),
+            )
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.stop_requested is None:
@@ -438,22 +578,28 @@ class ElasticLauncher:
             threading.Thread(target=self._request_stop, daemon=True).start()
 
     def _request_stop(self) -> None:
-        self.events.emit(Event.STOP, f"stopping job {self.job} after a final checkpoint",
-                         signal=self.stop_requested)
+        self.events.emit(
+            Event.STOP,
+            f"stopping job {self.job} after a final checkpoint",
+            signal=self.stop_requested,
+        )
         try:
-            retry_call(lambda: self.client.put(self.keys.stop, "1"),
-                       what="requesting a stop", timeout=self.args.etcd_timeout)
+            retry_call(
+                lambda: self.client.put(self.keys.stop, "1"),
+                what="requesting a stop",
+                timeout=self.args.etcd_timeout,
+            )
         except ElasticError as exc:
-            self.events.emit(Event.STOP_FAILED, f"could not request a stop: {exc}",
-                             **error_fields(exc))
+            self.events.emit(
+                Event.STOP_FAILED, f"could not request a stop: {exc}", **error_fields(exc)
+            )
             for w in self.workers.values():
                 _signal(w.proc, signal.SIGTERM)
 
     def _supervise(self) -> int:
         failed = False
         stop_deadline: float | None = None
-        while (any(w.proc.returncode is None for w in self.workers.values())
-               or self._respawns):
+        while any(w.proc.returncode is None for w in self.workers.values()) or self._respawns:
             self._respawn_due()
             if self.stop_requested is not None and stop_deadline is None:
                 stop_deadline = time.monotonic() + self.args.stop_grace
@@ -468,8 +614,12 @@ class ElasticLauncher:
                 self._kill_evicted()
                 self._report_waiting()
                 continue
-            self.events.emit(Event.EXIT, f"worker {worker.member_id} exited with {rc}",
-                             member=worker.member_id, rc=rc)
+            self.events.emit(
+                Event.EXIT,
+                f"worker {worker.member_id} exited with {rc}",
+                member=worker.member_id,
+                rc=rc,
+            )
             if rc in (0, EXIT_STOPPED):
                 continue
             self._revoke(worker.member_id)
@@ -477,9 +627,13 @@ class ElasticLauncher:
                 continue
             why = self._no_restart(worker, rc)
             if why or self.restarts >= self.args.max_restarts:
-                self.events.emit(Event.GIVE_UP, why or f"worker {worker.member_id} failed; no "
-                                 f"restarts left ({self.args.max_restarts} used)",
-                                 member=worker.member_id)
+                self.events.emit(
+                    Event.GIVE_UP,
+                    why
+                    or f"worker {worker.member_id} failed; no "
+                    f"restarts left ({self.args.max_restarts} used)",
+                    member=worker.member_id,
+                )
                 failed = True
                 continue
             self.restarts += 1
@@ -493,17 +647,22 @@ class ElasticLauncher:
             return EXIT_FAILED
         if not self._ever_formed():
             self.events.emit(
-                Event.NEVER_JOINED, f"every worker exited without joining job {self.job}: does "
+                Event.NEVER_JOINED,
+                f"every worker exited without joining job {self.job}: does "
                 f"{self.args.script} train through elastic (Trainer(...).fit())? A torchrun "
-                "script needs --torchrun-compat")
+                "script needs --torchrun-compat",
+            )
             return EXIT_FAILED
         # Our workers left or were stopped while the job goes on elsewhere.
         return EXIT_STOPPED
 
     def _ever_formed(self) -> bool:
         try:
-            return retry_call(lambda: self.client.get(self.keys.gen)[0] is not None,
-                              what="reading the generation", timeout=self.args.etcd_timeout)
+            return retry_call(
+                lambda: self.client.get(self.keys.gen)[0] is not None,
+                what="reading the generation",
+                timeout=self.args.etcd_timeout,
+            )
         except ElasticError:
             return True  # unknown: say nothing rather than something wrong
 
@@ -517,8 +676,10 @@ class ElasticLauncher:
             return
         # Workers need seconds to start (torch's import): say nothing early
         # unless this launcher alone cannot reach the minimum.
-        if (self.base_config.rendezvous.min_workers <= self.args.nproc
-                and now - self._launched < self.WAITING_EVERY_S * 3):
+        if (
+            self.base_config.rendezvous.min_workers <= self.args.nproc
+            and now - self._launched < self.WAITING_EVERY_S * 3
+        ):
             return
         self._next_waiting_report = now + self.WAITING_EVERY_S
         try:
@@ -531,10 +692,13 @@ class ElasticLauncher:
         want = self.base_config.rendezvous.min_workers
         if present < want:
             self.events.emit(
-                Event.WAITING, f"waiting for {want} workers ({present} present): start "
+                Event.WAITING,
+                f"waiting for {want} workers ({present} present): start "
                 f"{want - present} more with: elastic run --job {self.job} --etcd "
                 f"{self.args.etcd} -n {want - present} {self.args.script}",
-                present=present, want=want)
+                present=present,
+                want=want,
+            )
 
     # Restarts back off: a worker that fails soon after its start again and
     # again (a bug in the script, a machine problem) is restarted after 0.5 s,
@@ -549,12 +713,16 @@ class ElasticLauncher:
         self._quick_failures = self._quick_failures + 1 if lived < self.QUICK_FAILURE_S else 0
         delay = 0.0
         if self._quick_failures > 1:
-            delay = min(self.BACKOFF_FIRST_S * 2 ** (self._quick_failures - 2),
-                        self.BACKOFF_MAX_S)
-            self.events.emit(Event.BACKOFF, f"worker {worker.member_id} failed "
-                             f"{self._quick_failures} times in a row within "
-                             f"{self.QUICK_FAILURE_S:.0f}s of its start: restarting in "
-                             f"{delay:.1f}s", member=worker.member_id, seconds=delay)
+            delay = min(self.BACKOFF_FIRST_S * 2 ** (self._quick_failures - 2), self.BACKOFF_MAX_S)
+            self.events.emit(
+                Event.BACKOFF,
+                f"worker {worker.member_id} failed "
+                f"{self._quick_failures} times in a row within "
+                f"{self.QUICK_FAILURE_S:.0f}s of its start: restarting in "
+                f"{delay:.1f}s",
+                member=worker.member_id,
+                seconds=delay,
+            )
         self._respawns.append((time.monotonic() + delay, worker.local_rank, self.restarts))
 
     def _respawn_due(self) -> None:
@@ -569,21 +737,30 @@ class ElasticLauncher:
     def _no_restart(self, worker: _Worker, rc: int) -> str | None:
         """Why a restart cannot help (one line), or None."""
         if rc == EXIT_FATAL:
-            return (f"worker {worker.member_id} stopped on an error a restart cannot fix "
-                    "(the line above): not restarting it")
+            return (
+                f"worker {worker.member_id} stopped on an error a restart cannot fix "
+                "(the line above): not restarting it"
+            )
         if torchrun_failure(self.progress.stderr_tail(worker.proc.pid)):
-            return (f"worker {worker.member_id} ran a torchrun-style init_process_group(): "
-                    + torchrun_advice(self.args.script, self.args.nproc))
+            return (
+                f"worker {worker.member_id} ran a torchrun-style init_process_group(): "
+                + torchrun_advice(self.args.script, self.args.nproc)
+            )
         if not self.etcd_lost:
             try:
-                retry_call(lambda: self.client.get(self.keys.gen), what="checking etcd",
-                           timeout=self.args.etcd_timeout)
+                retry_call(
+                    lambda: self.client.get(self.keys.gen),
+                    what="checking etcd",
+                    timeout=self.args.etcd_timeout,
+                )
             except ElasticError:
                 self.etcd_lost = True
         if self.etcd_lost:
-            return (f"etcd at {self.args.etcd} does not answer: not restarting worker "
-                    f"{worker.member_id} (a finished job's first launcher stops its embedded "
-                    "etcd: start a new job)")
+            return (
+                f"etcd at {self.args.etcd} does not answer: not restarting worker "
+                f"{worker.member_id} (a finished job's first launcher stops its embedded "
+                "etcd: start a new job)"
+            )
         return None
 
     def _job_done(self) -> bool:
@@ -591,9 +768,11 @@ class ElasticLauncher:
         # read must not turn a finished job into "stopped" (seen: exit 3 after
         # an etcd leader was killed).
         try:
-            return retry_call(lambda: self.client.get(self.keys.done)[0] is not None,
-                              what="reading whether the job finished",
-                              timeout=self.args.etcd_timeout)
+            return retry_call(
+                lambda: self.client.get(self.keys.done)[0] is not None,
+                what="reading whether the job finished",
+                timeout=self.args.etcd_timeout,
+            )
         except ElasticError:
             return False
 
@@ -613,12 +792,16 @@ class ElasticLauncher:
         except Exception:  # the next check retries; eviction is never urgent here
             return
         for value, meta in rows:
-            mid = meta.key.decode()[len(self.keys.evicted):]
+            mid = meta.key.decode()[len(self.keys.evicted) :]
             w = self.workers.get(mid)
             if w is not None and w.proc.returncode is None and mid not in self._killed:
                 self._killed.add(mid)
-                self.events.emit(Event.EVICTED, f"worker {mid} was evicted as hung "
-                                 f"({value.decode(errors='replace')}): killing it", member=mid)
+                self.events.emit(
+                    Event.EVICTED,
+                    f"worker {mid} was evicted as hung "
+                    f"({value.decode(errors='replace')}): killing it",
+                    member=mid,
+                )
                 _signal(w.proc, signal.SIGKILL)
 
     def _shutdown(self) -> None:
@@ -668,8 +851,11 @@ def _signal(proc: subprocess.Popen, sig: int) -> None:
 def _run_torchrun_compat(args: argparse.Namespace) -> int:
     """Run an unmodified torchrun script: restart every worker on any failure."""
     job = args.job or f"job-{uuid.uuid4().hex[:8]}"
-    events = EventLog(os.path.abspath(args.event_log or f"elastic-{job}.events.jsonl"),
-                      source=f"launcher-{os.getpid()}", console=True)
+    events = EventLog(
+        os.path.abspath(args.event_log or f"elastic-{job}.events.jsonl"),
+        source=f"launcher-{os.getpid()}",
+        console=True,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -684,23 +870,38 @@ def _run_torchrun_compat(args: argparse.Namespace) -> int:
             procs = []
             for rank in range(n):
                 env = dict(os.environ)
-                env.update({
-                    "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
-                    "LOCAL_WORLD_SIZE": str(n), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                    "TORCHELASTIC_RESTART_COUNT": str(attempt),
-                    "TORCHELASTIC_MAX_RESTARTS": str(args.max_restarts),
-                    "TORCHELASTIC_RUN_ID": job, "PYTHONUNBUFFERED": "1",
-                })
+                env.update(
+                    {
+                        "RANK": str(rank),
+                        "LOCAL_RANK": str(rank),
+                        "WORLD_SIZE": str(n),
+                        "LOCAL_WORLD_SIZE": str(n),
+                        "GROUP_RANK": "0",
+                        "ROLE_RANK": str(rank),
+                        "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port),
+                        "TORCHELASTIC_RESTART_COUNT": str(attempt),
+                        "TORCHELASTIC_MAX_RESTARTS": str(args.max_restarts),
+                        "TORCHELASTIC_RUN_ID": job,
+                        "PYTHONUNBUFFERED": "1",
+                    }
+                )
                 _share_cores(env, n)
                 proc = subprocess.Popen(
                     dying_with_parent([sys.executable, args.script, *args.script_args]),
-                    env=env, start_new_session=True)
+                    env=env,
+                    start_new_session=True,
+                )
                 procs.append(proc)
-                threading.Thread(target=lambda p=proc, r=rank, q=exits: q.put((r, p.wait())),
-                                 daemon=True).start()
-            events.emit(Event.SPAWN, f"attempt {attempt}: started {n} worker(s) on port {port}",
-                        attempt=attempt, port=port)
+                threading.Thread(
+                    target=lambda p=proc, r=rank, q=exits: q.put((r, p.wait())), daemon=True
+                ).start()
+            events.emit(
+                Event.SPAWN,
+                f"attempt {attempt}: started {n} worker(s) on port {port}",
+                attempt=attempt,
+                port=port,
+            )
             failed_rank = None
             finished = 0
             while finished < n and failed_rank is None:
@@ -714,8 +915,13 @@ def _run_torchrun_compat(args: argparse.Namespace) -> int:
                     finished += 1
                 else:
                     failed_rank = rank
-                    events.emit(Event.EXIT, f"rank {rank} exited with {rc}: restarting all workers",
-                                rank=rank, rc=rc, attempt=attempt)
+                    events.emit(
+                        Event.EXIT,
+                        f"rank {rank} exited with {rc}: restarting all workers",
+                        rank=rank,
+                        rc=rc,
+                        attempt=attempt,
+                    )
             if failed_rank is None:
                 events.emit(Event.DONE, "all workers finished")
                 return 0
@@ -737,4 +943,3 @@ def _stop_all(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             _signal(p, signal.SIGKILL)
             p.wait(timeout=10)
-

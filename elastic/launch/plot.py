@@ -120,8 +120,13 @@ def plot_events(path: str, out: str, *, title: str | None = None) -> Series:
             colour, style = MARKS[kind]
             for i, t in enumerate(times):
                 for ax in (ax_w, ax_l, ax_r):
-                    ax.axvline(t, color=colour, linestyle=style, linewidth=1.2,
-                               label=kind if ax is ax_w and i == 0 else None)
+                    ax.axvline(
+                        t,
+                        color=colour,
+                        linestyle=style,
+                        linewidth=1.2,
+                        label=kind if ax is ax_w and i == 0 else None,
+                    )
         if any(data.marks.values()):
             ax_w.legend(loc="lower left", fontsize="small", ncol=len(MARKS))
         fig.suptitle(title or os.path.basename(path))

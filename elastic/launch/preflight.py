@@ -23,10 +23,12 @@ def _uses(tree: ast.AST) -> tuple[bool, bool]:
             inits = inits or name == "init_process_group"
         elif isinstance(node, ast.Import):
             imports_elastic = imports_elastic or any(
-                a.name.split(".")[0] == "elastic" for a in node.names)
+                a.name.split(".")[0] == "elastic" for a in node.names
+            )
         elif isinstance(node, ast.ImportFrom):
             imports_elastic = imports_elastic or (
-                node.level == 0 and (node.module or "").split(".")[0] == "elastic")
+                node.level == 0 and (node.module or "").split(".")[0] == "elastic"
+            )
     return inits, imports_elastic
 
 
@@ -40,8 +42,7 @@ def is_torchrun_script(source: str) -> bool:
 
 
 def torchrun_advice(path: str, nproc: int) -> str:
-    return (f"re-run with --torchrun-compat, e.g. elastic run --torchrun-compat -n {nproc} "
-            f"{path}")
+    return f"re-run with --torchrun-compat, e.g. elastic run --torchrun-compat -n {nproc} {path}"
 
 
 def check_script(path: str, nproc: int) -> None:

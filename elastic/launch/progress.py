@@ -128,9 +128,12 @@ def _loss(value: float | None) -> str:
 def format_line(st: RunStats) -> str:
     """step/total, loss, samples/s, world size, ETA."""
     total = st.total_steps
-    parts = [f"step {st.step}/{total}" + (f" ({100 * st.step // total}%)" if total else "")
-             if total else f"step {st.step}",
-             f"loss {_loss(st.loss)}"]
+    parts = [
+        f"step {st.step}/{total}" + (f" ({100 * st.step // total}%)" if total else "")
+        if total
+        else f"step {st.step}",
+        f"loss {_loss(st.loss)}",
+    ]
     rate = st.steps_per_s()
     if rate is None:
         parts.append("samples/s -")
@@ -144,8 +147,13 @@ def format_line(st: RunStats) -> str:
     return "  ".join(parts)
 
 
-_OUTCOMES = {0: "finished", EXIT_STOPPED: "stopped (our workers left)",
-             EXIT_INTERRUPTED: "interrupted", EXIT_FAILED: "failed", EXIT_FATAL: "failed"}
+_OUTCOMES = {
+    0: "finished",
+    EXIT_STOPPED: "stopped (our workers left)",
+    EXIT_INTERRUPTED: "interrupted",
+    EXIT_FAILED: "failed",
+    EXIT_FATAL: "failed",
+}
 
 
 def _count(n: int, word: str, plural: str | None = None) -> str:
@@ -164,17 +172,26 @@ def format_summary(st: RunStats, rc: int, wall_s: float, nproc: int) -> str:
         ckpt += f" (last step {st.last_checkpoint})"
     if st.checkpoint_failures:
         ckpt += f", {st.checkpoint_failures} failed"
-    return (f"{outcome}: {steps} steps, final loss {_loss(st.loss)}, wall {wall_s:.1f}s, "
-            f"world {st.world if st.world is not None else '-'}; "
-            f"{_count(len(st.failed_generations), 'failure')}, {rec}, "
-            f"{_count(max(0, st.spawns - nproc), 'restart')}; {ckpt}")
+    return (
+        f"{outcome}: {steps} steps, final loss {_loss(st.loss)}, wall {wall_s:.1f}s, "
+        f"world {st.world if st.world is not None else '-'}; "
+        f"{_count(len(st.failed_generations), 'failure')}, {rec}, "
+        f"{_count(max(0, st.spawns - nproc), 'restart')}; {ckpt}"
+    )
 
 
 class ProgressView:
     """Follows an event log and keeps the console: progress line, forwarded lines, summary."""
 
-    def __init__(self, event_log: str, *, nproc: int, config: ProgressConfig | None = None,
-                 stream: IO[str] | None = None, tty: bool | None = None) -> None:
+    def __init__(
+        self,
+        event_log: str,
+        *,
+        nproc: int,
+        config: ProgressConfig | None = None,
+        stream: IO[str] | None = None,
+        tty: bool | None = None,
+    ) -> None:
         self.config = config or ProgressConfig()
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
@@ -210,8 +227,10 @@ class ProgressView:
         """Copy a worker's piped stdout and stderr through :meth:`write`."""
         threads: list[threading.Thread] = []
         last_err: deque = deque(maxlen=20)
-        for pipe, stream, keep in ((proc.stdout, sys.stdout, None),
-                                   (proc.stderr, sys.stderr, last_err)):
+        for pipe, stream, keep in (
+            (proc.stdout, sys.stdout, None),
+            (proc.stderr, sys.stderr, last_err),
+        ):
             if pipe is not None:
                 t = threading.Thread(target=self._pump, args=(pipe, stream, keep), daemon=True)
                 t.start()
@@ -259,8 +278,10 @@ class ProgressView:
                 line = format_line(self.stats)
                 if self.tty:
                     self._draw(line)
-                elif (time.monotonic() - last_plain >= self.config.interval_s
-                      and self.stats.step != plain_step):
+                elif (
+                    time.monotonic() - last_plain >= self.config.interval_s
+                    and self.stats.step != plain_step
+                ):
                     last_plain, plain_step = time.monotonic(), self.stats.step
                     self.write(f"[elastic] progress: {line}\n")
 
@@ -270,7 +291,7 @@ class ProgressView:
 
     def _draw(self, line: str) -> None:
         width = shutil.get_terminal_size((100, 24)).columns - 1
-        line = line[:max(10, width)]  # a wrapped line cannot be redrawn with \r
+        line = line[: max(10, width)]  # a wrapped line cannot be redrawn with \r
         with self._lock:
             if line != self._shown:
                 self.stream.write(_CLEAR + line)

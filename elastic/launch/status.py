@@ -43,13 +43,15 @@ class JobStatus:
     def to_text(self) -> str:
         lines = [
             f"job {self.job}: "
-            + (f"finished at step {self.finished_step}, " if self.finished_step is not None
-               else "")
+            + (f"finished at step {self.finished_step}, " if self.finished_step is not None else "")
             + f"generation {self.generation}"
             + (f" (re-forming generation {self.round})" if self.round > self.generation else "")
             + f", world size {self.world_size}, leader {self.leader or '-'}"
-            + (f", last checkpoint step {self.last_commit_step}"
-               if self.last_commit_step is not None else ""),
+            + (
+                f", last checkpoint step {self.last_commit_step}"
+                if self.last_commit_step is not None
+                else ""
+            ),
             f"{'rank':>4}  {'member':<24} {'address':<22} {'lease left':>10} {'age':>8}",
         ]
         for m in self.members:
@@ -64,8 +66,9 @@ class JobStatus:
 
 
 def read_status(client: Any, keys: Keyspace, timeout: float = 10.0) -> JobStatus:
-    state = retry_call(lambda: read_job_state(client, keys),
-                       what=f"reading job {keys.job}", timeout=timeout)
+    state = retry_call(
+        lambda: read_job_state(client, keys), what=f"reading job {keys.job}", timeout=timeout
+    )
     if state is None:
         raise ConfigError(
             f"no job {keys.job!r} in this etcd (key prefix {keys.prefix}): check --job, "
@@ -76,17 +79,22 @@ def read_status(client: Any, keys: Keyspace, timeout: float = 10.0) -> JobStatus
     members = []
     for rec in state.members.values():
         m = Member.from_json(rec.value)
-        info = retry_call(lambda rec=rec: client.get_lease_info(rec.lease),
-                          what="reading a lease", timeout=timeout)
+        info = retry_call(
+            lambda rec=rec: client.get_lease_info(rec.lease),
+            what="reading a lease",
+            timeout=timeout,
+        )
         ready = state.ready.get(m.id)
-        members.append(MemberStatus(
-            id=m.id,
-            rank=world.rank_of(m.id) if world else None,
-            address=m.address,
-            lease_ttl_left=int(info.TTL),
-            age_s=max(0.0, now - m.registered_at) if m.registered_at else 0.0,
-            ready_for=ready,
-        ))
+        members.append(
+            MemberStatus(
+                id=m.id,
+                rank=world.rank_of(m.id) if world else None,
+                address=m.address,
+                lease_ttl_left=int(info.TTL),
+                age_s=max(0.0, now - m.registered_at) if m.registered_at else 0.0,
+                ready_for=ready,
+            )
+        )
     members.sort(key=lambda s: (s.rank is None, s.rank if s.rank is not None else 0, s.id))
     return JobStatus(
         job=keys.job,
@@ -115,8 +123,10 @@ class LogProgress:
     last_events: tuple[str, ...]
 
     def to_text(self) -> str:
-        out = [f"progress (from {self.path}): {self.line}"
-               + (", training finished" if self.finished else "")]
+        out = [
+            f"progress (from {self.path}): {self.line}"
+            + (", training finished" if self.finished else "")
+        ]
         if self.last_events:
             out.append("last events:")
             out += [f"  {e}" for e in self.last_events]
@@ -143,8 +153,13 @@ def read_log_progress(path: str, last: int = 5) -> LogProgress:
     rate = st.steps_per_s()
     notable = [e for e in events if e.get("event") != Event.STEP][-last:]
     return LogProgress(
-        path=path, step=st.step, total_steps=st.total_steps, loss=st.loss,
+        path=path,
+        step=st.step,
+        total_steps=st.total_steps,
+        loss=st.loss,
         samples_per_s=rate * st.global_batch if rate is not None and st.global_batch else None,
-        world=st.world, finished=st.finished, line=format_line(st),
+        world=st.world,
+        finished=st.finished,
+        line=format_line(st),
         last_events=tuple(_describe(e) for e in notable),
     )

@@ -59,8 +59,9 @@ class RuntimeConfig:
             object.__setattr__(self, "etcd", EtcdConfig.from_url(self.etcd))
         for name, kind in _NESTED.items():
             if not isinstance(getattr(self, name), kind):
-                raise ConfigError(f"{name} must be a {kind.__name__}, "
-                                  f"got {type(getattr(self, name)).__name__}")
+                raise ConfigError(
+                    f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}"
+                )
         validate_name("job id", self.job)
         validate_name("member id", self.member_id)
         if self.checkpoint_every < 0:

@@ -17,8 +17,10 @@ from types import TracebackType
 from ..base.errors import ConfigError, ElasticError, EtcdRequestError, EtcdUnavailableError
 from ..base.exitcodes import EXIT_FAILED, EXIT_FATAL
 
-_ETCD_HINT = ("; is the job's etcd still running? (a job that finished stops the embedded "
-              "etcd of its first launcher: start a new job)")
+_ETCD_HINT = (
+    "; is the job's etcd still running? (a job that finished stops the embedded "
+    "etcd of its first launcher: start a new job)"
+)
 
 
 def exit_code_for(exc: ElasticError) -> int:

@@ -51,8 +51,12 @@ class StoreHost:
         self.port = sock.getsockname()[1]
         # The store takes the descriptor over and closes it when it is destroyed.
         self.store = dist.TCPStore(
-            host.ip, self.port, is_master=True, wait_for_workers=False,
-            timeout=datetime.timedelta(seconds=timeout), master_listen_fd=sock.detach(),
+            host.ip,
+            self.port,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=timeout),
+            master_listen_fd=sock.detach(),
         )
 
     @property
@@ -131,9 +135,16 @@ class WorkerGroup:
     membership noticing, instead of a wait for the collective timeout.
     """
 
-    def __init__(self, world: World, rank: int, store_host: StoreHost, *,
-                 timeout: float, backend: str | None = None,
-                 watch: Watch | None = None) -> None:
+    def __init__(
+        self,
+        world: World,
+        rank: int,
+        store_host: StoreHost,
+        *,
+        timeout: float,
+        backend: str | None = None,
+        watch: Watch | None = None,
+    ) -> None:
         self.world = world
         self.rank = rank
         self.size = world.size
@@ -174,8 +185,9 @@ class WorkerGroup:
                 base = self._store_host.store
             else:
                 host, port = split_hostport(self.world.members[0].store)
-                base = dist.TCPStore(host, port, is_master=False,
-                                     wait_for_workers=False, timeout=td)
+                base = dist.TCPStore(
+                    host, port, is_master=False, wait_for_workers=False, timeout=td
+                )
                 self._client_store = base
             store = dist.PrefixStore(self.world.store_prefix, base)
             # torch names the default group by a process-wide counter and
@@ -191,8 +203,7 @@ class WorkerGroup:
         except (RuntimeError, ValueError, OSError) as exc:
             self.close()
             raise self._error_after(t0)(
-                f"forming generation {self.generation} (rank {self.rank}/{self.size}) "
-                f"failed: {exc}"
+                f"forming generation {self.generation} (rank {self.rank}/{self.size}) failed: {exc}"
             ) from exc
         return self
 
@@ -278,8 +289,9 @@ class WorkerGroup:
         self._pending.remove(work)
         work.wait()  # raises the collective's error, if it failed
 
-    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM,
-                   watch: Watch | None = None) -> None:
+    def all_reduce(
+        self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, watch: Watch | None = None
+    ) -> None:
         """``watch`` replaces the group's watch for this collective."""
         self._run("all_reduce", dist.all_reduce, tensor, op=op, watch=watch)
 

@@ -22,10 +22,19 @@ class LedgerWriter:
         self.path = os.path.join(directory, f"ledger-{member_id}.jsonl")
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-    def record(self, *, step: int, epoch: int, generation: int, rank: int,
-               world_size: int, ids: list[int]) -> None:
-        line = json.dumps({"step": step, "epoch": epoch, "gen": generation, "rank": rank,
-                           "world": world_size, "ids": ids})
+    def record(
+        self, *, step: int, epoch: int, generation: int, rank: int, world_size: int, ids: list[int]
+    ) -> None:
+        line = json.dumps(
+            {
+                "step": step,
+                "epoch": epoch,
+                "gen": generation,
+                "rank": rank,
+                "world": world_size,
+                "ids": ids,
+            }
+        )
         os.write(self._fd, (line + "\n").encode())
 
     def close(self) -> None:

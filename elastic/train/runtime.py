@@ -135,8 +135,9 @@ class Trainer:
         self.collate_fn = collate_fn
         self.seed = seed
         self.on_step = on_step
-        sampler = ElasticSampler(len(dataset), global_batch_size, seed=seed,
-                                 shuffle=shuffle, drop_last=drop_last)
+        sampler = ElasticSampler(
+            len(dataset), global_batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last
+        )
         self.total_steps = epochs * sampler.steps_per_epoch
         if max_steps is not None:
             self.total_steps = min(self.total_steps, max_steps)
@@ -175,15 +176,20 @@ class Trainer:
             signal.signal(signal.SIGTERM, lambda *_: self._leave.set())
 
     def _join(self) -> Rendezvous:
-        member = Member(self.config.member_id, address=self.config.advertise_host,
-                        store=self.store_host.address)
+        member = Member(
+            self.config.member_id, address=self.config.advertise_host, store=self.store_host.address
+        )
         rdzv = Rendezvous(self.client, self.keys, member, self.rdzv_config).start()
         # The launcher revokes this lease the moment it sees the process die,
         # so survivors need not wait for the TTL.
         retry_call(
-            lambda: self.client.put(self.keys.root + f"leases/{member.id}",
-                                    str(rdzv.session.lease_id), lease=rdzv.session.lease_id),
-            what="publishing the lease id", timeout=self.config.etcd.connect_timeout,
+            lambda: self.client.put(
+                self.keys.root + f"leases/{member.id}",
+                str(rdzv.session.lease_id),
+                lease=rdzv.session.lease_id,
+            ),
+            what="publishing the lease id",
+            timeout=self.config.etcd.connect_timeout,
         )
         return rdzv
 
@@ -222,8 +228,7 @@ class Trainer:
                 # and wait for a World newer than the last one we saw (the old
                 # record still lists us), asking for it in case nobody else
                 # will (after an outage every member is in the same spot).
-                self.events.emit(Event.REJOIN, f"{cfg.member_id}: lease lost, rejoining",
-                                 gen=gen)
+                self.events.emit(Event.REJOIN, f"{cfg.member_id}: lease lost, rejoining", gen=gen)
                 self.rdzv.close()
                 self.rdzv = self._rejoin()
                 self._request_reform(gen, broken=True)
@@ -237,8 +242,13 @@ class Trainer:
                 outcome = "finished" if ended.reason == "finished" else "stopped"
                 return self._result(outcome, gen)
             rank = world.rank_of(cfg.member_id)
-            group = WorkerGroup(world, rank, self.store_host, timeout=cfg.collective_timeout,
-                                watch=lambda _waited, g=world.generation: self.rdzv.world_broken(g))
+            group = WorkerGroup(
+                world,
+                rank,
+                self.store_host,
+                timeout=cfg.collective_timeout,
+                watch=lambda _waited, g=world.generation: self.rdzv.world_broken(g),
+            )
             self.clock.reset()
             t_form = time.monotonic()
             try:
@@ -250,11 +260,14 @@ class Trainer:
                     self.events.emit(
                         Event.GENERATION,
                         f"generation {gen}: {world.size} worker(s) {list(world.ids)} at step "
-                        f"{self.state.step}" + (f", state from rank {src}" if src is not None
-                                                else "") + (", restored from checkpoint"
-                                                            if restored else ""),
-                        gen=gen, world=list(world.ids), step=self.state.step,
-                        form_s=round(time.monotonic() - t_form, 4), src=src,
+                        f"{self.state.step}"
+                        + (f", state from rank {src}" if src is not None else "")
+                        + (", restored from checkpoint" if restored else ""),
+                        gen=gen,
+                        world=list(world.ids),
+                        step=self.state.step,
+                        form_s=round(time.monotonic() - t_form, 4),
+                        src=src,
                         total_steps=self.total_steps,
                         global_batch=self.state.sampler.global_batch_size,
                     )
@@ -263,8 +276,14 @@ class Trainer:
             except WorkerGroupError as exc:
                 failed_at = failed_at or time.monotonic()
                 gen = world.generation
-                self.events.emit(Event.FAILURE, f"rank {rank} of generation {gen}: {exc}",
-                                 gen=gen, rank=rank, step=self.state.step, **error_fields(exc))
+                self.events.emit(
+                    Event.FAILURE,
+                    f"rank {rank} of generation {gen}: {exc}",
+                    gen=gen,
+                    rank=rank,
+                    step=self.state.step,
+                    **error_fields(exc),
+                )
                 self._request_reform(gen, broken=True)
                 continue
             finally:
@@ -275,8 +294,9 @@ class Trainer:
             return self._result(outcome, gen)
 
     def _result(self, outcome: str, gen: int) -> FitResult:
-        final = (outcome == "finished" and self.state.has_state
-                 and self.state.step >= self.total_steps)
+        final = (
+            outcome == "finished" and self.state.has_state and self.state.step >= self.total_steps
+        )
         return FitResult(outcome, self.state.step, gen, self._last_loss, final)
 
     def _rejoin(self) -> Rendezvous:
@@ -331,14 +351,16 @@ class Trainer:
 
             try:
                 loaded = self._checkpoints.load_checkpoint()
-            except (CorruptCheckpointError, CheckpointNotFoundError,
-                    InvalidArgumentError) as exc:
+            except (CorruptCheckpointError, CheckpointNotFoundError, InvalidArgumentError) as exc:
                 # No committed checkpoint verifies: a restarted worker would
                 # read the same bytes and fail the same way.
                 raise ConfigError(f"cannot restore from {cfg.checkpoint}: {exc}") from exc
             self.state.load_checkpoint_dict(loaded.state)
-            self.events.emit(Event.RESTORE, f"restored step {loaded.step} from {cfg.checkpoint}",
-                             step=loaded.step)
+            self.events.emit(
+                Event.RESTORE,
+                f"restored step {loaded.step} from {cfg.checkpoint}",
+                step=loaded.step,
+            )
             return True
         # A fresh start: rank 0's initial parameters are broadcast by sync().
         self.state.has_state = True
@@ -359,8 +381,14 @@ class Trainer:
             pieces, local_loss = self._local_gradient(parts, b)
             flat = self._pack(pieces, local_loss, gen)
             if self.ledger is not None:
-                self.ledger.record(step=state.step, epoch=sampler.epoch, generation=gen,
-                                   rank=rank, world_size=size, ids=ids)
+                self.ledger.record(
+                    step=state.step,
+                    epoch=sampler.epoch,
+                    generation=gen,
+                    rank=rank,
+                    world_size=size,
+                    ids=ids,
+                )
             # raises WorkerGroupError: nothing applied
             group.all_reduce(flat, watch=self._step_watch(group, state.step))
             self._unpack(flat)
@@ -371,13 +399,18 @@ class Trainer:
             control = flat[-_N_CONTROL:].tolist()
             self._last_loss = control[_LOSS] / b
             if rank == 0:
-                self.events.emit(Event.STEP, None, step=state.step, gen=gen, world=size,
-                                 loss=self._last_loss)
+                self.events.emit(
+                    Event.STEP, None, step=state.step, gen=gen, world=size, loss=self._last_loss
+                )
                 if failed_at is not None:
                     took = time.monotonic() - failed_at
-                    self.events.emit(Event.RECOVERED, f"recovered in {took:.3f}s at step "
-                                     f"{state.step} with {size} worker(s)",
-                                     seconds=round(took, 4), step=state.step, gen=gen)
+                    self.events.emit(
+                        Event.RECOVERED,
+                        f"recovered in {took:.3f}s at step {state.step} with {size} worker(s)",
+                        seconds=round(took, 4),
+                        step=state.step,
+                        gen=gen,
+                    )
             failed_at = None
             if self._pending_save is not None and self._pending_save.done():
                 self._finish_pending_save(raise_errors=False)
@@ -390,40 +423,65 @@ class Trainer:
                 self._checkpoint(group, final=False)
             if control[_FLAG_LEAVE] > 0:
                 if self._leave.is_set():
-                    self.events.emit(Event.LEAVE, f"{self.config.member_id} left at step "
-                                     f"{state.step}", step=state.step, gen=gen)
+                    self.events.emit(
+                        Event.LEAVE,
+                        f"{self.config.member_id} left at step {state.step}",
+                        step=state.step,
+                        gen=gen,
+                    )
                     return "left"
                 return "reform"
             if control[_FLAG_REFORM] > 0:
                 return "reform"
         self._checkpoint(group, final=True)
         if rank == 0:
-            retry_call(lambda: self.client.put(self.keys.done, str(state.step)),
-                       what="marking the job finished", timeout=self.config.etcd.connect_timeout)
-            self.events.emit(Event.FINISHED, f"training finished at step {state.step}",
-                             step=state.step, gen=gen, loss=self._last_loss)
+            retry_call(
+                lambda: self.client.put(self.keys.done, str(state.step)),
+                what="marking the job finished",
+                timeout=self.config.etcd.connect_timeout,
+            )
+            self.events.emit(
+                Event.FINISHED,
+                f"training finished at step {state.step}",
+                step=state.step,
+                gen=gen,
+                loss=self._last_loss,
+            )
         return "finished"
 
     def _step_watch(self, group: WorkerGroup, step: int) -> HangWatch:
         gen = group.generation
         return HangWatch(
-            client=self.client, keys=self.keys, lease_id=self.rdzv.session.lease_id,
-            member_id=self.config.member_id, world=group.world, step=step,
+            client=self.client,
+            keys=self.keys,
+            lease_id=self.rdzv.session.lease_id,
+            member_id=self.config.member_id,
+            world=group.world,
+            step=step,
             # Judged before the collective times out: a timed-out collective
             # re-forms, and the rendezvous then waits for the hung rank, whose
             # lease is alive (seen with --collective-timeout below the floor).
             bound_s=min(self.clock.bound(), 0.9 * self.config.collective_timeout),
             broken=lambda: self.rdzv.world_broken(gen),
             on_evict=lambda hung, why: self.events.emit(
-                Event.EVICT, f"evicted {', '.join(hung)}: {why}", members=hung, step=step,
-                gen=gen, reason=why),
+                Event.EVICT,
+                f"evicted {', '.join(hung)}: {why}",
+                members=hung,
+                step=step,
+                gen=gen,
+                reason=why,
+            ),
         )
 
     def _due(self, step: int) -> bool:
         every = self.config.checkpoint_every
         # The last step is saved by the final (synchronous) checkpoint.
-        return (self._checkpoints is not None and every > 0 and step % every == 0
-                and step < self.total_steps)
+        return (
+            self._checkpoints is not None
+            and every > 0
+            and step % every == 0
+            and step < self.total_steps
+        )
 
     # -- gradient + control packing --------------------------------------------
 
@@ -451,8 +509,7 @@ class Trainer:
             for p in self._params
         ]
 
-    def _local_gradient(self, parts: list[list[int]], b: int
-                        ) -> tuple[list[torch.Tensor], float]:
+    def _local_gradient(self, parts: list[list[int]], b: int) -> tuple[list[torch.Tensor], float]:
         """This rank's gradient contribution (weighted by share / b), as pieces
         to concatenate, and the sum of its per-sample losses."""
         exact = self.grad_shards is not None
@@ -477,8 +534,9 @@ class Trainer:
             pieces = [total]
         if not pieces:
             dtype = torch.float64 if exact else self._params[0].dtype
-            pieces = [torch.zeros(sum(p.numel() for p in self._params), dtype=dtype,
-                                  device=self.device)]
+            pieces = [
+                torch.zeros(sum(p.numel() for p in self._params), dtype=dtype, device=self.device)
+            ]
         return pieces, local_loss
 
     def _pack(self, pieces: list[torch.Tensor], local_loss: float, gen: int) -> torch.Tensor:
@@ -486,9 +544,9 @@ class Trainer:
         rdzv = self.rdzv
         reform = rdzv.session.lost.is_set() or rdzv.reform_pending(gen)
         control = torch.tensor(
-            [float(reform), float(rdzv.job_flag("stop")), float(self._leave.is_set()),
-             local_loss],
-            dtype=pieces[0].dtype, device=pieces[0].device,
+            [float(reform), float(rdzv.job_flag("stop")), float(self._leave.is_set()), local_loss],
+            dtype=pieces[0].dtype,
+            device=pieces[0].device,
         )
         return torch.cat([*pieces, control])
 
@@ -497,7 +555,7 @@ class Trainer:
         for p in self._params:
             n = p.numel()
             # flat is fresh every step, so a view is safe when dtypes match.
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
             offset += n
 
     # -- checkpoints --------------------------------------------------------------
@@ -509,28 +567,36 @@ class Trainer:
         try:
             info = handle.wait(timeout=self.config.checkpoint_timeout)
         except Exception as exc:
-            self.events.emit(Event.CHECKPOINT_FAILED, f"checkpoint failed: {exc}",
-                             **error_fields(exc))
+            self.events.emit(
+                Event.CHECKPOINT_FAILED, f"checkpoint failed: {exc}", **error_fields(exc)
+            )
             if raise_errors:
                 raise
             return
         if self._pending_commits:
-            self.events.emit(Event.CHECKPOINT_COMMITTED,
-                             f"checkpoint step {info.step} committed", step=info.step)
+            self.events.emit(
+                Event.CHECKPOINT_COMMITTED, f"checkpoint step {info.step} committed", step=info.step
+            )
 
     def _checkpoint(self, group: WorkerGroup, final: bool) -> None:
         if self._checkpoints is None:
             return
         step, gen = self.state.step, group.generation
         fence = self.rdzv.commit_fence(gen) if group.rank == 0 else None
-        kwargs = dict(rank=group.rank, world_size=group.size, generation=gen, fence=fence,
-                      timeout=self.config.checkpoint_timeout,
-                      # Once a newer generation exists the fence refuses this
-                      # commit, and a dead rank's part never comes: stop waiting.
-                      abandon=lambda: self.rdzv.generation() > gen)
+        kwargs = dict(
+            rank=group.rank,
+            world_size=group.size,
+            generation=gen,
+            fence=fence,
+            timeout=self.config.checkpoint_timeout,
+            # Once a newer generation exists the fence refuses this
+            # commit, and a dead rank's part never comes: stop waiting.
+            abandon=lambda: self.rdzv.generation() > gen,
+        )
         if group.rank == 0:
-            _attach_claim(self._checkpoints, self.client, self.keys,
-                          self.config.etcd.connect_timeout)
+            _attach_claim(
+                self._checkpoints, self.client, self.keys, self.config.etcd.connect_timeout
+            )
         self._finish_pending_save(raise_errors=False)
         t0 = time.monotonic()
         if final:
@@ -550,34 +616,53 @@ class Trainer:
                         return
                 except StorageError as err:
                     why = f"{exc}, and that commit cannot be read back: {err}"
-                self.events.emit(Event.CHECKPOINT_FAILED, f"final checkpoint at step {step} "
-                                 f"failed: {why}", step=step, error=why,
-                                 error_type=type(exc).__name__)
+                self.events.emit(
+                    Event.CHECKPOINT_FAILED,
+                    f"final checkpoint at step {step} failed: {why}",
+                    step=step,
+                    error=why,
+                    error_type=type(exc).__name__,
+                )
                 raise ElasticError(f"final checkpoint at step {step} failed: {why}") from exc
             except Exception as exc:
-                self.events.emit(Event.CHECKPOINT_FAILED, f"final checkpoint at step {step} "
-                                 f"failed: {exc}", step=step, **error_fields(exc))
+                self.events.emit(
+                    Event.CHECKPOINT_FAILED,
+                    f"final checkpoint at step {step} failed: {exc}",
+                    step=step,
+                    **error_fields(exc),
+                )
                 raise ElasticError(f"final checkpoint at step {step} failed: {exc}") from exc
             if group.rank == 0:
-                self.events.emit(Event.CHECKPOINT, f"checkpoint step {step} committed "
-                                 f"({time.monotonic() - t0:.2f}s)", step=step, gen=gen,
-                                 final=True, info=str(info))
+                self.events.emit(
+                    Event.CHECKPOINT,
+                    f"checkpoint step {step} committed ({time.monotonic() - t0:.2f}s)",
+                    step=step,
+                    gen=gen,
+                    final=True,
+                    info=str(info),
+                )
         else:
             self._pending_save = self._checkpoints.save_async(
-                step, self.state.checkpoint_dict(), **kwargs)
+                step, self.state.checkpoint_dict(), **kwargs
+            )
             self._pending_commits = group.rank == 0
             if group.rank == 0:
-                self.events.emit(Event.CHECKPOINT, f"checkpoint step {step} started "
-                                 f"(blocked {time.monotonic() - t0:.3f}s)", step=step,
-                                 gen=gen, final=False)
+                self.events.emit(
+                    Event.CHECKPOINT,
+                    f"checkpoint step {step} started (blocked {time.monotonic() - t0:.3f}s)",
+                    step=step,
+                    gen=gen,
+                    final=False,
+                )
 
 
 def _attach_claim(checkpoints: Any, client: Any, keys: Keyspace, timeout: float) -> None:
     """Commit only under the claim this job's launcher made (if it made one)."""
     if checkpoints.claim_instance is not None:
         return
-    raw = retry_call(lambda: client.get(keys.claim)[0],
-                     what="reading the checkpoint claim", timeout=timeout)
+    raw = retry_call(
+        lambda: client.get(keys.claim)[0], what="reading the checkpoint claim", timeout=timeout
+    )
     if raw is not None:
         checkpoints.attach_claim(raw.decode())
 

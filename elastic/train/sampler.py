@@ -59,7 +59,7 @@ class ElasticSampler:
     def global_batch(self) -> list[int]:
         """Sample ids of the current step, across all ranks."""
         end = min(self.cursor + self.global_batch_size, self.dataset_size)
-        return self._order()[self.cursor:end].tolist()
+        return self._order()[self.cursor : end].tolist()
 
     def share(self, rank: int, world_size: int) -> tuple[list[int], int]:
         """This rank's sample ids for the current step, and the step's total size.
@@ -87,7 +87,7 @@ class ElasticSampler:
         b = len(batch)
         cuts = [j * b // shards for j in range(shards + 1)]
         lo, hi = rank * shards // world_size, (rank + 1) * shards // world_size
-        return [batch[cuts[j]:cuts[j + 1]] for j in range(lo, hi) if cuts[j + 1] > cuts[j]], b
+        return [batch[cuts[j] : cuts[j + 1]] for j in range(lo, hi) if cuts[j + 1] > cuts[j]], b
 
     def advance(self) -> None:
         """Mark the current global batch consumed."""
@@ -98,8 +98,13 @@ class ElasticSampler:
             self.cursor = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
-                "dataset_size": self.dataset_size, "global_batch_size": self.global_batch_size}
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "dataset_size": self.dataset_size,
+            "global_batch_size": self.global_batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key in ("seed", "dataset_size", "global_batch_size"):

@@ -64,9 +64,15 @@ class TrainState:
         payload = None
         if group.rank == src:
             buf = io.BytesIO()
-            torch.save({"optimizer": self.optimizer.state_dict(),
-                        "sampler": self.sampler.state_dict(),
-                        "step": self.step, "extra": self.extra}, buf)
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "sampler": self.sampler.state_dict(),
+                    "step": self.step,
+                    "extra": self.extra,
+                },
+                buf,
+            )
             payload = buf.getvalue()
         data = group.broadcast_bytes(payload, src)
         if group.rank != src:
@@ -91,5 +97,5 @@ class TrainState:
                     offset = 0
                     for t in tensors:
                         n = t.numel()
-                        t.copy_(flat[offset:offset + n].view_as(t))
+                        t.copy_(flat[offset : offset + n].view_as(t))
                         offset += n

@@ -29,8 +29,22 @@ def test_kill_trial_recovers_and_is_reported(tmp_path):
     # TMPDIR: every path the benchmark's processes name lies under tmp_path,
     # so whatever a failed run leaves behind can be found and ended.
     env = dict(os.environ, PYTHONPATH=REPO, TMPDIR=str(work))
-    cmd = [sys.executable, SCRIPT, "--faults", "kill", "--trials", "1", "--steps", "60",
-           "--fault-step", "25", "--give-up", "60", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        SCRIPT,
+        "--faults",
+        "kill",
+        "--trials",
+        "1",
+        "--steps",
+        "60",
+        "--fault-step",
+        "25",
+        "--give-up",
+        "60",
+        "--out",
+        str(out),
+    ]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     finally:
@@ -55,8 +69,12 @@ def test_kill_trial_recovers_and_is_reported(tmp_path):
         # It restarts from the step-20 checkpoint: whatever it did after is redone
         # (one more if a step ended in the instant of the kill).
         assert torchrun["seconds"] > 0
-        assert 0 < torchrun["fault_at_step"] - 20 <= torchrun["redone"] \
-            <= torchrun["fault_at_step"] - 19, torchrun
+        assert (
+            0
+            < torchrun["fault_at_step"] - 20
+            <= torchrun["redone"]
+            <= torchrun["fault_at_step"] - 19
+        ), torchrun
     assert set(results["torchrun"]) == {"kill"}
 
     table = (out / "failures.md").read_text()

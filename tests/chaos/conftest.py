@@ -23,11 +23,12 @@ def chaos_reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
 
 
 def explain(result: RunResult) -> str:
-    failed = [f"{c.name}: {c.detail}" for c in result.checks + result.expectations
-              if not c.held]
-    return (f"{result.name} seed {result.seed} (schedule: {result.schedule}; faults: "
-            f"{result.faults}; error: {result.error}; artifacts: {result.run_dir}): "
-            + " | ".join(failed))
+    failed = [f"{c.name}: {c.detail}" for c in result.checks + result.expectations if not c.held]
+    return (
+        f"{result.name} seed {result.seed} (schedule: {result.schedule}; faults: "
+        f"{result.faults}; error: {result.error}; artifacts: {result.run_dir}): "
+        + " | ".join(failed)
+    )
 
 
 def run_plan(plan: RunPlan, reference: Reference, run_dir: str) -> RunResult:

@@ -24,8 +24,12 @@ def elastic(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
 
 
 def test_the_installed_command_lists_scenarios() -> None:
-    out = subprocess.run([sys.executable, "-m", "elastic.cli", "chaos", "list"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "elastic.cli", "chaos", "list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     for name in sc.SCENARIOS:
         assert name in out.stdout
@@ -40,8 +44,9 @@ def test_list_with_a_seed_prints_that_seeds_schedule_as_json(capsys) -> None:
 
 
 def test_unknown_scenario_is_refused_by_name(capsys, tmp_path) -> None:
-    code, _, err = elastic(capsys, "chaos", "run", "--scenario", "kill-wroker",
-                           "--report", str(tmp_path))
+    code, _, err = elastic(
+        capsys, "chaos", "run", "--scenario", "kill-wroker", "--report", str(tmp_path)
+    )
     assert code != 0
     assert "unknown scenario 'kill-wroker'" in err
     assert "kill-worker" in err  # the known names are listed
@@ -51,8 +56,17 @@ def test_unknown_scenario_is_refused_by_name(capsys, tmp_path) -> None:
 
 @pytest.mark.parametrize("value", ["0", "-2", "three"])
 def test_seeds_below_one_are_refused(capsys, tmp_path, value: str) -> None:
-    code, _, err = elastic(capsys, "chaos", "run", "--scenario", "kill-worker",
-                           "--seeds", value, "--report", str(tmp_path))
+    code, _, err = elastic(
+        capsys,
+        "chaos",
+        "run",
+        "--scenario",
+        "kill-worker",
+        "--seeds",
+        value,
+        "--report",
+        str(tmp_path),
+    )
     assert code != 0
     assert "--seeds" in err and value in err
 
@@ -61,8 +75,9 @@ def test_unwritable_report_directory_is_refused(capsys, tmp_path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     target = blocker / "report"
-    code, _, err = elastic(capsys, "chaos", "run", "--scenario", "kill-worker",
-                           "--report", str(target))
+    code, _, err = elastic(
+        capsys, "chaos", "run", "--scenario", "kill-worker", "--report", str(target)
+    )
     assert code != 0
     assert str(target) in err and "not writable" in err
     assert len(err.strip().splitlines()) == 1
@@ -83,24 +98,27 @@ def test_scenario_all_and_smoke_are_exclusive(capsys, tmp_path) -> None:
 
 def test_the_chaos_cli_and_package_load_without_torch() -> None:
     # `elastic status` and friends import chaos.runner to build the parser: no torch.
-    code = ("import sys, chaos, elastic.cli; elastic.cli.build_parser(); "
-            "assert chaos.SCENARIOS and chaos.Suite; "
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    code = (
+        "import sys, chaos, elastic.cli; elastic.cli.build_parser(); "
+        "assert chaos.SCENARIOS and chaos.Suite; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
 
 def test_a_scenario_that_cuts_a_link_is_refused_without_hosts(capsys, tmp_path) -> None:
-    rc, _, err = elastic(capsys, "chaos", "run", "--scenario", "link-down", "--report",
-                         str(tmp_path / "r"))
+    rc, _, err = elastic(
+        capsys, "chaos", "run", "--scenario", "link-down", "--report", str(tmp_path / "r")
+    )
     assert rc == 2
     assert "link-down" in err and "--hosts" in err and "Traceback" not in err
 
 
 def test_one_host_is_not_a_test_bed(capsys, tmp_path) -> None:
-    rc, _, err = elastic(capsys, "chaos", "run", "--hosts", "1", "--smoke", "--report",
-                         str(tmp_path / "r"))
+    rc, _, err = elastic(
+        capsys, "chaos", "run", "--hosts", "1", "--smoke", "--report", str(tmp_path / "r")
+    )
     assert rc == 2
     assert "--hosts" in err and "2 or more" in err

@@ -17,8 +17,7 @@ def test_the_cluster_loses_its_leader_serves_on_and_takes_it_back(tmp_path) -> N
         assert not cluster.member(leader).running()
         # A client on the endpoint list fails over to the two that are left
         # (the runtime's bounded retry: a request to the dead member fails once).
-        client = connect(EtcdConfig.from_url(cluster.url, connect_timeout=20.0,
-                                             rpc_timeout=2.0))
+        client = connect(EtcdConfig.from_url(cluster.url, connect_timeout=20.0, rpc_timeout=2.0))
         try:
             retry_call(lambda: client.put("/k", "v"), what="a put", timeout=30.0)
             assert client.get("/k")[0] == b"v"

@@ -17,7 +17,7 @@ SEEDS = (0, 1, 2)
 # Scenarios that expose a runtime bug not fixed yet; strict, so a fix is noticed.
 KNOWN_RUNTIME_BUGS = {
     "checkpoint-on-last-step": "the periodic save of the last step and the final save "
-                               "collide (CheckpointExistsError): rank 0 crash-loops",
+    "collide (CheckpointExistsError): rank 0 crash-loops",
 }
 
 
@@ -34,9 +34,11 @@ def _cases() -> list:
 
 
 @pytest.mark.parametrize(("name", "seed"), _cases())
-def test_scenario_keeps_every_invariant(name: str, seed: int, chaos_reference,
-                                        tmp_path) -> None:
+def test_scenario_keeps_every_invariant(name: str, seed: int, chaos_reference, tmp_path) -> None:
     scenario = sc.get(name)
-    result = run_plan(RunPlan(name, seed, scenario, scenario.schedule(seed)), chaos_reference,
-                      str(tmp_path / "run"))
+    result = run_plan(
+        RunPlan(name, seed, scenario, scenario.schedule(seed)),
+        chaos_reference,
+        str(tmp_path / "run"),
+    )
     assert result.passed, explain(result)

@@ -72,8 +72,16 @@ EXPECTED = {0: list(range(10))}
 
 def test_rolled_back_step_counts_from_the_newest_generation(tmp_path) -> None:
     d = tmp_path / "seg0"
-    _write_ledger(d, "a", [_rec(0, 1, 0, 2, [0, 1]), _rec(1, 1, 0, 2, [4, 5]),
-                           _rec(1, 2, 0, 1, [4, 5, 6, 7]), _rec(2, 2, 0, 1, [8, 9])])
+    _write_ledger(
+        d,
+        "a",
+        [
+            _rec(0, 1, 0, 2, [0, 1]),
+            _rec(1, 1, 0, 2, [4, 5]),
+            _rec(1, 2, 0, 1, [4, 5, 6, 7]),
+            _rec(2, 2, 0, 1, [8, 9]),
+        ],
+    )
     # b died in step 1 of generation 1 after logging its share: that attempt was redone.
     _write_ledger(d, "b", [_rec(0, 1, 1, 2, [2, 3]), _rec(1, 1, 1, 2, [6, 7])])
     records = inv.read_ledgers([str(d)])
@@ -85,8 +93,9 @@ def test_rolled_back_step_counts_from_the_newest_generation(tmp_path) -> None:
 def test_a_share_that_was_not_resplit_is_reported_missing(tmp_path) -> None:
     d = tmp_path / "seg0"
     # After the World shrank to 1 the survivor kept the half it had: 6, 7 never seen.
-    _write_ledger(d, "a", [_rec(0, 1, 0, 2, [0, 1]), _rec(1, 2, 0, 1, [4, 5]),
-                           _rec(2, 2, 0, 1, [8, 9])])
+    _write_ledger(
+        d, "a", [_rec(0, 1, 0, 2, [0, 1]), _rec(1, 2, 0, 1, [4, 5]), _rec(2, 2, 0, 1, [8, 9])]
+    )
     _write_ledger(d, "b", [_rec(0, 1, 1, 2, [2, 3])])
     check = inv.check_exactly_once(inv.read_ledgers([str(d)]), EXPECTED, 3)
     assert not check.held
@@ -95,8 +104,15 @@ def test_a_share_that_was_not_resplit_is_reported_missing(tmp_path) -> None:
 
 def test_duplicates_and_foreign_samples_are_reported(tmp_path) -> None:
     d = tmp_path / "seg0"
-    _write_ledger(d, "a", [_rec(0, 1, 0, 1, [0, 1, 2, 3]), _rec(1, 1, 0, 1, [4, 5, 6, 3]),
-                           _rec(2, 1, 0, 1, [8, 9, 42])])
+    _write_ledger(
+        d,
+        "a",
+        [
+            _rec(0, 1, 0, 1, [0, 1, 2, 3]),
+            _rec(1, 1, 0, 1, [4, 5, 6, 3]),
+            _rec(2, 1, 0, 1, [8, 9, 42]),
+        ],
+    )
     check = inv.check_exactly_once(inv.read_ledgers([str(d)]), EXPECTED, 3)
     assert not check.held
     assert "more than once [3]" in check.detail
@@ -106,9 +122,11 @@ def test_duplicates_and_foreign_samples_are_reported(tmp_path) -> None:
 def test_a_resumed_segment_supersedes_higher_generations_of_the_first(tmp_path) -> None:
     # Segment 0 reached generation 5 and trained step 2 wrongly; the resumed job
     # (generations start again at 1) redid it correctly: its attempt counts.
-    _write_ledger(tmp_path / "seg0", "a", [_rec(0, 5, 0, 1, [0, 1, 2, 3]),
-                                           _rec(1, 5, 0, 1, [4, 5, 6, 7]),
-                                           _rec(2, 5, 0, 1, [8, 8])])
+    _write_ledger(
+        tmp_path / "seg0",
+        "a",
+        [_rec(0, 5, 0, 1, [0, 1, 2, 3]), _rec(1, 5, 0, 1, [4, 5, 6, 7]), _rec(2, 5, 0, 1, [8, 8])],
+    )
     _write_ledger(tmp_path / "seg1", "x", [_rec(2, 1, 0, 1, [8, 9])])
     records = inv.read_ledgers([str(tmp_path / "seg0"), str(tmp_path / "seg1")])
     assert inv.check_exactly_once(records, EXPECTED, 3).held
@@ -119,8 +137,11 @@ def test_a_resumed_segment_supersedes_higher_generations_of_the_first(tmp_path) 
 
 def test_a_torn_last_ledger_line_is_ignored(tmp_path) -> None:
     d = tmp_path / "seg0"
-    _write_ledger(d, "a", [_rec(0, 1, 0, 1, [0, 1, 2, 3]), _rec(1, 1, 0, 1, [4, 5, 6, 7]),
-                           _rec(2, 1, 0, 1, [8, 9])])
+    _write_ledger(
+        d,
+        "a",
+        [_rec(0, 1, 0, 1, [0, 1, 2, 3]), _rec(1, 1, 0, 1, [4, 5, 6, 7]), _rec(2, 1, 0, 1, [8, 9])],
+    )
     with open(d / "ledger-a.jsonl", "a") as f:
         f.write('{"step": 3, "ep')
     assert inv.check_exactly_once(inv.read_ledgers([str(d)]), EXPECTED, 3).held
@@ -143,8 +164,7 @@ def test_expected_epochs_follow_the_sampler() -> None:
 
 
 def _store(steps: dict[int, float], bad: dict[int, str] | None = None) -> inv.StoreState:
-    return inv.StoreState({s: {"generation": 1, "created": t} for s, t in steps.items()},
-                          bad or {})
+    return inv.StoreState({s: {"generation": 1, "created": t} for s, t in steps.items()}, bad or {})
 
 
 def test_intact_checkpoints_and_newest_restore_hold() -> None:
@@ -188,8 +208,9 @@ def test_vanished_and_missing_final_checkpoints_are_violations() -> None:
 
 def test_commit_by_the_current_generation_holds() -> None:
     commits = [inv.CommitRecord("j", 10, 1, 1, 100), inv.CommitRecord("j", 48, 2, 2, 200)]
-    final = inv.StoreState({10: {"generation": 1, "created": 0.0},
-                            48: {"generation": 2, "created": 0.0}}, {})
+    final = inv.StoreState(
+        {10: {"generation": 1, "created": 0.0}, 48: {"generation": 2, "created": 0.0}}, {}
+    )
     assert inv.check_fencing(commits, final).held
 
 
@@ -212,7 +233,8 @@ def test_unreadable_history_does_not_hold() -> None:
 
 
 def test_read_commits_replays_each_version_against_the_generation_then(
-        etcd_server, make_client) -> None:
+    etcd_server, make_client
+) -> None:
     client = make_client(etcd_server.url)
     root = "/chaos-test-fence/"
     job = f"{root}job/"
@@ -223,8 +245,11 @@ def test_read_commits_replays_each_version_against_the_generation_then(
     client.put(job + "commits/000000000010", json.dumps({"step": 10, "generation": 1}))
     client.put(job + "commits/000000000020", json.dumps({"step": 20, "generation": 2}))
     commits = inv.read_commits(client, root)
-    assert [(c.step, c.generation, c.current) for c in commits] == [(10, 1, 1), (10, 1, 2),
-                                                                   (20, 2, 2)]
+    assert [(c.step, c.generation, c.current) for c in commits] == [
+        (10, 1, 1),
+        (10, 1, 2),
+        (20, 2, 2),
+    ]
     assert [c.stale for c in commits] == [False, True, False]
 
 

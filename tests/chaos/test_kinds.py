@@ -46,10 +46,17 @@ def _held(kind: str, record: dict[str, Any], run: FakeRun, **spec: Any) -> bool:
 
 
 def test_every_kind_and_trigger_is_registered_once_by_its_name() -> None:
-    assert {"kill-worker", "hang-worker", "freeze-worker", "kill-host", "leave",
-            "join"} <= set(KINDS)
-    assert set(TRIGGERS) == {"step", "checkpoint", "failure", "rendezvous", "full-world",
-                             "joiner-ready"}
+    assert {"kill-worker", "hang-worker", "freeze-worker", "kill-host", "leave", "join"} <= set(
+        KINDS
+    )
+    assert set(TRIGGERS) == {
+        "step",
+        "checkpoint",
+        "failure",
+        "rendezvous",
+        "full-world",
+        "joiner-ready",
+    }
     assert all(k.summary for k in KINDS.values())
     signals = [k.signal for k in KINDS.values() if k.signal is not None]
     assert len(signals) == len(set(signals)), signals
@@ -80,32 +87,36 @@ def test_hang_expectation_needs_an_eviction_of_the_victim_and_its_kill() -> None
     killed = {"event": "evicted", "member": "w-1"}
     assert _held("hang-worker", rec, FakeRun(evict, killed), rank=1)
     assert not _held("hang-worker", rec, FakeRun(killed), rank=1)
-    assert not _held("hang-worker", rec, FakeRun({"event": "evict", "members": ["w-2"]},
-                                                 killed), rank=1)
+    assert not _held(
+        "hang-worker", rec, FakeRun({"event": "evict", "members": ["w-2"]}, killed), rank=1
+    )
 
 
 def test_leave_expectation_needs_its_leave_event_and_a_clean_exit() -> None:
     rec = {"member": "w-0"}
     left = {"event": "leave", "source": "w-0"}
-    assert _held("leave", rec, FakeRun(left, {"event": "exit", "member": "w-0", "rc": 0}),
-                 rank=0)
+    assert _held("leave", rec, FakeRun(left, {"event": "exit", "member": "w-0", "rc": 0}), rank=0)
     # Killed by the signal instead of leaving (and so restarted): not a graceful leave.
-    assert not _held("leave", rec, FakeRun({"event": "exit", "member": "w-0", "rc": -15}),
-                     rank=0)
+    assert not _held("leave", rec, FakeRun({"event": "exit", "member": "w-0", "rc": -15}), rank=0)
 
 
 def test_freeze_expectation_fails_on_a_collective_time_out_while_frozen() -> None:
     rec = {"member": "w-2", "evicted": True, "stopped_s": 8.0}
-    timed_out = {"event": "failure", "error": "[gloo] Timed out waiting 4000ms for recv",
-                 "error_type": "CollectiveTimeoutError"}
+    timed_out = {
+        "event": "failure",
+        "error": "[gloo] Timed out waiting 4000ms for recv",
+        "error_type": "CollectiveTimeoutError",
+    }
     # Judged by the type alone: a message that happens to say "timed out" is not one.
-    abandoned = {"event": "failure", "error": "all_reduce abandoned: w-2's lease timed out",
-                 "error_type": "WorkerGroupError"}
+    abandoned = {
+        "event": "failure",
+        "error": "all_reduce abandoned: w-2's lease timed out",
+        "error_type": "WorkerGroupError",
+    }
     assert _held("freeze-worker", rec, FakeRun(), rank=2, duration_s=30.0)
     assert not _held("freeze-worker", rec, FakeRun(timed_out), rank=2, duration_s=30.0)
     assert _held("freeze-worker", rec, FakeRun(abandoned), rank=2, duration_s=30.0)
-    assert not _held("freeze-worker", {**rec, "evicted": False}, FakeRun(), rank=2,
-                     duration_s=30.0)
+    assert not _held("freeze-worker", {**rec, "evicted": False}, FakeRun(), rank=2, duration_s=30.0)
 
 
 def test_kill_host_and_kill_worker_expectations() -> None:
@@ -114,10 +125,18 @@ def test_kill_host_and_kill_worker_expectations() -> None:
     without = {"event": "generation", "world": ["b-0", "b-1"]}
     assert _held("kill-host", rec, FakeRun(still, without), rank=0)
     assert not _held("kill-host", rec, FakeRun(still), rank=0)
-    assert _held("kill-worker", {"member": "b-0"},
-                 FakeRun({"event": "exit", "member": "b-0", "rc": -9}), rank=0)
-    assert not _held("kill-worker", {"member": "b-0"},
-                     FakeRun({"event": "exit", "member": "b-0", "rc": 0}), rank=0)
+    assert _held(
+        "kill-worker",
+        {"member": "b-0"},
+        FakeRun({"event": "exit", "member": "b-0", "rc": -9}),
+        rank=0,
+    )
+    assert not _held(
+        "kill-worker",
+        {"member": "b-0"},
+        FakeRun({"event": "exit", "member": "b-0", "rc": 0}),
+        rank=0,
+    )
 
 
 def test_link_down_expects_a_world_without_the_host_while_cut_and_its_return() -> None:
@@ -132,8 +151,9 @@ def test_link_down_expects_a_world_without_the_host_while_cut_and_its_return() -
     assert not _held("link-down", rec, FakeRun(spawn, back), rank=2, duration_s=6.0)
     assert not _held("link-down", rec, FakeRun(spawn, cut), rank=2, duration_s=6.0)
     # A World formed during the cut that still holds the host's worker is no eviction.
-    assert not _held("link-down", rec, FakeRun(spawn, gen(7.0, ["a-0", "c-0"]), back),
-                     rank=2, duration_s=6.0)
+    assert not _held(
+        "link-down", rec, FakeRun(spawn, gen(7.0, ["a-0", "c-0"]), back), rank=2, duration_s=6.0
+    )
 
 
 def test_etcd_leader_loss_expects_steps_while_it_is_down_and_none_redone() -> None:
@@ -144,8 +164,9 @@ def test_etcd_leader_loss_expects_steps_while_it_is_down_and_none_redone() -> No
 
     assert _held("kill-etcd-leader", rec, FakeRun(step(6, 11), step(7, 12), step(10, 13)))
     assert not _held("kill-etcd-leader", rec, FakeRun(step(10, 11), step(11, 12)))  # stalled
-    assert not _held("kill-etcd-leader", rec,
-                     FakeRun(step(6, 11), step(7, 12), step(8, 12)))  # step 12 redone
+    assert not _held(
+        "kill-etcd-leader", rec, FakeRun(step(6, 11), step(7, 12), step(8, 12))
+    )  # step 12 redone
 
 
 class _OneMember:
@@ -160,14 +181,21 @@ def test_etcd_leader_loss_does_not_fire_on_a_single_member_etcd() -> None:
 
 
 def test_the_workload_installs_a_handler_for_each_in_worker_kind() -> None:
-    code = ("import signal\n"
-            "from chaos.faults import WorkerFaults\n"
-            "from chaos.workload import _Chaos\n"
-            "_Chaos(WorkerFaults()).install()\n"
-            "print(sorted(int(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGPWR)\n"
-            "      if callable(signal.getsignal(s))))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ))
+    code = (
+        "import signal\n"
+        "from chaos.faults import WorkerFaults\n"
+        "from chaos.workload import _Chaos\n"
+        "_Chaos(WorkerFaults()).install()\n"
+        "print(sorted(int(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGPWR)\n"
+        "      if callable(signal.getsignal(s))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
     assert out.returncode == 0, out.stderr
     wanted = sorted(int(KINDS[k].signal) for k in ("step-exception", "slow-rank", "hang-worker"))
     assert json.loads(out.stdout) == wanted
@@ -200,8 +228,9 @@ class FakeTarget:
 def test_kill_host_kills_the_launcher_and_every_worker_it_started() -> None:
     token = f"kill-host-{os.getpid()}"
     env = dict(os.environ, **{procs.TOKEN_ENV: token})
-    launcher = subprocess.Popen([sys.executable, "-c", _FAKE_LAUNCHER], env=env,
-                                stdout=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _FAKE_LAUNCHER], env=env, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert launcher.stdout is not None
         workers = [int(p) for p in launcher.stdout.readline().split()]

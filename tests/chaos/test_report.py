@@ -13,20 +13,35 @@ from chaos.runner import EventTail, Reference, RunResult
 
 def _result(name: str, seed: int, *, broken: tuple[str, ...] = ()) -> RunResult:
     checks = [inv.Check(n, n not in broken, f"{n} detail") for n in inv.INVARIANTS]
-    steps = [{"seg": 0, "t": float(i), "step": i, "loss": 1.0 / i, "world": 3 if i < 5 else 2,
-              "gen": 1} for i in range(1, 11)]
+    steps = [
+        {"seg": 0, "t": float(i), "step": i, "loss": 1.0 / i, "world": 3 if i < 5 else 2, "gen": 1}
+        for i in range(1, 11)
+    ]
     return RunResult(
-        name=name, seed=seed, breaks=(), schedule=["kill-worker rank 1 at step 5"],
+        name=name,
+        seed=seed,
+        breaks=(),
+        schedule=["kill-worker rank 1 at step 5"],
         schedule_json={"faults": [], "storage": [{"action": "fail"}, {"action": "fail"}]},
-        faults=[{"kind": "kill-worker", "fired": True, "t": 5.0, "step": 5},
-                {"kind": "kill-worker", "fired": False, "t": 6.0}],
-        checks=checks, expectations=[inv.Check(sc.EXPECT_FAULTS_FIRED, True, "ok")],
-        recovery_s=[0.25, 1.5], steps_redone=2, wall_s=30.0, bound_s=120.0, exit_codes=[0],
+        faults=[
+            {"kind": "kill-worker", "fired": True, "t": 5.0, "step": 5},
+            {"kind": "kill-worker", "fired": False, "t": 6.0},
+        ],
+        checks=checks,
+        expectations=[inv.Check(sc.EXPECT_FAULTS_FIRED, True, "ok")],
+        recovery_s=[0.25, 1.5],
+        steps_redone=2,
+        wall_s=30.0,
+        bound_s=120.0,
+        exit_codes=[0],
         run_dir=f"/runs/{name}-s{seed}",
-        timeline={"t0": 0.0, "steps": steps,
-                  "faults": [{"t": 5.0, "step": 5, "seg": 0, "kind": "kill-worker",
-                              "fired": True}]},
-        config_key="cfg")
+        timeline={
+            "t0": 0.0,
+            "steps": steps,
+            "faults": [{"t": 5.0, "step": 5, "seg": 0, "kind": "kill-worker", "fired": True}],
+        },
+        config_key="cfg",
+    )
 
 
 def _reference() -> Reference:
@@ -36,26 +51,31 @@ def _reference() -> Reference:
 
 def test_markdown_table_has_a_row_per_run_with_faults_recovery_and_held(tmp_path) -> None:
     results = [_result("kill-worker", 0), _result("kill-worker", 1, broken=(inv.FENCING,))]
-    doc = report.write(str(tmp_path), results, {"cfg": _reference()}, command="elastic x",
-                       started=0.0)
+    doc = report.write(
+        str(tmp_path), results, {"cfg": _reference()}, command="elastic x", started=0.0
+    )
     md = (tmp_path / "report.md").read_text()
-    assert ("| kill-worker | 0 | kill-worker, storage fail x2 (1 not fired) | 1.50 (2x) | 2 | "
-            "5/5 | ok | - | PASS |") in md
+    assert (
+        "| kill-worker | 0 | kill-worker, storage fail x2 (1 not fired) | 1.50 (2x) | 2 | "
+        "5/5 | ok | - | PASS |"
+    ) in md
     assert "| kill-worker | 1 |" in md and "4/5 (broken: fencing) | ok | - | FAIL |" in md
     assert "`fencing`: fencing detail" in md  # the failure is explained below the table
     assert doc["summary"]["failed"] == 1 and not doc["summary"]["all_invariants_held"]
     stored = json.loads((tmp_path / "report.json").read_text())
     assert [r["seed"] for r in stored["runs"]] == [0, 1]
-    assert stored["runs"][1]["invariants"][3] == {"name": "fencing", "held": False,
-                                                  "detail": "fencing detail"}
+    assert stored["runs"][1]["invariants"][3] == {
+        "name": "fencing",
+        "held": False,
+        "detail": "fencing detail",
+    }
     png = tmp_path / "timeline-kill-worker.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_without_matplotlib_the_pictures_are_skipped_with_a_note(tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
-    doc = report.write(str(tmp_path), [_result("kill-worker", 0)], {}, command="x",
-                       started=0.0)
+    doc = report.write(str(tmp_path), [_result("kill-worker", 0)], {}, command="x", started=0.0)
     assert doc["timelines"] == {}
     assert "matplotlib is not installed" in (tmp_path / "report.md").read_text()
     assert not list(tmp_path.glob("*.png"))

@@ -18,8 +18,9 @@ from tests.helpers import procs
 def test_a_run_that_cannot_start_is_reported_as_an_error_not_raised(tmp_path) -> None:
     scenario = sc.get("kill-worker")
     plan = RunPlan(scenario.name, 0, scenario, scenario.schedule(0))
-    result = run_one(plan, Settings(etcd_binary=str(tmp_path / "no-etcd")),
-                     str(tmp_path / "run"), None)
+    result = run_one(
+        plan, Settings(etcd_binary=str(tmp_path / "no-etcd")), str(tmp_path / "run"), None
+    )
     assert result.error is not None and "no-etcd" in result.error
     assert not result.passed
     assert [c.name for c in result.checks] == list(inv.INVARIANTS)

@@ -10,8 +10,18 @@ from chaos import faults
 from chaos import scenarios as sc
 
 REQUIRED_FAULTS = {
-    "kill-worker", "pause-worker", "step-exception", "slow-rank", "kill-etcd", "pause-etcd",
-    "join", "kill-all-resume", "hang-worker", "freeze-worker", "kill-host", "leave",
+    "kill-worker",
+    "pause-worker",
+    "step-exception",
+    "slow-rank",
+    "kill-etcd",
+    "pause-etcd",
+    "join",
+    "kill-all-resume",
+    "hang-worker",
+    "freeze-worker",
+    "kill-host",
+    "leave",
 }
 STORAGE_ACTIONS = {"fail", "delay", "truncate", "bitflip"}
 
@@ -48,21 +58,30 @@ def test_schedule_fits_the_run(name: str) -> None:
 
 
 def test_seeds_draw_different_schedules() -> None:
-    varied = [name for name, s in sc.SCENARIOS.items()
-              if len({json.dumps(s.schedule(seed).to_json()) for seed in range(5)}) > 1]
+    varied = [
+        name
+        for name, s in sc.SCENARIOS.items()
+        if len({json.dumps(s.schedule(seed).to_json()) for seed in range(5)}) > 1
+    ]
     # Every scenario with a free choice uses the seed (only the fault-free one has none).
     assert set(sc.SCENARIOS) - set(varied) <= {"checkpoint-on-last-step"}
 
 
 def test_the_scenarios_cover_every_fault_of_the_issue() -> None:
-    kinds = {f.kind for s in sc.SCENARIOS.values() for seed in range(3)
-             for f in s.schedule(seed).faults}
+    kinds = {
+        f.kind for s in sc.SCENARIOS.values() for seed in range(3) for f in s.schedule(seed).faults
+    }
     assert REQUIRED_FAULTS <= kinds
     actions = {f.action for s in sc.SCENARIOS.values() for f in s.schedule(0).storage}
     assert STORAGE_ACTIONS <= actions
     assert any(f.permanent for s in sc.SCENARIOS.values() for f in s.schedule(0).storage)
-    targeted_rank0 = {f.kind for s in sc.SCENARIOS.values() for seed in range(3)
-                      for f in s.schedule(seed).faults if f.rank == 0}
+    targeted_rank0 = {
+        f.kind
+        for s in sc.SCENARIOS.values()
+        for seed in range(3)
+        for f in s.schedule(seed).faults
+        if f.rank == 0
+    }
     assert {"kill-worker", "pause-worker"} <= targeted_rank0
 
 
@@ -90,8 +109,9 @@ def test_bad_fault_specs_are_refused() -> None:
 
 def test_worker_faults_round_trip_through_the_environment() -> None:
     sched = sc.SCENARIOS["storage-transient"].schedule(2)
-    wf = faults.WorkerFaults(storage=sched.storage, seed=2, slow_step_s=1.5, slow_steps=3,
-                             record_dir="/tmp/x")
+    wf = faults.WorkerFaults(
+        storage=sched.storage, seed=2, slow_step_s=1.5, slow_steps=3, record_dir="/tmp/x"
+    )
     assert faults.WorkerFaults.from_env(wf.to_env()) == wf
     assert faults.WorkerFaults.from_env({}) == faults.WorkerFaults()
     plan = wf.fault_plan("/data/ckpt")

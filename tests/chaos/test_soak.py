@@ -55,10 +55,14 @@ def test_the_run_is_long_enough_for_every_fault() -> None:
     assert soak.SoakConfig(4).train.total_steps < cfg.train.total_steps
 
 
-@pytest.mark.parametrize(("args", "named"), [
-    (["--faults", "0"], "--faults"), (["--faults", "3", "--workers", "1"], "--workers"),
-    (["--faults", "3", "--every", "-1"], "--every"),
-])
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--faults", "0"], "--faults"),
+        (["--faults", "3", "--workers", "1"], "--workers"),
+        (["--faults", "3", "--every", "-1"], "--every"),
+    ],
+)
 def test_bad_soak_arguments_are_refused_by_name(capsys, tmp_path, args, named) -> None:
     code, _, err = elastic(capsys, "chaos", "soak", *args, "--report", str(tmp_path / "r"))
     assert code != 0 and named in err

@@ -21,7 +21,8 @@ def _failed(result) -> dict[str, str]:
 
 
 def test_sampler_that_does_not_reshard_breaks_exactly_once_and_params(
-        chaos_reference, tmp_path) -> None:
+    chaos_reference, tmp_path
+) -> None:
     scenario = sc.get("kill-worker")
     plan = RunPlan("kill-worker", 0, scenario, scenario.schedule(0), breaks=("sampler",))
     result = run_plan(plan, chaos_reference, str(tmp_path / "run"))
@@ -34,14 +35,24 @@ def test_sampler_that_does_not_reshard_breaks_exactly_once_and_params(
 
 
 def test_store_that_writes_the_manifest_first_leaves_a_torn_checkpoint(
-        chaos_reference, tmp_path) -> None:
+    chaos_reference, tmp_path
+) -> None:
     scenario = sc.get("kill-during-save")
     ckpt = scenario.shape.checkpoints[1]
     # Rank 0 commits; its slow shard write keeps it inside the save when it is killed.
     schedule = sc.Schedule(
         (FaultSpec("kill-worker", ckpt, on="checkpoint", rank=0, delay_s=0.4),),
-        storage=(StorageFault("delay", path=shard_glob(ckpt, 0), ops=("write",), times=None,
-                              delay_s=1.5, step=ckpt),))
+        storage=(
+            StorageFault(
+                "delay",
+                path=shard_glob(ckpt, 0),
+                ops=("write",),
+                times=None,
+                delay_s=1.5,
+                step=ckpt,
+            ),
+        ),
+    )
     plan = RunPlan("kill-during-save", 0, scenario, schedule, breaks=("store",))
     result = run_plan(plan, chaos_reference, str(tmp_path / "run"))
     failed = _failed(result)
@@ -51,7 +62,8 @@ def test_store_that_writes_the_manifest_first_leaves_a_torn_checkpoint(
 
 
 def test_fence_without_generation_compare_accepts_a_zombies_commit(
-        chaos_reference, tmp_path) -> None:
+    chaos_reference, tmp_path
+) -> None:
     scenario = sc.get("zombie-rank0-during-save")
     plan = RunPlan(scenario.name, 0, scenario, scenario.schedule(0), breaks=("fence",))
     result = run_plan(plan, chaos_reference, str(tmp_path / "run"))
@@ -62,8 +74,14 @@ def test_fence_without_generation_compare_accepts_a_zombies_commit(
 
 def test_a_worker_that_never_exits_is_reported_as_a_hang(chaos_reference, tmp_path) -> None:
     scenario = sc.get("kill-worker")
-    plan = RunPlan("no-faults", 0, scenario, sc.Schedule(), breaks=("hang",),
-                   bound_s=max(35.0, 1.6 * chaos_reference.result.wall_s))
+    plan = RunPlan(
+        "no-faults",
+        0,
+        scenario,
+        sc.Schedule(),
+        breaks=("hang",),
+        bound_s=max(35.0, 1.6 * chaos_reference.result.wall_s),
+    )
     result = run_plan(plan, chaos_reference, str(tmp_path / "run"))
     failed = _failed(result)
     assert set(failed) == {inv.NO_HANG}, explain(result)

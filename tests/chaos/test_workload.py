@@ -16,8 +16,7 @@ def test_without_storage_faults_or_breaks_the_trainer_keeps_its_own_store() -> N
 
 def test_a_planned_storage_fault_acts_on_the_store_the_factory_opens(tmp_path) -> None:
     url = f"file://{tmp_path}/ckpt"
-    never = StorageFault("fail", path=manifest_glob(1), ops=("write",), times=None,
-                         permanent=True)
+    never = StorageFault("fail", path=manifest_glob(1), ops=("write",), times=None, permanent=True)
     open_store = store_factory(WorkerFaults(storage=(never,)), broken=False)
     assert open_store is not None
     store = open_store(url, key=None)

@@ -39,9 +39,9 @@ SAMPLES: Mapping[str, str] = {
 _SHELLS = {"sh", "bash", "dash"}
 _OPERATOR = re.compile(r"^[();<>|&]+$")
 _PLACEHOLDER = re.compile(
-    r"\$\((?P<sub>[^()]*)\)"                                  # $(VAR) or $(command)
+    r"\$\((?P<sub>[^()]*)\)"  # $(VAR) or $(command)
     r"|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:[:]?[-=+?][^}]*)?\}"  # ${VAR}, ${VAR:-x}
-    r"|\$(?P<plain>[A-Za-z_][A-Za-z0-9_]*)"                   # $VAR
+    r"|\$(?P<plain>[A-Za-z_][A-Za-z0-9_]*)"  # $VAR
 )
 _FD_REDIRECT = re.compile(r"(?<=\s)\d+(?=[<>])")
 _MENTIONS = re.compile(r"(?:^|[\s;&|(])(?:\S*/)?elastic\s")
@@ -131,8 +131,9 @@ def _containers(node: Any) -> Iterator[dict[str, Any]]:
             yield from _containers(item)
 
 
-def yaml_commands(docs: Iterable[Any], source: str,
-                  samples: Mapping[str, str] = SAMPLES) -> list[Command]:
+def yaml_commands(
+    docs: Iterable[Any], source: str, samples: Mapping[str, str] = SAMPLES
+) -> list[Command]:
     found: list[Command] = []
     for doc in docs:
         for container in _containers(doc):
@@ -170,7 +171,7 @@ def problem(argv: tuple[str, ...]) -> str | None:
     choices = parser._subparsers._group_actions[0].choices
     known = _option_strings(parser) | _option_strings(choices[args.command])
     tail = len(getattr(args, "script_args", None) or [])  # the training script's own flags
-    for token in (*argv[:sub_at], *argv[sub_at + 1:len(argv) - tail]):
+    for token in (*argv[:sub_at], *argv[sub_at + 1 : len(argv) - tail]):
         if token.startswith("--"):
             flag = token.split("=", 1)[0]
         elif token.startswith("-") and len(token) > 1 and not token[1].isdigit():

@@ -15,8 +15,9 @@ try:
 except ModuleNotFoundError:  # pragma: no cover - yaml is in the dev venv
     yaml = None
 
-NEEDS_YAML = pytest.mark.skipif(yaml is None, reason="PyYAML is not installed: "
-                                "the Kubernetes recipes cannot be loaded")
+NEEDS_YAML = pytest.mark.skipif(
+    yaml is None, reason="PyYAML is not installed: the Kubernetes recipes cannot be loaded"
+)
 K8S = os.path.join(REPO, "deploy", "kubernetes")
 SBATCH = os.path.join(REPO, "deploy", "slurm", "elastic.sbatch")
 DOC = os.path.join(REPO, "docs", "deploy.md")
@@ -45,11 +46,16 @@ def _doc_blocks() -> str:
 
 
 def _recipe_commands() -> dict[str, list[Command]]:
-    found = {"slurm": shell_commands(_read(SBATCH), "deploy/slurm/elastic.sbatch"),
-             "docs": shell_commands(_doc_blocks(), "docs/deploy.md")}
+    found = {
+        "slurm": shell_commands(_read(SBATCH), "deploy/slurm/elastic.sbatch"),
+        "docs": shell_commands(_doc_blocks(), "docs/deploy.md"),
+    }
     if yaml is not None:
-        found["kubernetes"] = [c for path in _yaml_files() for c in yaml_commands(
-            yaml.safe_load_all(_read(path)), os.path.relpath(path, REPO))]
+        found["kubernetes"] = [
+            c
+            for path in _yaml_files()
+            for c in yaml_commands(yaml.safe_load_all(_read(path)), os.path.relpath(path, REPO))
+        ]
     return found
 
 
@@ -79,13 +85,17 @@ def test_kubernetes_recipes_load(path: str) -> None:
 
 @NEEDS_YAML
 def test_workers_reach_every_member_of_the_etcd_cluster() -> None:
-    etcd = [d for d in yaml.safe_load_all(_read(os.path.join(K8S, "etcd.yaml")))
-            if d["kind"] == "StatefulSet"][0]
+    etcd = [
+        d
+        for d in yaml.safe_load_all(_read(os.path.join(K8S, "etcd.yaml")))
+        if d["kind"] == "StatefulSet"
+    ][0]
     n, svc = etcd["spec"]["replicas"], etcd["spec"]["serviceName"]
     args = etcd["spec"]["template"]["spec"]["containers"][0]["args"]
     cluster = next(a for a in args if a.startswith("--initial-cluster="))
     assert cluster.split("=", 1)[1] == ",".join(
-        f"etcd-{i}=http://etcd-{i}.{svc}:2380" for i in range(n))
+        f"etcd-{i}=http://etcd-{i}.{svc}:2380" for i in range(n)
+    )
     runs = [c for c in _recipe_commands()["kubernetes"] if c.argv[0] == "run"]
     for run in runs:
         endpoints = run.argv[run.argv.index("--etcd") + 1]
@@ -113,8 +123,9 @@ def test_the_training_scripts_own_flags_are_not_checked() -> None:
 def test_a_recipe_with_a_flag_that_does_not_exist_fails() -> None:
     text = _read(os.path.join(K8S, "workers.yaml"))
     assert "--lease-ttl" in text
-    broken = yaml_commands(yaml.safe_load_all(text.replace("--lease-ttl", "--lease-timeout")),
-                           "workers.yaml")
+    broken = yaml_commands(
+        yaml.safe_load_all(text.replace("--lease-ttl", "--lease-timeout")), "workers.yaml"
+    )
     problems = [problem(c.argv) for c in broken if c.argv[0] == "run"]
     assert problems and all(p and "--lease-timeout" in p for p in problems), problems
 
@@ -137,10 +148,13 @@ def test_shell_lines_are_joined_cut_at_operators_and_placeholders_resolved() -> 
 
 @NEEDS_YAML
 def test_a_container_argument_list_is_a_command() -> None:
-    doc = yaml.safe_load("spec: {containers: [{name: w, command: [elastic],"
-                         " args: [run, --job, $(JOB), --host, $(POD_IP), train.py]}]}")
+    doc = yaml.safe_load(
+        "spec: {containers: [{name: w, command: [elastic],"
+        " args: [run, --job, $(JOB), --host, $(POD_IP), train.py]}]}"
+    )
     assert [c.argv for c in yaml_commands([doc], "t")] == [
-        ("run", "--job", "llm-run-1", "--host", "10.0.0.7", "train.py")]
+        ("run", "--job", "llm-run-1", "--host", "10.0.0.7", "train.py")
+    ]
 
 
 def test_a_placeholder_without_a_sample_value_is_an_error() -> None:

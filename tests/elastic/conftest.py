@@ -21,8 +21,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = str(__file__).rsplit("/", 1)[0]
     for item in items:
         if str(item.fspath).startswith(here):
-            item.add_marker(pytest.mark.filterwarnings(
-                "error::pytest.PytestUnhandledThreadExceptionWarning"))
+            item.add_marker(
+                pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+            )
 
 
 @pytest.fixture(autouse=True)
@@ -52,8 +53,11 @@ def no_leftover_threads(make_client: Any) -> Iterator[None]:
     before = set(threading.enumerate())
 
     def leftover() -> list[threading.Thread]:
-        return [t for t in threading.enumerate()
-                if t not in before and t.is_alive() and t.name.startswith(_OURS)]
+        return [
+            t
+            for t in threading.enumerate()
+            if t not in before and t.is_alive() and t.name.startswith(_OURS)
+        ]
 
     yield
     deadline = time.monotonic() + 1.5  # closed threads notice within their poll interval (<= 0.5 s)

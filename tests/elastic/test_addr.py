@@ -32,25 +32,31 @@ def _has_ipv6_loopback() -> bool:
 needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
 
 
-@pytest.mark.parametrize("host, port, text", [
-    ("10.0.0.1", 2379, "10.0.0.1:2379"),
-    ("::1", 29500, "[::1]:29500"),
-    ("fd00::2", 1, "[fd00::2]:1"),
-    ("node-a.example", 80, "node-a.example:80"),
-])
+@pytest.mark.parametrize(
+    "host, port, text",
+    [
+        ("10.0.0.1", 2379, "10.0.0.1:2379"),
+        ("::1", 29500, "[::1]:29500"),
+        ("fd00::2", 1, "[fd00::2]:1"),
+        ("node-a.example", 80, "node-a.example:80"),
+    ],
+)
 def test_host_and_port_round_trip_with_ipv6_in_brackets(host: str, port: int, text: str) -> None:
     assert join_hostport(host, port) == text
     assert split_hostport(text) == (host, port)
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("::1:29500", "put an IPv6 address in brackets"),
-    ("[::1:29500", "malformed address"),
-    ("10.0.0.1", "malformed address"),
-    ("10.0.0.1:0", "malformed address"),
-    ("10.0.0.1:http", "malformed address"),
-    (":2379", "malformed address"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("::1:29500", "put an IPv6 address in brackets"),
+        ("[::1:29500", "malformed address"),
+        ("10.0.0.1", "malformed address"),
+        ("10.0.0.1:0", "malformed address"),
+        ("10.0.0.1:http", "malformed address"),
+        (":2379", "malformed address"),
+    ],
+)
 def test_malformed_host_and_port_is_refused_naming_it(text: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment) as err:
         split_hostport(text)
@@ -85,8 +91,9 @@ def test_an_address_of_no_interface_here_is_refused_listing_this_machines_addres
     with pytest.raises(ConfigError) as err:
         local_address(FOREIGN)
     message = str(err.value)
-    assert message.startswith(f"--host {FOREIGN} is not an address of this machine; "
-                              "its addresses: ")
+    assert message.startswith(
+        f"--host {FOREIGN} is not an address of this machine; its addresses: "
+    )
     assert "127.0.0.1 (" in message
 
 
@@ -132,10 +139,13 @@ def test_loopback_among_members_on_other_hosts_is_refused_naming_both() -> None:
     assert "(10.213.7.1)" in from_network
 
 
-@pytest.mark.parametrize("own, others", [
-    ("127.0.0.1", [("a", "127.0.0.1"), ("b", "::1")]),     # one host
-    ("10.213.7.1", [("a", "10.213.7.2"), ("b", "10.213.7.3")]),  # several, all reachable
-    ("127.0.0.1", [("a", "")]),                             # an old record without address
-])
+@pytest.mark.parametrize(
+    "own, others",
+    [
+        ("127.0.0.1", [("a", "127.0.0.1"), ("b", "::1")]),  # one host
+        ("10.213.7.1", [("a", "10.213.7.2"), ("b", "10.213.7.3")]),  # several, all reachable
+        ("127.0.0.1", [("a", "")]),  # an old record without address
+    ],
+)
 def test_members_all_on_loopback_or_all_on_the_network_form(own: str, others: list) -> None:
     assert mixed_hosts(own, others) is None

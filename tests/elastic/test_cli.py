@@ -29,14 +29,22 @@ class Run:
 
     def __init__(self, returncode: int, stdout: str, stderr: str, elapsed: float) -> None:
         self.returncode, self.stdout, self.stderr, self.elapsed = (
-            returncode, stdout, stderr, elapsed)
+            returncode,
+            stdout,
+            stderr,
+            elapsed,
+        )
 
 
 def elastic_all(*commands: list[str], timeout: float = 60.0) -> list[Run]:
     """Run ``elastic`` commands side by side (each start imports torch: ~3 s here)."""
     started, runs = time.monotonic(), []
-    popens = [subprocess.Popen([*ELASTIC, *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True) for args in commands]
+    popens = [
+        subprocess.Popen(
+            [*ELASTIC, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for args in commands
+    ]
     try:
         for p in popens:
             out, err = p.communicate(timeout=max(1.0, started + timeout - time.monotonic()))
@@ -50,15 +58,19 @@ def elastic_all(*commands: list[str], timeout: float = 60.0) -> list[Run]:
 
 
 def test_status_json_shows_generation_members_with_ranks_and_lease_ttl(
-        etcd_url: str, client: Any, keys: Keyspace) -> None:
+    etcd_url: str, client: Any, keys: Keyspace
+) -> None:
     cfg = RendezvousConfig(min_workers=2, lease_ttl=2, settle_s=0.1)
     members = [SimMember(client, keys, mid, cfg).start() for mid in ("w-b", "w-a")]
     try:
-        world = wait_until(lambda: all(m.current() for m in members) and members[0].current(),
-                           15, "a World of two")
+        world = wait_until(
+            lambda: all(m.current() for m in members) and members[0].current(), 15, "a World of two"
+        )
         assert members[0].rdzv.commit_fence(world.generation)(4)
-        done, text = elastic_all(["status", "--job", keys.job, "--etcd", etcd_url, "--json"],
-                                 ["status", "--job", keys.job, "--etcd", etcd_url])
+        done, text = elastic_all(
+            ["status", "--job", keys.job, "--etcd", etcd_url, "--json"],
+            ["status", "--job", keys.job, "--etcd", etcd_url],
+        )
         assert done.returncode == 0, done.stderr
         status = json.loads(done.stdout)
     finally:
@@ -70,7 +82,8 @@ def test_status_json_shows_generation_members_with_ranks_and_lease_ttl(
     assert status["world_size"] == 2 and status["leader"] in world.ids
     assert status["last_commit_step"] == 4
     assert [(m["id"], m["rank"]) for m in status["members"]] == [
-        (mid, world.rank_of(mid)) for mid in world.ids]
+        (mid, world.rank_of(mid)) for mid in world.ids
+    ]
     for m in status["members"]:
         assert 0 < m["lease_ttl_left"] <= 2  # the granted TTL
         assert m["address"] == f"host-{m['id']}"
@@ -82,11 +95,15 @@ def test_status_json_shows_generation_members_with_ranks_and_lease_ttl(
 DEAD = f"http://127.0.0.1:{free_port()}"  # nothing listens here
 BAD_STATUS = {
     # case: (arguments, fragments the message must contain)
-    "unreachable": (["--etcd", DEAD, "--etcd-timeout", "1", "--job", "j"],
-                    ["failed for 1.0s (bound)", DEAD.removeprefix("http://")]),
+    "unreachable": (
+        ["--etcd", DEAD, "--etcd-timeout", "1", "--job", "j"],
+        ["failed for 1.0s (bound)", DEAD.removeprefix("http://")],
+    ),
     "no-scheme": (["--etcd", "localhost:2379", "--job", "j"], ["malformed URL", "localhost:2379"]),
-    "no-port": (["--etcd", "http://localhost", "--job", "j"],
-                ["malformed endpoint", "'localhost'"]),
+    "no-port": (
+        ["--etcd", "http://localhost", "--job", "j"],
+        ["malformed endpoint", "'localhost'"],
+    ),
     "bad-job": (["--etcd", DEAD, "--job", "bad/job"], ["invalid job id", "'bad/job'"]),
 }
 
@@ -98,8 +115,9 @@ def bad_status_runs() -> dict[str, Run]:
 
 
 @pytest.mark.parametrize("case", list(BAD_STATUS))
-def test_status_fails_clearly_and_within_its_bound(case: str,
-                                                   bad_status_runs: dict[str, Run]) -> None:
+def test_status_fails_clearly_and_within_its_bound(
+    case: str, bad_status_runs: dict[str, Run]
+) -> None:
     done, fragments = bad_status_runs[case], BAD_STATUS[case][1]
     assert done.returncode == 1
     assert done.stderr.startswith("elastic: error: "), done.stderr
@@ -125,12 +143,15 @@ def test_run_refuses_min_workers_above_max_workers(tmp_path: Any) -> None:
 
 def test_elastic_etcd_serves_and_stops_on_sigint(tmp_path: Any) -> None:
     data_dir = str(tmp_path / "data")
-    proc = subprocess.Popen([*ELASTIC, "etcd", "--data-dir", data_dir],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*ELASTIC, "etcd", "--data-dir", data_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first: list[str] = []
-        reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()),
-                                  daemon=True)
+        reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()), daemon=True)
         reader.start()
         reader.join(30)
         assert first and first[0].startswith("etcd listening on http://"), (first, proc.poll())
@@ -147,8 +168,11 @@ def test_elastic_etcd_serves_and_stops_on_sigint(tmp_path: Any) -> None:
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=15) == 0, proc.stderr.read()
-        wait_until(lambda: not any(procs.alive(p) for p in etcd_pids), 5,
-                   "the etcd server to exit with the command")
+        wait_until(
+            lambda: not any(procs.alive(p) for p in etcd_pids),
+            5,
+            "the etcd server to exit with the command",
+        )
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -18,29 +18,35 @@ def test_min_workers_above_max_workers_is_refused_naming_both() -> None:
     assert "max_workers (2)" in str(err.value) and "min_workers (4)" in str(err.value)
 
 
-@pytest.mark.parametrize("kwargs, named", [
-    ({"min_workers": 0}, "min_workers"),
-    ({"settle_s": -1.0}, "settle_s"),
-    ({"lease_ttl": 0.5}, "lease_ttl"),
-    ({"op_timeout": 0}, "op_timeout"),
-])
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"min_workers": 0}, "min_workers"),
+        ({"settle_s": -1.0}, "settle_s"),
+        ({"lease_ttl": 0.5}, "lease_ttl"),
+        ({"op_timeout": 0}, "op_timeout"),
+    ],
+)
 def test_bad_rendezvous_settings_are_refused(kwargs: dict, named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         RendezvousConfig(**kwargs)
 
 
-@pytest.mark.parametrize("url, fragment", [
-    ("localhost:2379", "malformed URL"),
-    ("ftp://localhost:2379", "unsupported scheme"),
-    ("http://localhost", "malformed endpoint"),
-    ("http://localhost:99999", "invalid endpoint"),
-    ("http://a:1,,b:2", "malformed endpoint"),
-    ("http://a:2379,https://b:2379", "mixes http and https"),
-    ("a:2379,http://b:2379", "malformed URL"),
-    ("http://a:2379,ftp://b:2379", "unsupported scheme 'ftp'"),
-    ("http://::1:2379", "malformed endpoint"),
-    ("http://a:2379,http://", "malformed endpoint"),
-])
+@pytest.mark.parametrize(
+    "url, fragment",
+    [
+        ("localhost:2379", "malformed URL"),
+        ("ftp://localhost:2379", "unsupported scheme"),
+        ("http://localhost", "malformed endpoint"),
+        ("http://localhost:99999", "invalid endpoint"),
+        ("http://a:1,,b:2", "malformed endpoint"),
+        ("http://a:2379,https://b:2379", "mixes http and https"),
+        ("a:2379,http://b:2379", "malformed URL"),
+        ("http://a:2379,ftp://b:2379", "unsupported scheme 'ftp'"),
+        ("http://::1:2379", "malformed endpoint"),
+        ("http://a:2379,http://", "malformed endpoint"),
+    ],
+)
 def test_malformed_etcd_urls_are_refused(url: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment) as err:
         EtcdConfig.from_url(url)
@@ -67,8 +73,15 @@ def test_invalid_member_id_is_refused() -> None:
 def test_keyspace_puts_every_key_under_the_job_root() -> None:
     keys = Keyspace("job-1", prefix="/x/y")
     assert keys.root == "/x/y/job-1/"
-    for key in (keys.member("m"), keys.ready_of("m"), keys.gen, keys.world, keys.round,
-                keys.leader, keys.commit(3)):
+    for key in (
+        keys.member("m"),
+        keys.ready_of("m"),
+        keys.gen,
+        keys.world,
+        keys.round,
+        keys.leader,
+        keys.commit(3),
+    ):
         assert key.startswith(keys.root)
     assert keys.commit(3) < keys.commit(10)  # zero-padded: lexical order is step order
     with pytest.raises(ConfigError, match="prefix"):
@@ -90,10 +103,15 @@ def _runtime_config(**kw):
     from elastic.coord.hangs import HangConfig
     from elastic.train.config import RuntimeConfig
 
-    base = dict(job="j1", member_id="m-0", etcd="http://10.0.0.1:2379,http://[::1]:2380",
-                rendezvous=RendezvousConfig(min_workers=2, max_workers=4, lease_ttl=3.0),
-                hangs=HangConfig(floor_s=7.0, factor=12.0), checkpoint="file:///tmp/c",
-                checkpoint_every=5)
+    base = dict(
+        job="j1",
+        member_id="m-0",
+        etcd="http://10.0.0.1:2379,http://[::1]:2380",
+        rendezvous=RendezvousConfig(min_workers=2, max_workers=4, lease_ttl=3.0),
+        hangs=HangConfig(floor_s=7.0, factor=12.0),
+        checkpoint="file:///tmp/c",
+        checkpoint_every=5,
+    )
     base.update(kw)
     return RuntimeConfig(**base)
 
@@ -118,15 +136,25 @@ def test_explicit_overrides_beat_the_environment() -> None:
     assert RuntimeConfig.from_env(env, member_id=None).member_id == "m-0"
 
 
-@pytest.mark.parametrize("env, fragment", [
-    ({}, "not started by `elastic run`"),
-    ({"ELASTIC_CONFIG": "{not json"}, "is not JSON"),
-    ({"ELASTIC_CONFIG": "[1]"}, "must be a JSON object"),
-    ({"ELASTIC_CONFIG": '{"job": "j", "member_id": "m", "etcd": "http://a:1", "bogus": 1}'},
-     "unknown setting(s) bogus"),
-    ({"ELASTIC_CONFIG": '{"job": "j", "member_id": "m", "etcd": "http://a:1", '
-                        '"rendezvous": {"lease_ttl": 0.1}}'}, "lease_ttl must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "env, fragment",
+    [
+        ({}, "not started by `elastic run`"),
+        ({"ELASTIC_CONFIG": "{not json"}, "is not JSON"),
+        ({"ELASTIC_CONFIG": "[1]"}, "must be a JSON object"),
+        (
+            {"ELASTIC_CONFIG": '{"job": "j", "member_id": "m", "etcd": "http://a:1", "bogus": 1}'},
+            "unknown setting(s) bogus",
+        ),
+        (
+            {
+                "ELASTIC_CONFIG": '{"job": "j", "member_id": "m", "etcd": "http://a:1", '
+                '"rendezvous": {"lease_ttl": 0.1}}'
+            },
+            "lease_ttl must be >= 1",
+        ),
+    ],
+)
 def test_a_bad_or_missing_config_is_refused_naming_the_problem(env, fragment) -> None:
     from elastic.train.config import RuntimeConfig
 
@@ -146,12 +174,19 @@ def test_the_launchers_flags_default_to_the_configs_own_defaults() -> None:
     args = build_parser().parse_args(["run", "train.py"])
     rdzv, hangs, etcd = RendezvousConfig(), HangConfig(), EtcdConfig(endpoints=(("a", 1),))
     cfg = _runtime_config()
-    expected = {"lease_ttl": rdzv.lease_ttl, "settle": rdzv.settle_s,
-                "min_workers": rdzv.min_workers, "hang_floor": hangs.floor_s,
-                "hang_factor": hangs.factor, "etcd_timeout": etcd.connect_timeout,
-                "etcd_prefix": Keyspace("j").prefix,
-                **{n: getattr(RuntimeConfig, n) for n in (
-                    "collective_timeout", "join_timeout", "etcd_outage", "checkpoint_every")}}
+    expected = {
+        "lease_ttl": rdzv.lease_ttl,
+        "settle": rdzv.settle_s,
+        "min_workers": rdzv.min_workers,
+        "hang_floor": hangs.floor_s,
+        "hang_factor": hangs.factor,
+        "etcd_timeout": etcd.connect_timeout,
+        "etcd_prefix": Keyspace("j").prefix,
+        **{
+            n: getattr(RuntimeConfig, n)
+            for n in ("collective_timeout", "join_timeout", "etcd_outage", "checkpoint_every")
+        },
+    }
     assert {k: getattr(args, k) for k in expected} == expected
     assert inspect.signature(Session).parameters["ttl"].default == rdzv.lease_ttl
     assert cfg.etcd_prefix == Keyspace("j").prefix

@@ -30,8 +30,9 @@ class FakeClient:
         return True, []
 
     def formed(self) -> list[World]:
-        return [World.from_json(op.value) for _, ops in self.sent for op in ops
-                if op.key == KEYS.world]
+        return [
+            World.from_json(op.value) for _, ops in self.sent for op in ops if op.key == KEYS.world
+        ]
 
 
 class Clock:
@@ -46,8 +47,9 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     c = Clock()
     # Replace the module's view of `time` only: threads elsewhere keep the real clock.
-    monkeypatch.setattr(rendezvous, "time", types.SimpleNamespace(
-        monotonic=c.monotonic, time=lambda: 1.7e9))
+    monkeypatch.setattr(
+        rendezvous, "time", types.SimpleNamespace(monotonic=c.monotonic, time=lambda: 1.7e9)
+    )
     return c
 
 
@@ -60,9 +62,11 @@ def make(**cfg: Any) -> tuple[Coordinator, FakeClient, list[int]]:
     BROKEN.clear()
     EVICTED.clear()
     rdzv = types.SimpleNamespace(
-        keys=KEYS, config=RendezvousConfig(**cfg), client=client, id=LEADER,
-        request_reform=lambda gen, broken=False: bumps.append(gen) or BROKEN.append(broken)
-        or True,
+        keys=KEYS,
+        config=RendezvousConfig(**cfg),
+        client=client,
+        id=LEADER,
+        request_reform=lambda gen, broken=False: bumps.append(gen) or BROKEN.append(broken) or True,
         # marking a World broken while a re-form is already being gathered
         fenced_txn=lambda gen, ops: BROKEN.append(True) or True,
         evict=lambda member, reason: EVICTED.append(member),
@@ -75,9 +79,13 @@ def kv(value: str | bytes, rev: int = 1) -> KeyValue:
     return KeyValue(raw, rev, rev, 0)
 
 
-def snapshot(members: dict[str, int], ready: dict[str, int] | None = None,
-             world: list[str] | None = None, gen: int = 0,
-             rnd: int | None = None) -> dict[str, KeyValue]:
+def snapshot(
+    members: dict[str, int],
+    ready: dict[str, int] | None = None,
+    world: list[str] | None = None,
+    gen: int = 0,
+    rnd: int | None = None,
+) -> dict[str, KeyValue]:
     """``members``: id -> create revision (join order); ``ready``: id -> generation wanted."""
     snap = {KEYS.leader: kv(LEADER)}
     for mid, rev in members.items():
@@ -123,7 +131,7 @@ def test_ready_keys_of_members_whose_lease_expired_are_ignored(clock: Clock) -> 
 def test_form_transaction_compares_leadership_and_generation(clock: Clock) -> None:
     coord, client, _ = make(settle_s=0.0)
     coord.decide(snapshot({"a": 5, "b": 6}, ready={"a": 2, "b": 2}, world=["a"], gen=1, rnd=2))
-    (compare, success), = client.sent
+    ((compare, success),) = client.sent
     checks = {(c.key, c.value) for c in compare}
     assert (KEYS.leader, LEADER.encode()) in checks  # a deposed leader cannot write
     assert (KEYS.gen, b"1") in checks  # two Worlds of one generation cannot exist
@@ -133,8 +141,7 @@ def test_form_transaction_compares_leadership_and_generation(clock: Clock) -> No
 
 def test_departed_member_requests_one_reform(clock: Clock) -> None:
     coord, client, bumps = make()
-    snap = snapshot({"a": 1, "b": 2}, ready={"a": 1, "b": 1, "c": 1}, world=["a", "b", "c"],
-                    gen=1)
+    snap = snapshot({"a": 1, "b": 2}, ready={"a": 1, "b": 1, "c": 1}, world=["a", "b", "c"], gen=1)
     assert coord.decide(snap) is None
     assert coord.decide(snap) is None  # the bump is on its way: no second request
     assert bumps == [1] and client.sent == []
@@ -163,7 +170,9 @@ def test_next_world_keeps_survivor_order_then_adds_joiners_in_join_order(clock: 
     snap = snapshot(
         {"c": 1, "a": 2, "b": 3, "x": 4, "e": 20, "d": 21},
         ready={"c": 2, "a": 2, "b": 2, "e": 2, "d": 2},
-        world=["c", "a", "x", "b"], gen=1, rnd=2,  # x left: its member key is gone below
+        world=["c", "a", "x", "b"],
+        gen=1,
+        rnd=2,  # x left: its member key is gone below
     )
     del snap[KEYS.member("x")]
     coord.decide(snap)
@@ -218,8 +227,13 @@ def test_nobody_is_evicted_when_every_survivor_comes(clock: Clock) -> None:
 
 def test_gathered_world_respects_max_and_min_workers(clock: Clock) -> None:
     coord, client, _ = make(settle_s=0.0, max_workers=3)
-    snap = snapshot({"a": 1, "b": 2, "c": 3, "d": 4},
-                    ready={"a": 2, "b": 2, "c": 2, "d": 2}, world=["b", "a"], gen=1, rnd=2)
+    snap = snapshot(
+        {"a": 1, "b": 2, "c": 3, "d": 4},
+        ready={"a": 2, "b": 2, "c": 2, "d": 2},
+        world=["b", "a"],
+        gen=1,
+        rnd=2,
+    )
     coord.decide(snap)
     assert [w.ids for w in client.formed()] == [("b", "a", "c")]  # "d" waits as standby
 

@@ -54,20 +54,29 @@ def members(keys: Keyspace) -> Iterator[list[SimMember]]:
 
 
 def test_committed_state_survives_etcd_sigkill_and_sessions_keep_their_leases(
-        fresh_etcd: EmbeddedEtcd, make_client: Callable[[str], Any], keys: Keyspace,
-        members: list[SimMember]) -> None:
+    fresh_etcd: EmbeddedEtcd,
+    make_client: Callable[[str], Any],
+    keys: Keyspace,
+    members: list[SimMember],
+) -> None:
     ttl = 5  # longer than an etcd restart takes; asserted below
     cfg = RendezvousConfig(min_workers=2, lease_ttl=ttl, settle_s=0.1)
     logs = [KeepaliveLog(make_client(fresh_etcd.url)) for _ in range(2)]
     members += [SimMember(log, keys, mid, cfg).start() for log, mid in zip(logs, "ab", strict=True)]
-    world = wait_until(lambda: all(m.current() for m in members) and members[0].current(), 15,
-                       "a World of a and b")
+    world = wait_until(
+        lambda: all(m.current() for m in members) and members[0].current(), 15, "a World of a and b"
+    )
     assert members[0].rdzv.commit_fence(world.generation)(3)
     reader = make_client(fresh_etcd.url)
-    before = {kv.key: kv.value for kv in reader.get_prefix_response(keys.root).kvs
-              if not kv.key.decode().startswith(keys.ready)}
-    assert set(before) >= {k.encode() for k in (keys.world, keys.gen, keys.commit(3),
-                                                 keys.member("a"), keys.member("b"))}
+    before = {
+        kv.key: kv.value
+        for kv in reader.get_prefix_response(keys.root).kvs
+        if not kv.key.decode().startswith(keys.ready)
+    }
+    assert set(before) >= {
+        k.encode()
+        for k in (keys.world, keys.gen, keys.commit(3), keys.member("a"), keys.member("b"))
+    }
 
     url, pid = fresh_etcd.url, fresh_etcd.pid
     killed_at = time.monotonic()
@@ -79,8 +88,11 @@ def test_committed_state_survives_etcd_sigkill_and_sessions_keep_their_leases(
     assert restarted_at - killed_at < ttl, "etcd took longer than the lease TTL to restart"
 
     # Sessions recover: each lease gets a live keepalive answer after the restart.
-    wait_until(lambda: all(log.ok_at and log.ok_at[-1] > restarted_at for log in logs), ttl,
-               "keepalives answered by the restarted etcd")
+    wait_until(
+        lambda: all(log.ok_at and log.ok_at[-1] > restarted_at for log in logs),
+        ttl,
+        "keepalives answered by the restarted etcd",
+    )
     assert not any(m.rdzv.session.lost.is_set() for m in members)
 
     # Nothing committed is lost: World, generation, commit and member records.
@@ -89,15 +101,21 @@ def test_committed_state_survives_etcd_sigkill_and_sessions_keep_their_leases(
 
     # And the job goes on: a joiner makes generation 2, held by everyone.
     members.append(SimMember(make_client(url), keys, "c", cfg).start())
-    wait_until(lambda: all((w := m.current()) and w.generation == world.generation + 1
-                           for m in members), 15, "generation 2 held by a, b and c")
+    wait_until(
+        lambda: all((w := m.current()) and w.generation == world.generation + 1 for m in members),
+        15,
+        "generation 2 held by a, b and c",
+    )
     assert members[2].current().ids == (*world.ids, "c")  # survivors first, in their order
     assert not [m.error for m in members if m.error]
 
 
 def test_session_reports_lost_when_an_etcd_outage_outlasts_its_ttl(
-        fresh_etcd: EmbeddedEtcd, make_client: Callable[[str], Any], keys: Keyspace,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh_etcd: EmbeddedEtcd,
+    make_client: Callable[[str], Any],
+    keys: Keyspace,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     streams: list[float] = []
 
     class CountedStream(membership._WatchStream):
@@ -127,8 +145,11 @@ def test_session_reports_lost_when_an_etcd_outage_outlasts_its_ttl(
 
         fresh_etcd.restart()
         # The lost session's key does go: nobody keeps its lease alive any more.
-        wait_until(lambda: mirror.get(keys.member("x")) is None, session.ttl + 3,
-                   "the lost session's key to expire after the restart")
+        wait_until(
+            lambda: mirror.get(keys.member("x")) is None,
+            session.ttl + 3,
+            "the lost session's key to expire after the restart",
+        )
         # The mirror is current again after the multi-second outage.
         put(make_client(fresh_etcd.url), keys.member("y"), "y")
         assert mirror.wait_for(lambda s: True if keys.member("y") in s else None, 10)
@@ -139,13 +160,15 @@ def test_session_reports_lost_when_an_etcd_outage_outlasts_its_ttl(
 
 
 def test_mirror_recovers_joins_and_leaves_missed_during_an_outage_and_compaction(
-        fresh_etcd: EmbeddedEtcd, make_client: Callable[[str], Any], keys: Keyspace) -> None:
+    fresh_etcd: EmbeddedEtcd, make_client: Callable[[str], Any], keys: Keyspace
+) -> None:
     watcher, writer = make_client(fresh_etcd.url), make_client(fresh_etcd.url)
     for mid in ("a", "b"):
         writer.put(keys.member(mid), mid)
     seen: list[tuple[str, str]] = []
     mirror = PrefixMirror(
-        watcher, keys.members,
+        watcher,
+        keys.members,
         on_events=lambda evs: seen.extend((e.kind, e.key) for e in evs),
     ).start()
     # Hold the mirror's resubscribe until the missed history is compacted away.
@@ -171,10 +194,14 @@ def test_mirror_recovers_joins_and_leaves_missed_during_an_outage_and_compaction
         writer.compact(rev, physical=True)
         release.set()
 
-        expected = {kv.key.decode(): kv.value for kv in
-                    writer.get_prefix_response(keys.members).kvs}
-        wait_until(lambda: {k: v.value for k, v in mirror.snapshot().items()} == expected, 10,
-                   "the mirror to match etcd after re-listing")
+        expected = {
+            kv.key.decode(): kv.value for kv in writer.get_prefix_response(keys.members).kvs
+        }
+        wait_until(
+            lambda: {k: v.value for k, v in mirror.snapshot().items()} == expected,
+            10,
+            "the mirror to match etcd after re-listing",
+        )
         assert mirror.resyncs >= 1
         assert ("put", keys.member("c")) in seen
         assert ("delete", keys.member("a")) in seen
@@ -185,7 +212,8 @@ def test_mirror_recovers_joins_and_leaves_missed_during_an_outage_and_compaction
 
 
 def test_embedded_etcd_is_stopped_when_its_context_exits_normally_or_by_error(
-        tmp_path: Any) -> None:
+    tmp_path: Any,
+) -> None:
     with EmbeddedEtcd(data_dir=str(tmp_path / "ok")) as server:
         pid = server.pid
         assert pid is not None and procs.alive(pid)

@@ -15,8 +15,13 @@ from elastic.coord.etcd import EmbeddedEtcd
 
 
 def _elastic(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "elastic.cli", *args], capture_output=True,
-                          text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "elastic.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def test_a_taken_port_is_reported_not_claimed_as_listening():

@@ -25,16 +25,27 @@ def fresh_etcd_v6(tmp_path: Any) -> Iterator[EmbeddedEtcd]:
         server.stop()
 
 
-@pytest.mark.parametrize("url, endpoints, secure", [
-    ("http://a:2379,http://b:2379,http://c:2379", (("a", 2379), ("b", 2379), ("c", 2379)), False),
-    ("http://a:2379,b:2379,c:2379", (("a", 2379), ("b", 2379), ("c", 2379)), False),
-    ("https://a:1, https://b:2/", (("a", 1), ("b", 2)), True),
-    ("http://[::1]:2379", (("::1", 2379),), False),
-    ("http://[fd00::2]:2379,http://10.0.0.2:2379", (("fd00::2", 2379), ("10.0.0.2", 2379)),
-     False),
-])
-def test_endpoint_lists_with_a_scheme_on_each_part_parse(url: str, endpoints: tuple,
-                                                         secure: bool) -> None:
+@pytest.mark.parametrize(
+    "url, endpoints, secure",
+    [
+        (
+            "http://a:2379,http://b:2379,http://c:2379",
+            (("a", 2379), ("b", 2379), ("c", 2379)),
+            False,
+        ),
+        ("http://a:2379,b:2379,c:2379", (("a", 2379), ("b", 2379), ("c", 2379)), False),
+        ("https://a:1, https://b:2/", (("a", 1), ("b", 2)), True),
+        ("http://[::1]:2379", (("::1", 2379),), False),
+        (
+            "http://[fd00::2]:2379,http://10.0.0.2:2379",
+            (("fd00::2", 2379), ("10.0.0.2", 2379)),
+            False,
+        ),
+    ],
+)
+def test_endpoint_lists_with_a_scheme_on_each_part_parse(
+    url: str, endpoints: tuple, secure: bool
+) -> None:
     cfg = EtcdConfig.from_url(url)
     assert cfg.endpoints == endpoints
     assert cfg.secure is secure
@@ -59,9 +70,21 @@ def test_an_etcd_on_ipv6_loopback_is_reached_through_its_bracketed_url(fresh_etc
 
 def test_etcd_listen_on_an_address_of_no_interface_here_is_refused(tmp_path: Any) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "elastic.cli", "etcd", "--listen", "203.0.113.77",
-         "--data-dir", str(tmp_path / "d")],
-        cwd=REPO, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "elastic.cli",
+            "etcd",
+            "--listen",
+            "203.0.113.77",
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     assert "elastic: error: --listen 203.0.113.77 is not an address of this machine" in done.stderr
     assert not (tmp_path / "d").exists(), "nothing may start on bad input"

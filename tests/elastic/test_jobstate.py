@@ -61,10 +61,17 @@ class FakeClient:
 
     def get_prefix_response(self, prefix: str) -> Any:
         self.asked.append(prefix)
-        kvs = [types.SimpleNamespace(key=k.encode(), value=v.value, lease=v.lease,
-                                     create_revision=v.create_revision,
-                                     mod_revision=v.mod_revision)
-               for k, v in self.keys.items() if k.startswith(prefix)]
+        kvs = [
+            types.SimpleNamespace(
+                key=k.encode(),
+                value=v.value,
+                lease=v.lease,
+                create_revision=v.create_revision,
+                mod_revision=v.mod_revision,
+            )
+            for k, v in self.keys.items()
+            if k.startswith(prefix)
+        ]
         return types.SimpleNamespace(kvs=kvs)
 
 

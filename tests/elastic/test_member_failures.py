@@ -35,11 +35,17 @@ def member_keys(client: Any, keys: Keyspace) -> Any:
 def start_world(spawn_member: Any, world_log: WorldLog) -> tuple[dict[str, Any], Any]:
     """Three member processes holding one World of three."""
     members = {mid: spawn_member(mid, ttl=TTL, min_workers=2) for mid in IDS}
-    world = wait_until(lambda: (w := world_log.current()) is not None and w.size == 3 and w,
-                       30, "a World of all three member processes")
+    world = wait_until(
+        lambda: (w := world_log.current()) is not None and w.size == 3 and w,
+        30,
+        "a World of all three member processes",
+    )
     for mid, proc in members.items():
-        proc.expect(lambda m, g=world.generation: m["event"] == "world" and m["generation"] == g,
-                    10, f"{mid} holding generation {world.generation}")
+        proc.expect(
+            lambda m, g=world.generation: m["event"] == "world" and m["generation"] == g,
+            10,
+            f"{mid} holding generation {world.generation}",
+        )
     return members, world
 
 
@@ -51,8 +57,8 @@ def wait_gone(member_keys: PrefixMirror, keys: Keyspace, mid: str, since: float)
 
 
 def test_sigkilled_member_disappears_within_ttl_and_the_next_world_excludes_it(
-        spawn_member: Any, keys: Keyspace, world_log: WorldLog,
-        member_keys: PrefixMirror) -> None:
+    spawn_member: Any, keys: Keyspace, world_log: WorldLog, member_keys: PrefixMirror
+) -> None:
     members, world = start_world(spawn_member, world_log)
     victim = next(m for m in world.ids if m != world_log.leader())  # a worker, not the leader
 
@@ -61,18 +67,23 @@ def test_sigkilled_member_disappears_within_ttl_and_the_next_world_excludes_it(
     assert wait_gone(member_keys, keys, victim, killed_at) <= TTL + 1.0
 
     survivors = [m for m in world.ids if m != victim]
-    nxt = wait_until(lambda: (w := world_log.current()).generation > world.generation and w,
-                     10, "a World without the killed member")
+    nxt = wait_until(
+        lambda: (w := world_log.current()).generation > world.generation and w,
+        10,
+        "a World without the killed member",
+    )
     assert list(nxt.ids) == survivors  # same relative order, no gap in ranks
     for mid in survivors:
         members[mid].expect(
             lambda m, g=nxt.generation: m["event"] == "world" and m["generation"] == g,
-            10, f"{mid} holding generation {nxt.generation}")
+            10,
+            f"{mid} holding generation {nxt.generation}",
+        )
 
 
 def test_member_frozen_past_its_ttl_is_evicted_and_then_fenced_out(
-        spawn_member: Any, client: Any, keys: Keyspace, world_log: WorldLog,
-        member_keys: PrefixMirror) -> None:
+    spawn_member: Any, client: Any, keys: Keyspace, world_log: WorldLog, member_keys: PrefixMirror
+) -> None:
     members, world = start_world(spawn_member, world_log)
     g = world.generation
     victim = world_log.leader()  # the hardest case: the frozen member leads
@@ -89,8 +100,11 @@ def test_member_frozen_past_its_ttl_is_evicted_and_then_fenced_out(
     proc.signal(signal.SIGSTOP)
     try:
         assert wait_gone(member_keys, keys, victim, stopped_at) <= TTL + 1.0
-        nxt = wait_until(lambda: (w := world_log.current()).generation > g and w,
-                         10, "a World without the frozen member")
+        nxt = wait_until(
+            lambda: (w := world_log.current()).generation > g and w,
+            10,
+            "a World without the frozen member",
+        )
         assert victim not in nxt.ids
         assert list(nxt.ids) == [m for m in world.ids if m != victim]
         assert world_log.leader() not in (None, victim)
@@ -98,16 +112,20 @@ def test_member_frozen_past_its_ttl_is_evicted_and_then_fenced_out(
         proc.signal(signal.SIGCONT)
 
     proc.send(f"fence {g} 2")
-    stale = proc.expect(lambda m: m["event"] == "fence" and m["step"] == 2, 10,
-                        "fence reply after SIGCONT")
+    stale = proc.expect(
+        lambda m: m["event"] == "fence" and m["step"] == 2, 10, "fence reply after SIGCONT"
+    )
     assert stale["txn"] is False and stale["commit"] is False
     assert client.get(probe_key(keys, victim))[0] == f"g{g}-s1".encode()
     assert client.get(keys.commit(2))[0] is None
     lost = proc.expect(lambda m: m["event"] == "lost", 10, "its session reported lost")
     # Whichever notices first: the keepalive (lease expired) or a request
     # naming the lease (its readiness announcement).
-    assert ("expired" in lost["reason"] or "no keepalive" in lost["reason"]
-            or "lease is gone" in lost["error"]), lost
+    assert (
+        "expired" in lost["reason"]
+        or "no keepalive" in lost["reason"]
+        or "lease is gone" in lost["error"]
+    ), lost
     # The resumed ex-leader wrote nothing: generations stay one World each.
     assert world_log.gens == list(range(1, len(world_log.gens) + 1))
     assert world_log.current().generation == nxt.generation

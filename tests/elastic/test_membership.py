@@ -51,8 +51,7 @@ def test_lease_revoked_behind_its_back_is_reported_lost(client: Any, keys: Keysp
             register_member(client, keys, Member("late"), session)
 
 
-def test_waiting_for_a_world_with_a_gone_lease_fails_at_once(
-        client: Any, keys: Keyspace) -> None:
+def test_waiting_for_a_world_with_a_gone_lease_fails_at_once(client: Any, keys: Keyspace) -> None:
     # The keepalive is slow on purpose: the request itself must notice.
     session = Session(client, ttl=2, keepalive_interval=30)
     cfg = RendezvousConfig(lease_ttl=2, op_timeout=10)
@@ -71,8 +70,9 @@ def test_waiting_for_a_world_with_a_gone_lease_fails_at_once(
 def test_mirror_reports_joins_and_leaves_and_bounded_waits(client: Any, keys: Keyspace) -> None:
     seen: list[tuple[str, str]] = []
     client.put(keys.member("old"), "1")
-    mirror = PrefixMirror(client, keys.members,
-                          on_events=lambda evs: seen.extend((e.kind, e.key) for e in evs))
+    mirror = PrefixMirror(
+        client, keys.members, on_events=lambda evs: seen.extend((e.kind, e.key) for e in evs)
+    )
     mirror.start()
     try:
         assert set(mirror.snapshot()) == {keys.member("old")}
@@ -80,11 +80,13 @@ def test_mirror_reports_joins_and_leaves_and_bounded_waits(client: Any, keys: Ke
         client.put(keys.member("new"), "2")
         client.delete(keys.member("old"))
         client.put(keys.root + "elsewhere", "x")  # outside the prefix: not mirrored
-        assert mirror.wait_for(
-            lambda s: True if set(s) == {keys.member("new")} else None, 5)
+        assert mirror.wait_for(lambda s: True if set(s) == {keys.member("new")} else None, 5)
         # The initial listing is reported too, then changes in etcd order.
-        assert seen == [("put", keys.member("old")), ("put", keys.member("new")),
-                        ("delete", keys.member("old"))]
+        assert seen == [
+            ("put", keys.member("old")),
+            ("put", keys.member("new")),
+            ("delete", keys.member("old")),
+        ]
         assert mirror.version > version
         assert mirror.get(keys.member("new")).value == b"2"
 

@@ -57,16 +57,19 @@ def world_log(client: Any, keys: Keyspace) -> Any:
 
 
 def test_join_storm_forms_one_world_per_generation_and_leaves_keep_order(
-        etcd_url: str, make_client: Callable[[str], Any], members_of: Any,
-        world_log: WorldLog) -> None:
+    etcd_url: str, make_client: Callable[[str], Any], members_of: Any, world_log: WorldLog
+) -> None:
     clients = [make_client(etcd_url) for _ in range(4)]  # 8 members share a client
     members = members_of(clients, [f"m{i:02d}" for i in range(STORM)], FAST)
     barrier = threading.Barrier(STORM)
     for m in members:
         m.start(barrier)
 
-    wait_until(lambda: converged(members, world_log, STORM) or errors(members), 60,
-               f"all {STORM} members to hold one World of {STORM}")
+    wait_until(
+        lambda: converged(members, world_log, STORM) or errors(members),
+        60,
+        f"all {STORM} members to hold one World of {STORM}",
+    )
     assert not errors(members)
     full = world_log.current()
     check_history(world_log, members, survivors={m.id for m in members})
@@ -82,8 +85,11 @@ def test_join_storm_forms_one_world_per_generation_and_leaves_keep_order(
         t.join(15)
     stayed = [m for m in members if m.id not in leavers]
 
-    wait_until(lambda: converged(stayed, world_log, len(stayed)) or errors(stayed), 60,
-               f"{len(stayed)} survivors to hold one World")
+    wait_until(
+        lambda: converged(stayed, world_log, len(stayed)) or errors(stayed),
+        60,
+        f"{len(stayed)} survivors to hold one World",
+    )
     assert not errors(stayed)
     final = world_log.current()
     assert final.generation > full.generation
@@ -92,8 +98,7 @@ def test_join_storm_forms_one_world_per_generation_and_leaves_keep_order(
     check_history(world_log, members, survivors={m.id for m in stayed})
 
 
-def test_min_workers_not_reached_times_out_naming_the_counts(
-        client: Any, keys: Keyspace) -> None:
+def test_min_workers_not_reached_times_out_naming_the_counts(client: Any, keys: Keyspace) -> None:
     cfg = RendezvousConfig(min_workers=3, lease_ttl=2, settle_s=0.0)
     with Rendezvous(client, keys, Member("only"), cfg) as rdzv:
         started = time.monotonic()
@@ -102,16 +107,25 @@ def test_min_workers_not_reached_times_out_naming_the_counts(
         elapsed = time.monotonic() - started
     msg = str(err.value)
     assert 1.0 <= elapsed < 5.0
-    for part in ("within 1.0s", "min_workers=3", "1 member(s) alive", "1 ready",
-                 "current generation 0", "only"):
+    for part in (
+        "within 1.0s",
+        "min_workers=3",
+        "1 member(s) alive",
+        "1 ready",
+        "current generation 0",
+        "only",
+    ):
         assert part in msg, f"{part!r} not in {msg!r}"
 
 
 def test_world_for_an_existing_generation_or_from_a_non_leader_is_refused(
-        client: Any, keys: Keyspace, world_log: WorldLog) -> None:
+    client: Any, keys: Keyspace, world_log: WorldLog
+) -> None:
     cfg = RendezvousConfig(lease_ttl=2, settle_s=0.0)
-    with Rendezvous(client, keys, Member("a"), cfg) as a, \
-            Rendezvous(client, keys, Member("b"), cfg, lead=False) as b:
+    with (
+        Rendezvous(client, keys, Member("a"), cfg) as a,
+        Rendezvous(client, keys, Member("b"), cfg, lead=False) as b,
+    ):
         first = a.next_world(0, timeout=10)
         assert first.generation == 1
         members = {m: client.get_prefix_response(keys.member(m)).kvs[0] for m in ("a", "b")}
@@ -128,8 +142,7 @@ def test_world_for_an_existing_generation_or_from_a_non_leader_is_refused(
         assert client.get(keys.gen)[0] == b"2"
 
 
-def test_fenced_operations_of_a_stale_generation_are_refused(
-        client: Any, keys: Keyspace) -> None:
+def test_fenced_operations_of_a_stale_generation_are_refused(client: Any, keys: Keyspace) -> None:
     cfg = RendezvousConfig(lease_ttl=2, settle_s=0.0)
     tx = client.transactions
     with Rendezvous(client, keys, Member("a"), cfg) as a:
@@ -151,7 +164,8 @@ def test_fenced_operations_of_a_stale_generation_are_refused(
 
 
 def test_standby_beyond_max_workers_joins_when_a_member_leaves(
-        etcd_url: str, client: Any, members_of: Any, world_log: WorldLog) -> None:
+    etcd_url: str, client: Any, members_of: Any, world_log: WorldLog
+) -> None:
     cfg = RendezvousConfig(max_workers=2, lease_ttl=2, settle_s=0.1)
     a, b, c = members_of([client], ["a", "b", "c"], cfg)
     a.start()

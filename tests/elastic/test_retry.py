@@ -37,23 +37,31 @@ class Flaky:
         return "ok"
 
 
-@pytest.mark.parametrize("error", [
-    etcd_exc.ConnectionFailedError(),
-    etcd_exc.ConnectionTimeoutError(),
-    FakeRpcError(grpc.StatusCode.UNAVAILABLE, "etcdserver: leader changed"),
-    FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: too many requests"),
-], ids=["connection-failed", "timeout", "leader-changed", "too-many-requests"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        etcd_exc.ConnectionFailedError(),
+        etcd_exc.ConnectionTimeoutError(),
+        FakeRpcError(grpc.StatusCode.UNAVAILABLE, "etcdserver: leader changed"),
+        FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: too many requests"),
+    ],
+    ids=["connection-failed", "timeout", "leader-changed", "too-many-requests"],
+)
 def test_transient_errors_are_retried_until_the_call_succeeds(error: BaseException) -> None:
     fn = Flaky(error, error)
     assert retry_call(fn, what="put x", timeout=10) == "ok"
     assert fn.calls == 3
 
 
-@pytest.mark.parametrize("code, details", [
-    (grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied"),
-    (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: request is too large"),
-    (grpc.StatusCode.OUT_OF_RANGE, "etcdserver: mvcc: required revision has been compacted"),
-], ids=["permission", "too-large", "compacted"])
+@pytest.mark.parametrize(
+    "code, details",
+    [
+        (grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: request is too large"),
+        (grpc.StatusCode.OUT_OF_RANGE, "etcdserver: mvcc: required revision has been compacted"),
+    ],
+    ids=["permission", "too-large", "compacted"],
+)
 def test_permanent_errors_fail_at_once_naming_the_request_and_reason(code, details) -> None:
     fn = Flaky(FakeRpcError(code, details))
     started = time.monotonic()

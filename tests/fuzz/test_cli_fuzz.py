@@ -28,8 +28,17 @@ BAD_FLOATS = ["nan", "inf", "-inf", "-1", "-0.5", "abc", "", "1e400", "0x", "--"
 BAD_INTS = ["-1", "1.5", "abc", "", "nan", "1e3", "-99999999999999999999"]
 # Positive-only counts and times: 0 is nonsense for these (a TTL, a timeout,
 # a worker count), but a valid value for some others (e.g. --settle 0).
-ZERO_OK = {"settle", "checkpoint_every", "max_restarts", "first_seed", "seed", "grace",
-           "delay", "step", "every"}
+ZERO_OK = {
+    "settle",
+    "checkpoint_every",
+    "max_restarts",
+    "first_seed",
+    "seed",
+    "grace",
+    "delay",
+    "step",
+    "every",
+}
 
 
 # Any whole number is a seed.
@@ -55,12 +64,14 @@ def stopped_before_starting(monkeypatch):
     try:
         import chaos.runner as runner
         import chaos.soak as soak
+
         monkeypatch.setattr(runner.Suite, "run", started)
         monkeypatch.setattr(soak, "run_soak", started)
     except ImportError:
         pass
     try:
         import storage.cli as scli
+
         monkeypatch.setattr(scli, "CheckpointStore", started, raising=False)
     except ImportError:
         pass
@@ -80,8 +91,13 @@ def _kind(action: argparse.Action) -> str | None:
     name = getattr(action.type, "__name__", "")
     if action.type is int or name in ("_step", "_positive", "count", "count_or_zero", "port"):
         return "int"
-    if action.type is float or name in ("_seconds", "seconds", "seconds_or_zero", "factor",
-                                        "positive"):
+    if action.type is float or name in (
+        "_seconds",
+        "seconds",
+        "seconds_or_zero",
+        "factor",
+        "positive",
+    ):
         return "float"
     return None
 
@@ -119,8 +135,19 @@ def _cases(d: str) -> list[tuple[list[str], str | None]]:
     rng = random.Random(SEED)
     parser = cli.build_parser()
     cases = []
-    strings = ["../../../../etc/passwd", "ünïcødé\u202e", "x" * 5000, d, os.path.join(d, "f"),
-               "", "http://", "memory://x", "file:///nonexistent/dir/x", "s3://", "\x00"]
+    strings = [
+        "../../../../etc/passwd",
+        "ünïcødé\u202e",
+        "x" * 5000,
+        d,
+        os.path.join(d, "f"),
+        "",
+        "http://",
+        "memory://x",
+        "file:///nonexistent/dir/x",
+        "s3://",
+        "\x00",
+    ]
     for command, sub in _commands(parser):
         base = _base_argv(command, sub, d)
         for a in sub._actions:
@@ -137,8 +164,12 @@ def _cases(d: str) -> list[tuple[list[str], str | None]]:
             else:
                 pool = rng.sample(strings, 4)
             for value in pool:
-                cases.append(([*base[:len(command)], flag, value, *base[len(command):]],
-                              flag if kind else None))
+                cases.append(
+                    (
+                        [*base[: len(command)], flag, value, *base[len(command) :]],
+                        flag if kind else None,
+                    )
+                )
     return cases
 
 
@@ -156,8 +187,9 @@ def _run(argv: list[str]) -> tuple[str, int | None, str]:
     return "exited", rc, err.getvalue()
 
 
-def test_nonsense_arguments_are_refused_with_one_line(tmp_path, stopped_before_starting,
-                                                      monkeypatch):
+def test_nonsense_arguments_are_refused_with_one_line(
+    tmp_path, stopped_before_starting, monkeypatch
+):
     d = str(tmp_path)
     with open(os.path.join(d, "f"), "w") as f:
         f.write("a file, not a directory")
@@ -181,5 +213,6 @@ def test_nonsense_arguments_are_refused_with_one_line(tmp_path, stopped_before_s
     with open(victim, "rb") as f:
         assert f.read() == b"precious", "a case overwrote an existing file"
     print(f"{len(cases)} command-line cases")
-    assert not problems, "\n".join(f"{' '.join(map(repr, a))}: {w} {e}"
-                                   for a, w, e in problems[:15])
+    assert not problems, "\n".join(
+        f"{' '.join(map(repr, a))}: {w} {e}" for a, w, e in problems[:15]
+    )

@@ -47,15 +47,31 @@ def main() -> int:
 
     keys = Keyspace(args.job)
     client = connect(EtcdConfig.from_url(args.etcd, rpc_timeout=3.0, connect_timeout=10.0))
-    cfg = RendezvousConfig(min_workers=args.min_workers, lease_ttl=args.ttl, settle_s=0.2,
-                           last_call_s=30.0, op_timeout=5.0)
+    cfg = RendezvousConfig(
+        min_workers=args.min_workers,
+        lease_ttl=args.ttl,
+        settle_s=0.2,
+        last_call_s=30.0,
+        op_timeout=5.0,
+    )
     member = SimMember(
-        client, keys, args.id, cfg,
-        on_world=lambda w: emit(event="world", id=args.id, generation=w.generation,
-                                ids=list(w.ids), rank=w.rank_of(args.id)),
-        on_error=lambda exc: emit(event="lost", id=args.id,
-                                  error=f"{type(exc).__name__}: {exc}",
-                                  reason=member.rdzv.session.lost_reason),
+        client,
+        keys,
+        args.id,
+        cfg,
+        on_world=lambda w: emit(
+            event="world",
+            id=args.id,
+            generation=w.generation,
+            ids=list(w.ids),
+            rank=w.rank_of(args.id),
+        ),
+        on_error=lambda exc: emit(
+            event="lost",
+            id=args.id,
+            error=f"{type(exc).__name__}: {exc}",
+            reason=member.rdzv.session.lost_reason,
+        ),
     ).start()
     if not member.started.wait(30):
         emit(event="error", id=args.id, error=repr(member.error))
@@ -69,8 +85,15 @@ def main() -> int:
             tx = client.transactions
             txn = rdzv.fenced_txn(gen, [tx.put(probe_key(keys, args.id), f"g{gen}-s{step}")])
             commit = rdzv.commit_fence(gen)(step)
-            emit(event="fence", id=args.id, generation=gen, step=step, txn=txn, commit=commit,
-                 lost=rdzv.session.lost.is_set())
+            emit(
+                event="fence",
+                id=args.id,
+                generation=gen,
+                step=step,
+                txn=txn,
+                commit=commit,
+                lost=rdzv.session.lost.is_set(),
+            )
         elif cmd[:1] == ["exit"]:
             break
     member.leave()

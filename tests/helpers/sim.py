@@ -20,12 +20,21 @@ class SimMember:
     ``on_world`` / ``on_error`` let a process report events as they happen.
     """
 
-    def __init__(self, client: Any, keys: Keyspace, member_id: str, config: RendezvousConfig,
-                 *, session: Session | None = None, world_timeout: float = 60.0,
-                 on_world: Callable[[World], None] | None = None,
-                 on_error: Callable[[ElasticError], None] | None = None) -> None:
-        self.rdzv = Rendezvous(client, keys, Member(member_id, address=f"host-{member_id}"),
-                               config, session=session)
+    def __init__(
+        self,
+        client: Any,
+        keys: Keyspace,
+        member_id: str,
+        config: RendezvousConfig,
+        *,
+        session: Session | None = None,
+        world_timeout: float = 60.0,
+        on_world: Callable[[World], None] | None = None,
+        on_error: Callable[[ElasticError], None] | None = None,
+    ) -> None:
+        self.rdzv = Rendezvous(
+            client, keys, Member(member_id, address=f"host-{member_id}"), config, session=session
+        )
         self.worlds: list[World] = []
         self.error: BaseException | None = None
         self.world_timeout = world_timeout
@@ -64,7 +73,8 @@ class SimMember:
                     self.rdzv.session.check()
                     if self.rdzv.ctl.wait_for(
                         lambda _s, g=after: True if self.rdzv.reform_pending(g) else None,
-                        timeout=0.5, wake=self._leaving,
+                        timeout=0.5,
+                        wake=self._leaving,
                     ):
                         break
         except ElasticError as exc:
@@ -144,4 +154,5 @@ def check_history(log: WorldLog, members: list[SimMember], survivors: set[str]) 
     for prev, nxt in zip(log.worlds, log.worlds[1:], strict=False):
         common = [m for m in prev.ids if m in nxt.ids]
         assert [m for m in nxt.ids if m in common] == common, (
-            f"survivors reordered from generation {prev.generation} to {nxt.generation}")
+            f"survivors reordered from generation {prev.generation} to {nxt.generation}"
+        )

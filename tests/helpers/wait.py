@@ -9,8 +9,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, what: str,
-               interval: float = 0.02) -> T:
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
     """Return the first truthy ``predicate()``; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:

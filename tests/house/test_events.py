@@ -93,10 +93,16 @@ def _emit_calls() -> list[tuple[str, int, ast.expr | None]]:
                 with open(path, encoding="utf-8") as f:
                     tree = ast.parse(f.read(), path)
                 for node in ast.walk(tree):
-                    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                            and node.func.attr == "emit"):
-                        arg = node.args[0] if node.args else next(
-                            (k.value for k in node.keywords if k.arg == "event"), None)
+                    if (
+                        isinstance(node, ast.Call)
+                        and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == "emit"
+                    ):
+                        arg = (
+                            node.args[0]
+                            if node.args
+                            else next((k.value for k in node.keywords if k.arg == "event"), None)
+                        )
                         found.append((os.path.relpath(path, REPO), node.lineno, arg))
     return found
 
@@ -104,8 +110,11 @@ def _emit_calls() -> list[tuple[str, int, ast.expr | None]]:
 def test_no_emit_names_its_event_with_a_string_literal() -> None:
     calls = _emit_calls()
     assert len(calls) > 20  # the walk found the runtime's and the launcher's emits
-    literal = [f"{path}:{line}" for path, line, arg in calls
-               if isinstance(arg, ast.Constant) and isinstance(arg.value, str)]
+    literal = [
+        f"{path}:{line}"
+        for path, line, arg in calls
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+    ]
     assert not literal, f"use elastic.base.events.Event: {literal}"
     named = [ast.unparse(arg) for _p, _l, arg in calls if arg is not None]
     assert all(n.startswith("Event.") for n in named), named
@@ -116,12 +125,13 @@ def test_no_emit_names_its_event_with_a_string_literal() -> None:
 
 def test_error_fields_name_the_exception_class() -> None:
     exc = EtcdUnavailableError("etcd did not answer within 5s")
-    assert error_fields(exc) == {"error": "etcd did not answer within 5s",
-                                 "error_type": "EtcdUnavailableError"}
+    assert error_fields(exc) == {
+        "error": "etcd did not answer within 5s",
+        "error_type": "EtcdUnavailableError",
+    }
 
 
-def test_a_refused_stale_commit_is_recorded_by_type_and_the_chaos_check_finds_it(
-        tmp_path) -> None:
+def test_a_refused_stale_commit_is_recorded_by_type_and_the_chaos_check_finds_it(tmp_path) -> None:
     import torch
 
     from chaos.expectations import EXPECT_STALE_REFUSED, EXPECTATIONS
@@ -132,8 +142,12 @@ def test_a_refused_stale_commit_is_recorded_by_type_and_the_chaos_check_finds_it
     # A newer generation exists: the fence refuses this writer's commit.
     handle = store.save_async(4, {"x": torch.ones(3)}, generation=2, fence=lambda _s: False)
     path, log = _log(tmp_path)
-    trainer = SimpleNamespace(_pending_save=handle, _pending_commits=True, events=log,
-                              config=SimpleNamespace(checkpoint_timeout=30.0))
+    trainer = SimpleNamespace(
+        _pending_save=handle,
+        _pending_commits=True,
+        events=log,
+        config=SimpleNamespace(checkpoint_timeout=30.0),
+    )
     Trainer._finish_pending_save(trainer, raise_errors=False)  # type: ignore[arg-type]
     log.close()
     store.close(timeout=30.0)
@@ -163,13 +177,19 @@ def test_a_failed_revoke_records_the_etcd_error_type(tmp_path) -> None:
         raise EtcdUnavailableError("etcd at 127.0.0.1:1 did not answer within 1s")
 
     path, log = _log(tmp_path, source="launcher-1")
-    launcher = SimpleNamespace(client=SimpleNamespace(get=unreachable),
-                               keys=SimpleNamespace(root="/elastic/j/"), events=log)
+    launcher = SimpleNamespace(
+        client=SimpleNamespace(get=unreachable),
+        keys=SimpleNamespace(root="/elastic/j/"),
+        events=log,
+    )
     ElasticLauncher._revoke(launcher, "j-0")  # type: ignore[arg-type]
     log.close()
     [ev] = read_events(path)
     assert (ev["event"], ev["member"], ev["error_type"]) == (
-        Event.REVOKE_FAILED, "j-0", "EtcdUnavailableError")
+        Event.REVOKE_FAILED,
+        "j-0",
+        "EtcdUnavailableError",
+    )
 
 
 class _Work:

@@ -28,21 +28,47 @@ def host_env() -> dict[str, str]:
 class HostLauncher:
     """``elastic run ... -n 1`` on one host of the bed."""
 
-    def __init__(self, host: Host, workdir: str, *, job: str, etcd: str,
-                 extra: list[str] | None = None, train: bool = True,
-                 train_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        host: Host,
+        workdir: str,
+        *,
+        job: str,
+        etcd: str,
+        extra: list[str] | None = None,
+        train: bool = True,
+        train_args: list[str] | None = None,
+    ) -> None:
         self.host = host
         self.dir = os.path.join(workdir, f"h{host.index}")
         os.makedirs(self.dir, exist_ok=True)
         self.event_log = os.path.join(self.dir, "events.jsonl")
         self.out = os.path.join(self.dir, "final.pt")
         self.log_path = os.path.join(self.dir, "launcher.log")
-        argv = [sys.executable, "-m", "elastic.cli", "run", "--job", job, "--etcd", etcd,
-                "-n", "1", "--event-log", self.event_log, *FAST, *(extra or []), LINEAR,
-                *(TRAIN_ARGS if train_args is None else train_args), "--out", self.out]
+        argv = [
+            sys.executable,
+            "-m",
+            "elastic.cli",
+            "run",
+            "--job",
+            job,
+            "--etcd",
+            etcd,
+            "-n",
+            "1",
+            "--event-log",
+            self.event_log,
+            *FAST,
+            *(extra or []),
+            LINEAR,
+            *(TRAIN_ARGS if train_args is None else train_args),
+            "--out",
+            self.out,
+        ]
         with open(self.log_path, "ab") as log:
-            self.proc = host.run(argv, env=host_env(), cwd=self.dir, stdout=log,
-                                 stderr=subprocess.STDOUT)
+            self.proc = host.run(
+                argv, env=host_env(), cwd=self.dir, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def events(self) -> list[dict]:
         return read_events(self.event_log) if os.path.exists(self.event_log) else []
@@ -55,12 +81,17 @@ class HostLauncher:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"launcher on host {self.host.index} still running after "
-                                 f"{timeout}s:\n{self.log_tail()}") from None
+            raise AssertionError(
+                f"launcher on host {self.host.index} still running after "
+                f"{timeout}s:\n{self.log_tail()}"
+            ) from None
 
 
 def wait_members(host: Host, etcd: str, job: str, n: int, timeout: float) -> None:
     """Block until ``job`` has ``n`` member records, asked from inside ``host``."""
-    proc = host.run([sys.executable, "-m", "tests.multihost.probe", etcd, job, str(n),
-                     str(timeout)], env=host_env(), cwd=REPO)
+    proc = host.run(
+        [sys.executable, "-m", "tests.multihost.probe", etcd, job, str(n), str(timeout)],
+        env=host_env(),
+        cwd=REPO,
+    )
     assert proc.wait(timeout=timeout + 30) == 0, f"{job} did not reach {n} member(s)"

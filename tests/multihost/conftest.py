@@ -46,9 +46,26 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = str(tmp / "final.pt")
     # On timeout run() kills the launcher; its workers and etcd die with it.
     done = subprocess.run(
-        [sys.executable, "-m", "elastic.cli", "run", "-n", "2", "--no-checkpoint",
-         "--event-log", str(tmp / "events.jsonl"), LINEAR, *TRAIN_ARGS, "--out", out],
-        cwd=tmp, capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            "-m",
+            "elastic.cli",
+            "run",
+            "-n",
+            "2",
+            "--no-checkpoint",
+            "--event-log",
+            str(tmp / "events.jsonl"),
+            LINEAR,
+            *TRAIN_ARGS,
+            "--out",
+            out,
+        ],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
 

@@ -1,6 +1,6 @@
 """Run inside a test-bed host: print a job's commit records from etcd as JSON.
 
-    python -m tests.multihost.dump URL JOB
+python -m tests.multihost.dump URL JOB
 """
 
 from __future__ import annotations

@@ -9,20 +9,24 @@ from chaos import netbed as netns
 from chaos.netbed import PREFIX, TestBed
 
 # Listens on the host's address, answers one connection, exits.
-_SERVE = ("import socket, sys\n"
-          "s = socket.create_server((sys.argv[1], 5555))\n"
-          "print('up', flush=True)\n"
-          "c, _ = s.accept(); c.sendall(b'pong')\n")
+_SERVE = (
+    "import socket, sys\n"
+    "s = socket.create_server((sys.argv[1], 5555))\n"
+    "print('up', flush=True)\n"
+    "c, _ = s.accept(); c.sendall(b'pong')\n"
+)
 # Exit 0 on an answer, 2 on a timeout, 3 on any other failure.
-_CALL = ("import socket, sys\n"
-         "try:\n"
-         "    address, timeout = sys.argv[1], float(sys.argv[2])\n"
-         "    with socket.create_connection((address, 5555), timeout=timeout) as c:\n"
-         "        sys.exit(0 if c.recv(4) == b'pong' else 3)\n"
-         "except TimeoutError:\n"
-         "    sys.exit(2)\n"
-         "except OSError:\n"
-         "    sys.exit(3)\n")
+_CALL = (
+    "import socket, sys\n"
+    "try:\n"
+    "    address, timeout = sys.argv[1], float(sys.argv[2])\n"
+    "    with socket.create_connection((address, 5555), timeout=timeout) as c:\n"
+    "        sys.exit(0 if c.recv(4) == b'pong' else 3)\n"
+    "except TimeoutError:\n"
+    "    sys.exit(2)\n"
+    "except OSError:\n"
+    "    sys.exit(3)\n"
+)
 
 
 def _serve(host) -> subprocess.Popen:
@@ -50,8 +54,7 @@ def test_hosts_reach_each_other_and_a_pulled_link_times_out_until_it_is_back(mak
     assert _call(b, a.address, 10) == 0
 
 
-def test_destroy_removes_every_namespace_device_and_process_and_may_repeat(
-        bed_available) -> None:
+def test_destroy_removes_every_namespace_device_and_process_and_may_repeat(bed_available) -> None:
     bed = TestBed(2).create()
     try:
         server = _serve(bed.hosts[0])

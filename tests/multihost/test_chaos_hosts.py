@@ -22,12 +22,30 @@ def _bed_names(owner: int) -> list[str]:
 
 
 def test_link_down_and_etcd_leader_loss_on_three_hosts_keep_every_invariant(
-        bed_available: None, tmp_path) -> None:
+    bed_available: None, tmp_path
+) -> None:
     report = tmp_path / "report"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "elastic.cli", "chaos", "run", "--hosts", "3",
-         "--scenario", "link-down", "--scenario", "etcd-leader-loss", "--report", str(report)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "elastic.cli",
+            "chaos",
+            "run",
+            "--hosts",
+            "3",
+            "--scenario",
+            "link-down",
+            "--scenario",
+            "etcd-leader-loss",
+            "--report",
+            str(report),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         out, _ = proc.communicate(timeout=900)
     finally:

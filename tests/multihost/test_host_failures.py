@@ -29,8 +29,7 @@ TRAIN = ["--max-steps", str(STEPS), "--epochs", "1", "--step-time", "0.1"]
 
 @pytest.fixture(scope="module")
 def slow_reference(tmp_path_factory: pytest.TempPathFactory):
-    job = Job(tmp_path_factory.mktemp("mh-failures-ref"), nproc=2, script=LINEAR,
-              script_args=TRAIN)
+    job = Job(tmp_path_factory.mktemp("mh-failures-ref"), nproc=2, script=LINEAR, script_args=TRAIN)
     try:
         assert job.wait(180) == 0, job.log_tail()
         yield job.out
@@ -39,10 +38,20 @@ def slow_reference(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _start(bed, tmp_path, job_id: str, etcd: str) -> list[HostLauncher]:
-    common = ["--min-workers", "2", "--checkpoint", f"file://{tmp_path}/ck",
-              "--checkpoint-every", "10", "--ledger-dir", str(tmp_path / "ledger")]
-    return [HostLauncher(h, str(tmp_path), job=job_id, etcd=etcd, extra=common, train_args=TRAIN)
-            for h in bed.hosts]
+    common = [
+        "--min-workers",
+        "2",
+        "--checkpoint",
+        f"file://{tmp_path}/ck",
+        "--checkpoint-every",
+        "10",
+        "--ledger-dir",
+        str(tmp_path / "ledger"),
+    ]
+    return [
+        HostLauncher(h, str(tmp_path), job=job_id, etcd=etcd, extra=common, train_args=TRAIN)
+        for h in bed.hosts
+    ]
 
 
 def _events(launchers: list[HostLauncher]) -> list[dict]:
@@ -87,17 +96,20 @@ def _finish_and_check(launchers, tmp_path, reference: str) -> list[dict]:
 
 
 def _commits(bed, etcd: str, job_id: str) -> list[dict]:
-    proc = bed.hosts[0].run([sys.executable, "-m", "tests.multihost.dump", etcd, job_id],
-                            env=host_env(), cwd=os.path.dirname(os.path.dirname(
-                                os.path.dirname(os.path.abspath(__file__)))),
-                            stdout=-1)
+    proc = bed.hosts[0].run(
+        [sys.executable, "-m", "tests.multihost.dump", etcd, job_id],
+        env=host_env(),
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        stdout=-1,
+    )
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
     return json.loads(out)["commits"]
 
 
 def test_link_down_host_is_left_behind_trains_nothing_and_rejoins(
-        make_bed, tmp_path, job_id, slow_reference):
+    make_bed, tmp_path, job_id, slow_reference
+):
     bed = make_bed(3)
     etcd = bed.etcd_single(str(tmp_path / "etcd"))  # on host 0: host 2 is the minority
     launchers = _start(bed, tmp_path, job_id, etcd)
@@ -107,15 +119,28 @@ def test_link_down_host_is_left_behind_trains_nothing_and_rejoins(
     t_down = time.time()
     bed.hosts[2].link_down()
     try:
-        gone = _wait(launchers, lambda evs: [e for e in evs if e["event"] == "generation"
-                                              and victim not in e["world"]], 60,
-                     "a World without the cut-off host")
+        gone = _wait(
+            launchers,
+            lambda evs: [e for e in evs if e["event"] == "generation" and victim not in e["world"]],
+            60,
+            "a World without the cut-off host",
+        )
         partition_gen = gone[0]["gen"]
         # Ten steps on, and a checkpoint committed without the cut-off host
         # (an async save commits a step or so after it starts).
-        _wait(launchers, lambda evs: _step_reached(gone[0]["step"] + 10)(evs) and [
-            e for e in evs if e["event"] == "checkpoint_committed"
-            and e["step"] > gone[0]["step"]], 120, "ten steps and a commit without it")
+        _wait(
+            launchers,
+            lambda evs: (
+                _step_reached(gone[0]["step"] + 10)(evs)
+                and [
+                    e
+                    for e in evs
+                    if e["event"] == "checkpoint_committed" and e["step"] > gone[0]["step"]
+                ]
+            ),
+            120,
+            "ten steps and a commit without it",
+        )
     finally:
         t_up = time.time()
         bed.hosts[2].link_up()
@@ -123,8 +148,9 @@ def test_link_down_host_is_left_behind_trains_nothing_and_rejoins(
     # The cut-off side trained no step of the Worlds formed without it...
     with open(tmp_path / "ledger" / f"ledger-{victim}.jsonl") as f:
         records = [json.loads(line) for line in f if line.strip()]
-    gens_without = {e["gen"] for e in events if e["event"] == "generation"
-                    and victim not in e["world"]}
+    gens_without = {
+        e["gen"] for e in events if e["event"] == "generation" and victim not in e["world"]
+    }
     assert not [r for r in records if r["gen"] in gens_without]
     assert partition_gen in gens_without
     # ...and committed nothing while it was cut off.
@@ -135,22 +161,28 @@ def test_link_down_host_is_left_behind_trains_nothing_and_rejoins(
 
 @pytest.mark.slow
 def test_lost_host_costs_one_reform_and_the_result_stays_exact(
-        make_bed, tmp_path, job_id, slow_reference):
+    make_bed, tmp_path, job_id, slow_reference
+):
     bed = make_bed(3)
     etcd = bed.etcd_single(str(tmp_path / "etcd"))
     launchers = _start(bed, tmp_path, job_id, etcd)
     _wait(launchers, _step_reached(15), 180, "step 15")
     victim = _member_of(launchers[2])
     bed.hosts[2].kill_all()  # launcher and worker: nobody revokes the lease
-    _wait(launchers, lambda evs: [e for e in evs if e["event"] == "generation"
-                                  and victim not in e["world"]], 60, "a World without the host")
+    _wait(
+        launchers,
+        lambda evs: [e for e in evs if e["event"] == "generation" and victim not in e["world"]],
+        60,
+        "a World without the host",
+    )
     survivors = launchers[:2]
     _finish_and_check(survivors, tmp_path, slow_reference)
 
 
 @pytest.mark.slow
 def test_etcd_leader_killed_and_restarted_mid_run_redoes_no_step(
-        make_bed, tmp_path, job_id, slow_reference):
+    make_bed, tmp_path, job_id, slow_reference
+):
     bed = make_bed(3)
     etcd, servers = bed.etcd_cluster(str(tmp_path / "etcd"))
     launchers = _start(bed, tmp_path, job_id, etcd)
@@ -170,7 +202,8 @@ def test_etcd_leader_killed_and_restarted_mid_run_redoes_no_step(
 
 @pytest.mark.slow
 def test_partitioned_host_with_an_etcd_member_leaves_the_quorum_to_the_others(
-        make_bed, tmp_path, job_id, slow_reference):
+    make_bed, tmp_path, job_id, slow_reference
+):
     # Host 2 runs a worker and one of three etcd members: cut off, its member
     # loses the quorum and its worker its session; the other two go on.
     bed = make_bed(3)
@@ -180,9 +213,12 @@ def test_partitioned_host_with_an_etcd_member_leaves_the_quorum_to_the_others(
     victim = _member_of(launchers[2])
     bed.hosts[2].link_down()
     try:
-        gone = _wait(launchers, lambda evs: [e for e in evs if e["event"] == "generation"
-                                              and victim not in e["world"]], 60,
-                     "a World without the cut-off host")
+        gone = _wait(
+            launchers,
+            lambda evs: [e for e in evs if e["event"] == "generation" and victim not in e["world"]],
+            60,
+            "a World without the cut-off host",
+        )
         _wait(launchers, _step_reached(gone[0]["step"] + 10), 120, "ten steps without it")
     finally:
         bed.hosts[2].link_up()

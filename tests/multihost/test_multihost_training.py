@@ -15,13 +15,21 @@ from .bed import HostLauncher
 TOLERANCE = 1e-5
 
 
-def _train_on_every_host(bed, tmp_path, job_id: str, etcd: str,
-                         reference: str) -> list[HostLauncher]:
+def _train_on_every_host(
+    bed, tmp_path, job_id: str, etcd: str, reference: str
+) -> list[HostLauncher]:
     n = len(bed.hosts)
     ck = f"file://{tmp_path}/ck"  # namespaces share the filesystem, like a shared volume
-    launchers = [HostLauncher(h, str(tmp_path), job=job_id, etcd=etcd,
-                              extra=["--min-workers", str(n), "--checkpoint", ck])
-                 for h in bed.hosts]
+    launchers = [
+        HostLauncher(
+            h,
+            str(tmp_path),
+            job=job_id,
+            etcd=etcd,
+            extra=["--min-workers", str(n), "--checkpoint", ck],
+        )
+        for h in bed.hosts
+    ]
     for launcher in launchers:
         assert launcher.wait(240) == 0, "\n".join(x.log_tail() for x in launchers)
     worlds = [e["world"] for x in launchers for e in x.events() if e["event"] == "generation"]
@@ -35,14 +43,16 @@ def _train_on_every_host(bed, tmp_path, job_id: str, etcd: str,
 
 
 def test_two_hosts_form_one_job_and_match_the_single_host_result(
-        make_bed, tmp_path, job_id, reference):
+    make_bed, tmp_path, job_id, reference
+):
     bed = make_bed(2)
     etcd = bed.etcd_single(str(tmp_path / "etcd"))
     _train_on_every_host(bed, tmp_path, job_id, etcd, reference)
 
 
 def test_three_hosts_on_a_three_member_etcd_with_one_member_dead_match_the_reference(
-        make_bed, tmp_path, job_id, reference):
+    make_bed, tmp_path, job_id, reference
+):
     bed = make_bed(3)
     etcd, servers = bed.etcd_cluster(str(tmp_path / "etcd"))
     # The first endpoint is the dead one: clients must move on to the others,

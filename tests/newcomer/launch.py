@@ -30,8 +30,15 @@ def _end(proc: subprocess.Popen) -> None:
 
 def run_logged(args: list[str], cwd: Any, timeout: float = 180.0) -> tuple[int, str, str]:
     """Exit code, stdout and stderr of `elastic ARGS` with both piped (not a terminal)."""
-    proc = subprocess.Popen([*ELASTIC, *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [*ELASTIC, *args],
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
@@ -42,8 +49,15 @@ def run_logged(args: list[str], cwd: Any, timeout: float = 180.0) -> tuple[int, 
 def run_on_terminal(args: list[str], cwd: Any, timeout: float = 180.0) -> tuple[int, str]:
     """Exit code and everything `elastic ARGS` wrote to its terminal (a pty)."""
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([*ELASTIC, *args], cwd=cwd, env=_env(), stdin=follower,
-                            stdout=follower, stderr=follower, start_new_session=True)
+    proc = subprocess.Popen(
+        [*ELASTIC, *args],
+        cwd=cwd,
+        env=_env(),
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        start_new_session=True,
+    )
     os.close(follower)
     chunks = []
     deadline = time.monotonic() + timeout

@@ -29,9 +29,11 @@ def _errors(text: str) -> list[str]:
 
 
 def test_a_torchrun_script_without_compat_is_refused_before_any_worker_starts(
-        tmp_path: Any) -> None:
-    rc, _, err = run_logged(["run", "-n", "2", "--event-log", "ev.jsonl", TORCHRUN], tmp_path,
-                            timeout=60)
+    tmp_path: Any,
+) -> None:
+    rc, _, err = run_logged(
+        ["run", "-n", "2", "--event-log", "ev.jsonl", TORCHRUN], tmp_path, timeout=60
+    )
     assert rc != 0
     assert "Traceback" not in err and "RANK expected" not in err
     (line,) = _errors(err)
@@ -40,21 +42,29 @@ def test_a_torchrun_script_without_compat_is_refused_before_any_worker_starts(
 
 
 def test_the_same_script_still_runs_with_compat(tmp_path: Any) -> None:
-    rc, out, err = run_logged(["run", "--torchrun-compat", "-n", "2", "--event-log", "ev.jsonl",
-                               TORCHRUN], tmp_path)
+    rc, out, err = run_logged(
+        ["run", "--torchrun-compat", "-n", "2", "--event-log", "ev.jsonl", TORCHRUN], tmp_path
+    )
     assert rc == 0, err[-2000:]
     assert "world 2, restart 0" in out
 
 
 def test_a_script_run_without_the_launcher_says_how_to_start_it(tmp_path: Any) -> None:
     env = {k: v for k, v in _env().items() if not k.startswith("ELASTIC_")}
-    done = subprocess.run([sys.executable, CLASSIFIER, "--max-steps", "2"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, CLASSIFIER, "--max-steps", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == EXIT_FATAL
     assert "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith("elastic: error: not started by `elastic run`: ELASTIC_CONFIG "
-                                  "is not set")
+    assert done.stderr.startswith(
+        "elastic: error: not started by `elastic run`: ELASTIC_CONFIG is not set"
+    )
     assert "elastic run -n N" in done.stderr
 
 
@@ -71,8 +81,9 @@ Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), TensorDataset(torch.
 def test_a_bad_setting_in_every_worker_is_said_once_and_not_restarted(tmp_path: Any) -> None:
     script = tmp_path / "bad.py"
     script.write_text(BAD_CONFIG)
-    rc, _, err = run_logged(["run", "-n", "2", "--no-checkpoint", "--event-log", "ev.jsonl",
-                             str(script)], tmp_path)
+    rc, _, err = run_logged(
+        ["run", "-n", "2", "--no-checkpoint", "--event-log", "ev.jsonl", str(script)], tmp_path
+    )
     assert rc != 0
     assert "Traceback" not in err
     (line,) = _errors(err)  # two workers, one line
@@ -83,21 +94,46 @@ def test_a_bad_setting_in_every_worker_is_said_once_and_not_restarted(tmp_path: 
 
 
 def test_a_joining_worker_whose_etcd_vanished_is_not_restarted(
-        fresh_etcd: EmbeddedEtcd, keys: Keyspace, make_client: Any, tmp_path: Any) -> None:
+    fresh_etcd: EmbeddedEtcd, keys: Keyspace, make_client: Any, tmp_path: Any
+) -> None:
     client = make_client(fresh_etcd.url)
     # A running job that needs two workers: the joiner waits for a partner.
     client.put(keys.gen, "1")
     client.put(keys.ctl + "config", json.dumps({"min_workers": 2, "max_workers": 4}))
     log = str(tmp_path / "ev.jsonl")
     proc = subprocess.Popen(
-        [*ELASTIC, "run", "--job", keys.job, "--etcd", fresh_etcd.url, "-n", "1",
-         "--etcd-timeout", "2", "--lease-ttl", "2", "--etcd-outage", "5", "--event-log", log,
-         CLASSIFIER],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        [
+            *ELASTIC,
+            "run",
+            "--job",
+            keys.job,
+            "--etcd",
+            fresh_etcd.url,
+            "-n",
+            "1",
+            "--etcd-timeout",
+            "2",
+            "--lease-ttl",
+            "2",
+            "--etcd-outage",
+            "5",
+            "--event-log",
+            log,
+            CLASSIFIER,
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        wait_until(lambda: client.get_prefix(keys.members) and list(client.get_prefix(
-            keys.members)), 90, "the joiner registered")
+        wait_until(
+            lambda: client.get_prefix(keys.members) and list(client.get_prefix(keys.members)),
+            90,
+            "the joiner registered",
+        )
         fresh_etcd.stop()  # the job's first launcher finished and took its etcd along
         out, err = proc.communicate(timeout=120)
     finally:
@@ -111,12 +147,16 @@ def test_a_joining_worker_whose_etcd_vanished_is_not_restarted(
 
 
 def test_a_torchrun_init_the_scan_cannot_see_fails_once_per_worker_without_restarts(
-        tmp_path: Any) -> None:
+    tmp_path: Any,
+) -> None:
     (tmp_path / "helper.py").write_text(
-        "import torch.distributed as dist\n\n\ndef setup():\n    dist.init_process_group('gloo')\n")
+        "import torch.distributed as dist\n\n\ndef setup():\n    dist.init_process_group('gloo')\n"
+    )
     (tmp_path / "main.py").write_text("import helper\n\nhelper.setup()\n")
-    rc, _, err = run_logged(["run", "-n", "2", "--no-checkpoint", "--event-log", "ev.jsonl",
-                             str(tmp_path / "main.py")], tmp_path)
+    rc, _, err = run_logged(
+        ["run", "-n", "2", "--no-checkpoint", "--event-log", "ev.jsonl", str(tmp_path / "main.py")],
+        tmp_path,
+    )
     assert rc != 0
     advice = [ln for ln in err.splitlines() if "re-run with --torchrun-compat" in ln]
     assert len(advice) == 2, err[-3000:]  # one per worker, naming what to do

@@ -13,9 +13,12 @@ TRAIN = ["--max-steps", "48", "--step-time", "0.04"]
 
 
 def test_on_a_terminal_the_progress_line_is_redrawn_in_place_then_one_summary(
-        tmp_path: Any) -> None:
-    rc, out = run_on_terminal(["run", "-n", "2", "--no-checkpoint", "--event-log",
-                               "events.jsonl", CLASSIFIER, *TRAIN], tmp_path)
+    tmp_path: Any,
+) -> None:
+    rc, out = run_on_terminal(
+        ["run", "-n", "2", "--no-checkpoint", "--event-log", "events.jsonl", CLASSIFIER, *TRAIN],
+        tmp_path,
+    )
     assert rc == 0, out[-3000:]
     draws = [d for d in out.split("\r\x1b[K") if d.startswith("step ")]
     assert len(draws) >= 2, out[-3000:]  # redrawn as steps advance, never a new line each
@@ -32,8 +35,21 @@ def test_on_a_terminal_the_progress_line_is_redrawn_in_place_then_one_summary(
 
 
 def test_in_a_log_plain_progress_lines_then_one_summary(tmp_path: Any) -> None:
-    rc, out, err = run_logged(["run", "-n", "2", "--no-checkpoint", "--progress-every", "0.3",
-                               "--event-log", "events.jsonl", CLASSIFIER, *TRAIN], tmp_path)
+    rc, out, err = run_logged(
+        [
+            "run",
+            "-n",
+            "2",
+            "--no-checkpoint",
+            "--progress-every",
+            "0.3",
+            "--event-log",
+            "events.jsonl",
+            CLASSIFIER,
+            *TRAIN,
+        ],
+        tmp_path,
+    )
     assert rc == 0, err[-3000:]
     assert "\r" not in err and "\x1b" not in err
     progress = [ln for ln in err.splitlines() if ln.startswith("[elastic] progress: step ")]

@@ -23,12 +23,22 @@ from tests.helpers.wait import wait_until
 
 def _events(total: int = 100, steps: int = 40) -> list[dict[str, Any]]:
     evs: list[dict[str, Any]] = [
-        {"t": 0.0, "event": "spawn"}, {"t": 0.0, "event": "spawn"},
-        {"t": 1.0, "event": "generation", "gen": 1, "world": ["a", "b"], "step": 0,
-         "total_steps": total, "global_batch": 64},
+        {"t": 0.0, "event": "spawn"},
+        {"t": 0.0, "event": "spawn"},
+        {
+            "t": 1.0,
+            "event": "generation",
+            "gen": 1,
+            "world": ["a", "b"],
+            "step": 0,
+            "total_steps": total,
+            "global_batch": 64,
+        },
     ]
-    evs += [{"t": 1.0 + 0.1 * s, "event": "step", "step": s, "gen": 1, "world": 2,
-             "loss": 1.0 / s} for s in range(1, steps + 1)]
+    evs += [
+        {"t": 1.0 + 0.1 * s, "event": "step", "step": s, "gen": 1, "world": 2, "loss": 1.0 / s}
+        for s in range(1, steps + 1)
+    ]
     return evs
 
 
@@ -66,9 +76,11 @@ def test_summary_counts_failures_once_per_generation_restarts_and_checkpoints() 
     for ev in evs:
         st.apply(ev)
     summary = format_summary(st, 0, 12.34, nproc=2)
-    assert summary == ("finished: 100/100 steps, final loss 0.01, wall 12.3s, world 2; "
-                       "1 failure, 1 recovery (slowest 0.20s), 1 restart; "
-                       "2 checkpoints (last step 100)")
+    assert summary == (
+        "finished: 100/100 steps, final loss 0.01, wall 12.3s, world 2; "
+        "1 failure, 1 recovery (slowest 0.20s), 1 restart; "
+        "2 checkpoints (last step 100)"
+    )
 
 
 def test_summary_of_a_failed_run_says_failed() -> None:
@@ -102,8 +114,7 @@ class _Tty(io.StringIO):
         return True
 
 
-def test_view_on_a_terminal_redraws_in_place_and_clears_before_other_lines(
-        tmp_path: Any) -> None:
+def test_view_on_a_terminal_redraws_in_place_and_clears_before_other_lines(tmp_path: Any) -> None:
     path = str(tmp_path / "e.jsonl")
     open(path, "w").close()
     out = _Tty()
@@ -121,19 +132,21 @@ def test_view_on_a_terminal_redraws_in_place_and_clears_before_other_lines(
     # the other line starts on a cleared line, and the progress line comes back after it
     assert "\r\x1b[K[elastic] a worker line\nstep 40/100" in text
     assert text.endswith(f"\r\x1b[K[elastic] summary: {summary}\n")
-    assert text.count("summary:") == 1 and "\n" not in text[:text.index("[elastic] a")]
+    assert text.count("summary:") == 1 and "\n" not in text[: text.index("[elastic] a")]
 
 
 def test_view_in_a_log_writes_plain_lines_without_carriage_returns(tmp_path: Any) -> None:
     path = str(tmp_path / "e.jsonl")
     out = io.StringIO()  # not a terminal
-    view = ProgressView(path, nproc=2, stream=out,
-                        config=ProgressConfig(refresh_s=0.02, interval_s=0.05))
+    view = ProgressView(
+        path, nproc=2, stream=out, config=ProgressConfig(refresh_s=0.02, interval_s=0.05)
+    )
     try:
         with open(path, "a") as f:
             f.writelines(json.dumps(e) + "\n" for e in _events())
-        wait_until(lambda: "[elastic] progress: step 40/100" in out.getvalue(), 20,
-                   "a plain progress line")
+        wait_until(
+            lambda: "[elastic] progress: step 40/100" in out.getvalue(), 20, "a plain progress line"
+        )
         view.finish(0)
     finally:
         view.close()
@@ -150,8 +163,12 @@ def test_forwarded_error_lines_of_several_workers_are_said_once(tmp_path: Any) -
     out = io.StringIO()
     view = ProgressView(str(tmp_path / "e.jsonl"), nproc=2, stream=out)
     code = "import sys; sys.stderr.write('elastic: error: bad x\\n'); print('hello')"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
     try:
         captured_err, captured_out = io.StringIO(), io.StringIO()
         real = sys.stderr, sys.stdout

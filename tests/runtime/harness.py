@@ -30,27 +30,54 @@ FAST = ["--lease-ttl", "2", "--collective-timeout", "4", "--settle", "0.2"]
 
 
 class Job:
-    def __init__(self, tmp_path: Any, *, nproc: int, etcd_url: str | None = None,
-                 job: str | None = None, extra: list[str] | None = None,
-                 script: str = CLASSIFIER, script_args: list[str] | None = None,
-                 out: str = "final.pt", name: str = "launcher") -> None:
+    def __init__(
+        self,
+        tmp_path: Any,
+        *,
+        nproc: int,
+        etcd_url: str | None = None,
+        job: str | None = None,
+        extra: list[str] | None = None,
+        script: str = CLASSIFIER,
+        script_args: list[str] | None = None,
+        out: str = "final.pt",
+        name: str = "launcher",
+    ) -> None:
         self.dir = str(tmp_path)
         os.makedirs(self.dir, exist_ok=True)
         self.job = job or f"t{uuid.uuid4().hex[:8]}"
         self.event_log = os.path.join(self.dir, f"{self.job}.events.jsonl")
         self.ledger_dir = os.path.join(self.dir, "ledger")
         self.out = os.path.join(self.dir, out)
-        args = [sys.executable, "-m", "elastic.cli", "run", "-n", str(nproc), "--job", self.job,
-                "--event-log", self.event_log, "--ledger-dir", self.ledger_dir, *FAST,
-                *(extra or [])]
+        args = [
+            sys.executable,
+            "-m",
+            "elastic.cli",
+            "run",
+            "-n",
+            str(nproc),
+            "--job",
+            self.job,
+            "--event-log",
+            self.event_log,
+            "--ledger-dir",
+            self.ledger_dir,
+            *FAST,
+            *(extra or []),
+        ]
         if etcd_url:
             args += ["--etcd", etcd_url]
-        args += [script, *(script_args if script_args is not None else TRAIN_ARGS),
-                 "--out", self.out]
+        args += [
+            script,
+            *(script_args if script_args is not None else TRAIN_ARGS),
+            "--out",
+            self.out,
+        ]
         self.log_path = os.path.join(self.dir, f"{name}-{self.job}.log")
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, cwd=self.dir, stdout=log, stderr=log,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                args, cwd=self.dir, stdout=log, stderr=log, start_new_session=True
+            )
 
     # -- observing ---------------------------------------------------------------
 
@@ -67,8 +94,9 @@ class Job:
                 found = predicate(self.events())
                 if found:
                     return found
-                raise AssertionError(f"launcher exited ({self.proc.returncode}) before {what}:\n"
-                                     + self.log_tail())
+                raise AssertionError(
+                    f"launcher exited ({self.proc.returncode}) before {what}:\n" + self.log_tail()
+                )
             return predicate(self.events())
 
         try:
@@ -77,8 +105,11 @@ class Job:
             raise AssertionError(f"{exc}\n--- launcher log ---\n{self.log_tail()}") from None
 
     def wait_step(self, step: int, timeout: float = 90.0) -> None:
-        self.wait_for(lambda evs: any(e["event"] == "step" and e["step"] >= step for e in evs),
-                      timeout, f"step {step}")
+        self.wait_for(
+            lambda evs: any(e["event"] == "step" and e["step"] >= step for e in evs),
+            timeout,
+            f"step {step}",
+        )
 
     def world(self) -> list[str]:
         gens = [e for e in self.events() if e["event"] == "generation"]
@@ -100,8 +131,9 @@ class Job:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"launcher still running after {timeout}s:\n"
-                                 + self.log_tail()) from None
+            raise AssertionError(
+                f"launcher still running after {timeout}s:\n" + self.log_tail()
+            ) from None
 
     def kill_everything(self) -> None:
         """SIGKILL the launcher and every worker it started (a machine dying)."""

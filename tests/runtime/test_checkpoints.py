@@ -9,12 +9,12 @@ from storage import CheckpointStore
 from .harness import Job, max_abs_diff
 
 
-def test_periodic_checkpoint_on_the_last_step_is_the_final_one(
-        tmp_path, etcd_url, reference, jobs):
+def test_periodic_checkpoint_on_the_last_step_is_the_final_one(tmp_path, etcd_url, reference, jobs):
     ck = f"file://{tmp_path}/ck"
     # 96 steps, a checkpoint every 48: the periodic and the final one coincide.
-    job = Job(tmp_path, nproc=2, etcd_url=etcd_url,
-              extra=["--checkpoint", ck, "--checkpoint-every", "48"])
+    job = Job(
+        tmp_path, nproc=2, etcd_url=etcd_url, extra=["--checkpoint", ck, "--checkpoint-every", "48"]
+    )
     jobs.append(job)
     assert job.wait(120) == 0, job.log_tail()
     store = CheckpointStore(ck)
@@ -61,12 +61,18 @@ def test_resuming_a_finished_run_ends_at_once_on_its_final_checkpoint(tmp_path, 
     # The restored step is the last one: the final save finds that step committed
     # already and must accept it, not crash-loop on "already committed".
     ck = f"file://{tmp_path}/ck"
-    first = Job(tmp_path / "a", nproc=1, etcd_url=etcd_url, script_args=SHORT,
-                extra=["--checkpoint", ck])
+    first = Job(
+        tmp_path / "a", nproc=1, etcd_url=etcd_url, script_args=SHORT, extra=["--checkpoint", ck]
+    )
     jobs.append(first)
     assert first.wait(120) == 0, first.log_tail()
-    again = Job(tmp_path / "b", nproc=2, etcd_url=etcd_url, script_args=SHORT,
-                extra=["--checkpoint", ck, "--resume", "--max-restarts", "0"])
+    again = Job(
+        tmp_path / "b",
+        nproc=2,
+        etcd_url=etcd_url,
+        script_args=SHORT,
+        extra=["--checkpoint", ck, "--resume", "--max-restarts", "0"],
+    )
     jobs.append(again)
     assert again.wait(120) == 0, again.log_tail()
     assert [e["step"] for e in again.events() if e["event"] == "restore"] == [8]
@@ -82,15 +88,18 @@ def test_resume_from_a_checkpoint_that_does_not_verify_stops_without_restarts(tm
     first = Job(tmp_path / "first", nproc=1, script_args=SHORT, extra=["--checkpoint", ck])
     jobs.append(first)
     assert first.wait(120) == 0, first.log_tail()
-    data = [p for p in glob.glob(f"{tmp_path}/ck/**/data-*", recursive=True)
-            if os.path.getsize(p)]
+    data = [p for p in glob.glob(f"{tmp_path}/ck/**/data-*", recursive=True) if os.path.getsize(p)]
     assert data, "no data file written"
     with open(data[0], "r+b") as f:  # a bit flip the checksum catches
         byte = f.read(1)
         f.seek(0)
         f.write(bytes([byte[0] ^ 0xFF]))
-    again = Job(tmp_path / "again", nproc=2, script_args=SHORT,
-                extra=["--checkpoint", ck, "--resume", "--max-restarts", "5"])
+    again = Job(
+        tmp_path / "again",
+        nproc=2,
+        script_args=SHORT,
+        extra=["--checkpoint", ck, "--resume", "--max-restarts", "5"],
+    )
     jobs.append(again)
     assert again.wait(120) != 0
     log = again.log_tail(20000)

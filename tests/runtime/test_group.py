@@ -84,8 +84,13 @@ def _abandoner(rank: int, store_addr: str | None, queue, cycles: int) -> None:
         sync = host.store
     else:
         addr, _, port = store_addr.rpartition(":")
-        sync = dist.TCPStore(addr, int(port), is_master=False, wait_for_workers=False,
-                             timeout=datetime.timedelta(seconds=60))
+        sync = dist.TCPStore(
+            addr,
+            int(port),
+            is_master=False,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=60),
+        )
 
     def barrier(name: str) -> None:
         sync.set(f"{name}/{rank}", "1")

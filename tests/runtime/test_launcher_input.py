@@ -15,22 +15,34 @@ from .harness import CLASSIFIER, REPO
 
 def run_cli(*args: str, cwd: str, timeout: float = 60.0) -> tuple[int, str, float]:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "elastic.cli", "run", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "elastic.cli", "run", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc.returncode, proc.stderr, time.monotonic() - t0
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["-n", "2", "no_such_script.py"], "training script 'no_such_script.py' does not exist"),
-    (["-n", "0", CLASSIFIER], "-n/--nproc must be >= 1, got 0"),
-    (["--min-workers", "3", "--max-workers", "2", CLASSIFIER],
-     "--min-workers (3) is above --max-workers (2)"),
-    (["--resume", CLASSIFIER], "--resume needs --checkpoint URL"),
-    (["--no-checkpoint", "--checkpoint", "file:///tmp/x", CLASSIFIER],
-     "--no-checkpoint contradicts --checkpoint/--checkpoint-every"),
-    (["--job", "bad job!", CLASSIFIER], "invalid job id 'bad job!'"),
-    (["--etcd", "localhost:2379", CLASSIFIER], "malformed URL 'localhost:2379'"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["-n", "2", "no_such_script.py"], "training script 'no_such_script.py' does not exist"),
+        (["-n", "0", CLASSIFIER], "-n/--nproc must be >= 1, got 0"),
+        (
+            ["--min-workers", "3", "--max-workers", "2", CLASSIFIER],
+            "--min-workers (3) is above --max-workers (2)",
+        ),
+        (["--resume", CLASSIFIER], "--resume needs --checkpoint URL"),
+        (
+            ["--no-checkpoint", "--checkpoint", "file:///tmp/x", CLASSIFIER],
+            "--no-checkpoint contradicts --checkpoint/--checkpoint-every",
+        ),
+        (["--job", "bad job!", CLASSIFIER], "invalid job id 'bad job!'"),
+        (["--etcd", "localhost:2379", CLASSIFIER], "malformed URL 'localhost:2379'"),
+    ],
+)
 def test_bad_arguments_are_refused_before_anything_starts(tmp_path, args, expected):
     rc, err, _ = run_cli(*args, cwd=str(tmp_path))
     assert rc != 0
@@ -44,9 +56,14 @@ def test_an_etcd_password_without_a_user_is_refused_by_the_launcher(tmp_path, ho
     # which inherits $ELASTIC_ETCD_PASSWORD, failed to authenticate.
     args = ["--etcd-password", "pw"] if how == "flag" else []
     env = dict(os.environ, ELASTIC_ETCD_PASSWORD="pw") if how == "environment" else None
-    proc = subprocess.run([sys.executable, "-m", "elastic.cli", "run", *args, "-n", "1",
-                           CLASSIFIER], cwd=str(tmp_path), capture_output=True, text=True,
-                          timeout=60, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "elastic.cli", "run", *args, "-n", "1", CLASSIFIER],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert proc.returncode != 0, proc.stderr
     assert "an etcd password is set" in proc.stderr and "--etcd-user" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -54,16 +71,18 @@ def test_an_etcd_password_without_a_user_is_refused_by_the_launcher(tmp_path, ho
 
 
 def test_unreachable_etcd_fails_within_the_stated_bound(tmp_path):
-    rc, err, took = run_cli("--etcd", "http://127.0.0.1:9", "--etcd-timeout", "2", CLASSIFIER,
-                            cwd=str(tmp_path))
+    rc, err, took = run_cli(
+        "--etcd", "http://127.0.0.1:9", "--etcd-timeout", "2", CLASSIFIER, cwd=str(tmp_path)
+    )
     assert rc != 0
     assert "connecting to http://127.0.0.1:9 failed for 2.0s (bound)" in err, err
     assert took < 30
 
 
 def test_resume_from_an_empty_location_is_refused(tmp_path):
-    rc, err, _ = run_cli("--resume", "--checkpoint", f"file://{tmp_path}/empty", CLASSIFIER,
-                         cwd=str(tmp_path))
+    rc, err, _ = run_cli(
+        "--resume", "--checkpoint", f"file://{tmp_path}/empty", CLASSIFIER, cwd=str(tmp_path)
+    )
     assert rc != 0
     assert "no committed checkpoint" in err and "empty" in err, err
 
@@ -81,29 +100,50 @@ def test_fresh_run_on_a_location_with_checkpoints_is_refused(tmp_path):
 
 
 def test_script_outside_elastic_run_gets_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, CLASSIFIER], cwd=str(tmp_path), capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": REPO})
+    proc = subprocess.run(
+        [sys.executable, CLASSIFIER],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert proc.returncode != 0
     assert "not started by `elastic run`" in proc.stderr
 
 
 def test_checkpoint_every_without_a_location_on_an_external_etcd_is_refused(tmp_path, etcd_url):
-    rc, err, _ = run_cli("--etcd", etcd_url, "--checkpoint-every", "10", CLASSIFIER,
-                         cwd=str(tmp_path))
+    rc, err, _ = run_cli(
+        "--etcd", etcd_url, "--checkpoint-every", "10", CLASSIFIER, cwd=str(tmp_path)
+    )
     assert rc != 0
     assert "--checkpoint-every needs a location" in err, err
 
 
-@pytest.mark.parametrize("make_args,expected", [
-    (lambda d: ["--settle", "-5", CLASSIFIER], "argument --settle: must be >= 0 seconds, got -5"),
-    (lambda d: ["--hang-factor", "0.5", CLASSIFIER], "argument --hang-factor: must be >= 1"),
-    (lambda d: ["--hang-floor", "0", CLASSIFIER], "argument --hang-floor: must be > 0 seconds"),
-    (lambda d: ["--lease-ttl", "nan", CLASSIFIER], "argument --lease-ttl: 'nan' is not a finite"),
-    (lambda d: ["--ledger-dir", _file(d, "ledger"), CLASSIFIER], "exists and is not a directory"),
-    (lambda d: ["--event-log", _file(d, "f") + "/events.jsonl", CLASSIFIER],
-     "cannot create files under"),
-    (lambda d: ["--event-log", d, CLASSIFIER], "is a directory; name a file"),
-])
+@pytest.mark.parametrize(
+    "make_args,expected",
+    [
+        (
+            lambda d: ["--settle", "-5", CLASSIFIER],
+            "argument --settle: must be >= 0 seconds, got -5",
+        ),
+        (lambda d: ["--hang-factor", "0.5", CLASSIFIER], "argument --hang-factor: must be >= 1"),
+        (lambda d: ["--hang-floor", "0", CLASSIFIER], "argument --hang-floor: must be > 0 seconds"),
+        (
+            lambda d: ["--lease-ttl", "nan", CLASSIFIER],
+            "argument --lease-ttl: 'nan' is not a finite",
+        ),
+        (
+            lambda d: ["--ledger-dir", _file(d, "ledger"), CLASSIFIER],
+            "exists and is not a directory",
+        ),
+        (
+            lambda d: ["--event-log", _file(d, "f") + "/events.jsonl", CLASSIFIER],
+            "cannot create files under",
+        ),
+        (lambda d: ["--event-log", d, CLASSIFIER], "is a directory; name a file"),
+    ],
+)
 def test_unusable_settings_are_refused_before_any_worker_starts(tmp_path, make_args, expected):
     d = str(tmp_path / "in")
     os.makedirs(d)
@@ -131,8 +171,16 @@ def test_restarts_of_a_script_that_keeps_failing_back_off(tmp_path):
     script = tmp_path / "fails.py"
     script.write_text("import sys\nsys.exit(1)\n")
     log = str(tmp_path / "events.jsonl")
-    rc, err, _ = run_cli("--max-restarts", "5", "--event-log", log, "--no-checkpoint",
-                         str(script), cwd=str(tmp_path), timeout=120)
+    rc, err, _ = run_cli(
+        "--max-restarts",
+        "5",
+        "--event-log",
+        log,
+        "--no-checkpoint",
+        str(script),
+        cwd=str(tmp_path),
+        timeout=120,
+    )
     assert rc != 0
     events = _events(log)
     delays = [e["seconds"] for e in events if e["event"] == "backoff"]
@@ -163,10 +211,21 @@ def test_a_worker_receives_its_settings_as_one_value(tmp_path):
         "cfg = RuntimeConfig.from_env()\n"
         "names = sorted(k for k in os.environ if k.startswith('ELASTIC_'))\n"
         "print('SEEN ' + json.dumps([names, cfg.rendezvous.lease_ttl, cfg.hangs.floor_s, "
-        "cfg.collective_timeout, cfg.etcd.connect_timeout]), file=sys.stderr)\n")
-    rc, err, _ = run_cli("--no-checkpoint", "--lease-ttl", "3", "--hang-floor", "4",
-                         "--collective-timeout", "40", "--etcd-timeout", "7", str(script),
-                         cwd=str(tmp_path))
+        "cfg.collective_timeout, cfg.etcd.connect_timeout]), file=sys.stderr)\n"
+    )
+    rc, err, _ = run_cli(
+        "--no-checkpoint",
+        "--lease-ttl",
+        "3",
+        "--hang-floor",
+        "4",
+        "--collective-timeout",
+        "40",
+        "--etcd-timeout",
+        "7",
+        str(script),
+        cwd=str(tmp_path),
+    )
     seen = [line for line in err.splitlines() if "SEEN " in line]
     assert seen, err
     names, ttl, floor, collective, etcd_timeout = json.loads(seen[0].split("SEEN ", 1)[1])
@@ -177,16 +236,36 @@ def test_a_worker_receives_its_settings_as_one_value(tmp_path):
 def test_min_workers_above_the_local_workers_says_what_it_waits_for(tmp_path):
     log = str(tmp_path / "events.jsonl")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "elastic.cli", "run", "-n", "1", "--min-workers", "3",
-         "--no-checkpoint", "--event-log", log, CLASSIFIER], cwd=str(tmp_path),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "elastic.cli",
+            "run",
+            "-n",
+            "1",
+            "--min-workers",
+            "3",
+            "--no-checkpoint",
+            "--event-log",
+            log,
+            CLASSIFIER,
+        ],
+        cwd=str(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         from tests.helpers.wait import wait_until
 
         found = wait_until(
-            lambda: os.path.exists(log) and [e for e in _events(log) if e["event"] == "waiting"
-                                             and e["present"] == 1],
-            60, "a 'waiting for 3 workers (1 present)' line")
+            lambda: (
+                os.path.exists(log)
+                and [e for e in _events(log) if e["event"] == "waiting" and e["present"] == 1]
+            ),
+            60,
+            "a 'waiting for 3 workers (1 present)' line",
+        )
         assert found[0]["want"] == 3, found
         notes = [e for e in _events(log) if e["event"] == "note"]
         assert notes, "no note at launch about --min-workers"

@@ -16,7 +16,7 @@ from .harness import REPO
 def readme_script() -> str:
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         text = f.read()
-    section = text[text.index("## Writing a training script"):]
+    section = text[text.index("## Writing a training script") :]
     match = re.search(r"```python\n(.*?)```", section, re.S)
     assert match, "README has no python block under 'Writing a training script'"
     return match.group(1)
@@ -30,7 +30,10 @@ def test_the_readme_training_script_runs_under_elastic_run(tmp_path) -> None:
     script.write_text(source)
     proc = subprocess.Popen(
         [sys.executable, "-m", "elastic.cli", "run", "-n", "2", str(script)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     try:

@@ -76,16 +76,21 @@ def test_shares_differ_by_at_most_one_and_extra_ranks_get_nothing():
 
 def test_micro_shards_are_the_same_cuts_for_any_world_size():
     s = ElasticSampler(64, 16, seed=0)
+
     def cuts(w):
         return [tuple(p) for r in range(w) for p in s.micro_shards(r, w, 4)[0]]
+
     assert cuts(1) == cuts(2) == cuts(3) == cuts(4)
 
 
-@pytest.mark.parametrize("kwargs,msg", [
-    (dict(dataset_size=0, global_batch_size=4), "dataset is empty"),
-    (dict(dataset_size=4, global_batch_size=0), "global_batch_size must be >= 1"),
-    (dict(dataset_size=4, global_batch_size=8, drop_last=True), "leaves no batch"),
-])
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(dataset_size=0, global_batch_size=4), "dataset is empty"),
+        (dict(dataset_size=4, global_batch_size=0), "global_batch_size must be >= 1"),
+        (dict(dataset_size=4, global_batch_size=8, drop_last=True), "leaves no batch"),
+    ],
+)
 def test_invalid_settings_are_named(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):
         ElasticSampler(**kwargs)

@@ -36,7 +36,7 @@ def _listening(pid: int) -> set[tuple[str, int]]:
                 hexaddr, hexport = cols[1].split(":")
                 raw = bytes.fromhex(hexaddr)
                 # /proc prints each 32-bit word in host (little-endian) order.
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, width, 4))
                 found.add((str(ipaddress.ip_address(raw)), int(hexport, 16)))
     return found
 
@@ -60,8 +60,9 @@ def test_a_store_on_ipv6_loopback_is_advertised_in_brackets_and_reached() -> Non
     host = StoreHost("::1", timeout=5)
     assert host.address == f"[::1]:{host.port}"
     name, port = split_hostport(host.address)
-    client = dist.TCPStore(name, port, is_master=False, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=5))
+    client = dist.TCPStore(
+        name, port, is_master=False, wait_for_workers=False, timeout=datetime.timedelta(seconds=5)
+    )
     client.set("k", "v")
     assert host.store.get("k") == b"v"
 
@@ -79,12 +80,19 @@ def test_a_loopback_member_in_a_world_with_other_hosts_refuses_to_form_naming_bo
     from elastic.train.group import StoreHost, WorkerGroup
 
     host = StoreHost("127.0.0.1", timeout=5)
-    world = World("j", 1, (WorldMember("here", "127.0.0.1", host.address),
-                           WorldMember("there", "10.213.7.2", "10.213.7.2:1")))
+    world = World(
+        "j",
+        1,
+        (
+            WorldMember("here", "127.0.0.1", host.address),
+            WorldMember("there", "10.213.7.2", "10.213.7.2:1"),
+        ),
+    )
     with pytest.raises(ConfigError) as err:
         WorkerGroup(world, 0, host, timeout=5).form()
     assert "127.0.0.1 is loopback, but member there is on another host (10.213.7.2)" in str(
-        err.value)
+        err.value
+    )
     assert not dist.is_initialized()
 
 

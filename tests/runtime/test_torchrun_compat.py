@@ -12,9 +12,23 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchrun_styl
 
 def run(tmp_path, *extra, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "elastic.cli", "run", "--torchrun-compat", "-n", "2", *extra,
-         SCRIPT], cwd=str(tmp_path), capture_output=True, text=True, timeout=180,
-        env={**os.environ, "RESULT_DIR": str(tmp_path), **(env or {})})
+        [
+            sys.executable,
+            "-m",
+            "elastic.cli",
+            "run",
+            "--torchrun-compat",
+            "-n",
+            "2",
+            *extra,
+            SCRIPT,
+        ],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "RESULT_DIR": str(tmp_path), **(env or {})},
+    )
 
 
 def results(tmp_path):
@@ -25,7 +39,9 @@ def test_plain_script_gets_torchrun_environment(tmp_path):
     proc = run(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert [(r["rank"], r["world"], r["attempt"]) for r in results(tmp_path)] == [
-        (0, 2, 0), (1, 2, 0)]
+        (0, 2, 0),
+        (1, 2, 0),
+    ]
 
 
 def test_a_crash_restarts_all_workers_with_the_restart_count_set(tmp_path):
@@ -42,10 +58,15 @@ def test_restarts_are_bounded(tmp_path):
 
 
 def test_the_shipped_torchrun_example_runs_unchanged(tmp_path):
-    example = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(SCRIPT))),
-                           "examples", "torchrun_ddp.py")
+    example = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(SCRIPT))), "examples", "torchrun_ddp.py"
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "elastic.cli", "run", "--torchrun-compat", "-n", "2", example],
-        cwd=str(tmp_path), capture_output=True, text=True, timeout=180)
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "world 2, restart 0, final loss" in proc.stdout

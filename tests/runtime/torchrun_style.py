@@ -29,8 +29,15 @@ def main() -> int:
     out = os.environ.get("RESULT_DIR")
     if out:
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump({"rank": rank, "world": world, "attempt": attempt,
-                       "local_rank": int(os.environ["LOCAL_RANK"])}, f)
+            json.dump(
+                {
+                    "rank": rank,
+                    "world": world,
+                    "attempt": attempt,
+                    "local_rank": int(os.environ["LOCAL_RANK"]),
+                },
+                f,
+            )
     dist.destroy_process_group()
     return 0
 

@@ -204,7 +204,14 @@ def test_committer_stops_waiting_for_parts_when_told_to_abandon(tmp_path) -> Non
     t0 = time.monotonic()
     # Rank 1 of 2 never writes its part; without abandon this waits 60 s.
     with pytest.raises(SaveAbandonedError, match=r"waiting for rank\(s\) \[1\]"):
-        store.save(4, {"w": torch.zeros(8)}, rank=0, world_size=2, generation=3,
-                   timeout=60, abandon=generation_over.is_set)
+        store.save(
+            4,
+            {"w": torch.zeros(8)},
+            rank=0,
+            world_size=2,
+            generation=3,
+            timeout=60,
+            abandon=generation_over.is_set,
+        )
     assert time.monotonic() - t0 < 10
     assert store.latest() is None

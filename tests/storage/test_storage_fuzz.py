@@ -38,10 +38,40 @@ KEY = b"fuzz-key-0123456789abcdef"
 CONFIG = StoreConfig(max_file_bytes=200)  # several files per step: more to point at
 
 EVIL: list[Any] = [
-    -1, 0, 1, 7, 2**31, 2**63, 10**100, -(2**70), 1.5, -0.0, 1e308, "", "x", "float64",
-    "../../sentinel/secret.bin", "/etc/passwd", "a\\b", "a\x00b", "ü/ß.bin", "\ud800",
-    "a//b", ".", "g000000/../../..", "x" * 5000, None, True, False, [], {}, [1, 2, 3],
-    {"a": 1}, {"t": "nope"}, {"d": [[1]]}, [[0, 0, 0, 0]],
+    -1,
+    0,
+    1,
+    7,
+    2**31,
+    2**63,
+    10**100,
+    -(2**70),
+    1.5,
+    -0.0,
+    1e308,
+    "",
+    "x",
+    "float64",
+    "../../sentinel/secret.bin",
+    "/etc/passwd",
+    "a\\b",
+    "a\x00b",
+    "ü/ß.bin",
+    "\ud800",
+    "a//b",
+    ".",
+    "g000000/../../..",
+    "x" * 5000,
+    None,
+    True,
+    False,
+    [],
+    {},
+    [1, 2, 3],
+    {"a": 1},
+    {"t": "nope"},
+    {"d": [[1]]},
+    [[0, 0, 0, 0]],
 ]
 DTYPES = ["float64", "float16", "int8", "bool", "qint8", "bogus", "", "complex128", "uint1"]
 SAFETY_ONLY_TOP = {"state", "per_rank", "metadata", "created", "commit_id", "plan_id"}
@@ -178,11 +208,24 @@ class Case:
         link = self.step_dir / "link.bin"
         if not link.exists():
             link.symlink_to(self.sentinel / "secret.bin")
-        target = self.rng.choice([
-            "../../sentinel/secret.bin", str(self.sentinel / "secret.bin"),
-            "g000000/../../../sentinel/secret.bin", "link.bin", "..\\..\\sentinel\\secret.bin",
-            "g000000/\x00/x", "", "/", ".", "a//b", "ü.bin", "\ud800", "~/x", "file:///etc",
-        ])
+        target = self.rng.choice(
+            [
+                "../../sentinel/secret.bin",
+                str(self.sentinel / "secret.bin"),
+                "g000000/../../../sentinel/secret.bin",
+                "link.bin",
+                "..\\..\\sentinel\\secret.bin",
+                "g000000/\x00/x",
+                "",
+                "/",
+                ".",
+                "a//b",
+                "ü.bin",
+                "\ud800",
+                "~/x",
+                "file:///etc",
+            ]
+        )
 
         def change(body: dict) -> str:
             entry = self.rng.choice(body["files"])
@@ -197,8 +240,9 @@ class Case:
 
     def m_number(self) -> None:
         def change(body: dict) -> str:
-            field = self.rng.choice(["size", "offset", "start", "nbytes", "step", "generation",
-                                     "world_size", "shape"])
+            field = self.rng.choice(
+                ["size", "offset", "start", "nbytes", "step", "generation", "world_size", "shape"]
+            )
             value = self.rng.choice([-1, 0, 1, 2**62, 2**63, 10**100, 3, 4096])
             if field in ("step", "generation", "world_size"):
                 body[field] = value
@@ -307,10 +351,26 @@ class Case:
 
 
 MUTATIONS = [
-    Case.m_leaf, Case.m_leaf, Case.m_leaf, Case.m_delete_key, Case.m_extra_key, Case.m_path,
-    Case.m_path, Case.m_number, Case.m_number, Case.m_dtype, Case.m_overlap,
-    Case.m_duplicate_file, Case.m_deep, Case.m_deep_text, Case.m_truncate, Case.m_flip,
-    Case.m_symlink_data, Case.m_symlink_dir, Case.m_symlink_manifest, Case.m_fifo,
+    Case.m_leaf,
+    Case.m_leaf,
+    Case.m_leaf,
+    Case.m_delete_key,
+    Case.m_extra_key,
+    Case.m_path,
+    Case.m_path,
+    Case.m_number,
+    Case.m_number,
+    Case.m_dtype,
+    Case.m_overlap,
+    Case.m_duplicate_file,
+    Case.m_deep,
+    Case.m_deep_text,
+    Case.m_truncate,
+    Case.m_flip,
+    Case.m_symlink_data,
+    Case.m_symlink_dir,
+    Case.m_symlink_manifest,
+    Case.m_fifo,
 ]
 
 
@@ -325,8 +385,9 @@ def _expect_storage_error(fn: Callable[[], Any], what: str, errors: list[str]) -
         return exc
 
 
-def run_case(golden: Path, work: Path, mode: str, seed: int,
-             monkeypatch: pytest.MonkeyPatch) -> tuple[str, bool]:
+def run_case(
+    golden: Path, work: Path, mode: str, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, bool]:
     """Mutate, exercise every reader and deleter, assert; returns (outcome, value_only)."""
     rng = random.Random(seed)
     case = Case(golden, work, mode, rng)
@@ -334,8 +395,9 @@ def run_case(golden: Path, work: Path, mode: str, seed: int,
     before = case.snapshot_sentinel()
     key = KEY if mode == "keyed" else None
     watched = WatchedFileSystem(skip_instance_cache=True)
-    store = CheckpointStore(f"file://{case.root}", fs=watched, retry=FAST_RETRY, config=CONFIG,
-                            key=key)
+    store = CheckpointStore(
+        f"file://{case.root}", fs=watched, retry=FAST_RETRY, config=CONFIG, key=key
+    )
     errors: list[str] = []
     label = f"seed {seed} ({mode}: {', '.join(case.kinds)})"
 
@@ -347,7 +409,9 @@ def run_case(golden: Path, work: Path, mode: str, seed: int,
     monkeypatch.setattr(cli, "_store", lambda args: store)
     code = _expect_storage_error(
         lambda: cli.main(["ckpt", "export", store.url, "--step", "20", "--out", str(out)]),
-        "export", errors)
+        "export",
+        errors,
+    )
     _expect_storage_error(lambda: store.prune(keep_last=1), "prune", errors)
     _expect_storage_error(lambda: store.gc(grace_s=0.0), "gc", errors)
 
@@ -374,8 +438,14 @@ def run_case(golden: Path, work: Path, mode: str, seed: int,
     return ("detected" if detected else "harmless"), case.value_only
 
 
-def fuzz(golden: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str,
-         cases: int, record_property: Callable[[str, Any], None]) -> None:
+def fuzz(
+    golden: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    cases: int,
+    record_property: Callable[[str, Any], None],
+) -> None:
     counts: dict[str, int] = {}
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
@@ -398,7 +468,8 @@ def fuzz(golden: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: st
 
 @pytest.mark.parametrize("mode", ["plain", "keyed"])
 def test_fuzzed_manifests_are_detected_or_harmless_and_stay_inside(
-        golden, tmp_path, monkeypatch, mode, record_property):
+    golden, tmp_path, monkeypatch, mode, record_property
+):
     fuzz(golden, tmp_path, monkeypatch, mode, FAST_CASES, record_property)
 
 

@@ -59,7 +59,10 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "backslash", "nul", "empty-segment"])
 def test_a_resealed_manifest_naming_a_file_outside_is_refused_everywhere(
-    local_location: Location, sentinel: Path, kind: str, capsys: pytest.CaptureFixture[str],
+    local_location: Location,
+    sentinel: Path,
+    kind: str,
+    capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
     store = local_location.store()
@@ -82,14 +85,15 @@ def test_a_resealed_manifest_naming_a_file_outside_is_refused_everywhere(
     with pytest.raises(UnsafePathError, match="unsafe"):
         local_location.store().load(20)
     out_file = tmp_path / "model.pt"
-    code, _, err = cli(capsys, "export", local_location.url, "--step", "20", "--out",
-                       str(out_file))
+    code, _, err = cli(capsys, "export", local_location.url, "--step", "20", "--out", str(out_file))
     assert code == 1 and "unsafe" in err and not out_file.exists()
     assert [i.step for i in local_location.store().list()] == [10]
 
 
 def test_a_symlink_inside_the_location_leading_out_is_not_followed(
-    local_location: Location, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    local_location: Location,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     store = local_location.store()
     store.save(10, state(10))
@@ -142,13 +146,16 @@ def test_paths_are_confined_on_memory_and_s3_too(memory_location: Location) -> N
     assert not memory_location.store().verify().ok
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("step", "20", "field 'step'"),
-    ("world_size", 0, "field 'world_size'"),
-    ("generation", 2**70, "field 'generation'"),
-    ("created", None, "field 'created'"),
-    ("files", {"a": 1}, "field 'files'"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("step", "20", "field 'step'"),
+        ("world_size", 0, "field 'world_size'"),
+        ("generation", 2**70, "field 'generation'"),
+        ("created", None, "field 'created'"),
+        ("files", {"a": 1}, "field 'files'"),
+    ],
+)
 def test_manifest_fields_of_the_wrong_type_or_range_are_corrupt(
     local_location: Location, field: str, value: object, match: str
 ) -> None:
@@ -221,8 +228,11 @@ def test_prune_and_gc_leave_files_they_did_not_write(local_location: Location) -
     store = local_location.store()
     for step in (10, 20, 30):
         store.save(step, state(step))
-    notes = [f"{layout.step_dir(10)}/notes.txt", f"{layout.step_dir(20)}/g000000/mine.bin",
-             f"{layout.step_dir(30)}/g000000/r00000-zz/data-00000.bin"]
+    notes = [
+        f"{layout.step_dir(10)}/notes.txt",
+        f"{layout.step_dir(20)}/g000000/mine.bin",
+        f"{layout.step_dir(30)}/g000000/r00000-zz/data-00000.bin",
+    ]
     for rel in notes:
         local_location.write(rel, b"user data")
     assert store.prune(keep_last=1, verify=False) == [10, 20]
@@ -292,7 +302,9 @@ def test_claims_are_create_only_on_s3(s3_location: Location) -> None:
 
 
 def test_signed_manifests_verify_and_unsigned_or_forged_ones_are_refused(
-    local_location: Location, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    local_location: Location,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     key_file = tmp_path / "key"
     key_file.write_bytes(KEY + b"\n")
@@ -302,8 +314,7 @@ def test_signed_manifests_verify_and_unsigned_or_forged_ones_are_refused(
     envelope = json.loads(local_location.read(local_location.manifest(20)))
     assert envelope["hmac"].startswith("hmac-sha256:")
     assert all(f["checksum"].startswith("sha256:") for f in envelope["body"]["files"])
-    code, out, _ = cli(capsys, "verify", local_location.url, "--checkpoint-key-file",
-                       str(key_file))
+    code, out, _ = cli(capsys, "verify", local_location.url, "--checkpoint-key-file", str(key_file))
     assert code == 1 and "step 10: BAD (unsigned)" in out and "step 20: ok (signed)" in out
     code, out, _ = cli(capsys, "verify", local_location.url)
     assert code == 0 and "step 10: ok (unsigned)" in out and "step 20: ok (signed (not" in out
@@ -313,8 +324,9 @@ def test_signed_manifests_verify_and_unsigned_or_forged_ones_are_refused(
         local_location.store(key=b"another key, long enough").load(20)
     # Resealing after an edit fixes the digest, not the signature.
     forge(local_location, 20, lambda body: body.__setitem__("metadata", {"evil": 1}))
-    code, out, _ = cli(capsys, "verify", local_location.url, "--checkpoint-key-file",
-                       str(key_file), "--step", "20")
+    code, out, _ = cli(
+        capsys, "verify", local_location.url, "--checkpoint-key-file", str(key_file), "--step", "20"
+    )
     assert code == 1 and "step 20: BAD (bad signature)" in out
     with pytest.raises(CorruptCheckpointError, match="no checkpoint .* verifies"):
         local_location.store(key=KEY).load()
@@ -336,8 +348,9 @@ def test_a_bad_key_file_is_one_clear_error(tmp_path: Path, capsys, local_locatio
     short.write_bytes(b"tiny")
     code, _, err = cli(capsys, "list", local_location.url, "--checkpoint-key-file", str(short))
     assert code == 2 and "16..4096 bytes, got 4" in err and str(short) in err
-    code, _, err = cli(capsys, "list", local_location.url, "--checkpoint-key-file",
-                       str(tmp_path / "missing"))
+    code, _, err = cli(
+        capsys, "list", local_location.url, "--checkpoint-key-file", str(tmp_path / "missing")
+    )
     assert code == 2 and "cannot be read" in err
 
 
@@ -345,7 +358,9 @@ def test_a_bad_key_file_is_one_clear_error(tmp_path: Path, capsys, local_locatio
 
 
 def test_export_refuses_to_overwrite_without_force_and_never_writes_in_the_store(
-    local_location: Location, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    local_location: Location,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     local_location.store().save(20, state(20))
     manifest = local_location.path(local_location.manifest(20))

@@ -82,6 +82,20 @@ def _watch(name: str) -> None:
     setattr(WatchedFileSystem, name, wrapper)
 
 
-for _name in ("_open", "cat_file", "ls", "info", "rm", "rm_file", "mv", "link", "makedirs",
-              "pipe_file", "exists", "size", "find", "cp_file"):
+for _name in (
+    "_open",
+    "cat_file",
+    "ls",
+    "info",
+    "rm",
+    "rm_file",
+    "mv",
+    "link",
+    "makedirs",
+    "pipe_file",
+    "exists",
+    "size",
+    "find",
+    "cp_file",
+):
     _watch(_name)
