@@ -193,7 +193,7 @@ def evict(
         timeout=timeout,
     )
     raw = retry_call(
-        lambda: client.get(keys.root + f"leases/{member_id}")[0],
+        lambda: client.get(keys.lease_of(member_id))[0],
         what=f"reading the lease of {member_id}",
         timeout=timeout,
     )

@@ -65,6 +65,11 @@ class Keyspace:
     def ready_of(self, member_id: str) -> str:
         return self.ready + member_id
 
+    def lease_of(self, member_id: str) -> str:
+        """The id of a worker's etcd lease, published so its launcher can revoke
+        it the moment the process dies (survivors then need not wait a TTL)."""
+        return self.root + "leases/" + member_id
+
     @property
     def ctl(self) -> str:
         return self.root + "ctl/"

@@ -561,7 +561,7 @@ class ElasticLauncher:
     def _revoke(self, member_id: str) -> None:
         """Remove a dead worker's keys now instead of after its lease TTL."""
         try:
-            raw = self.client.get(self.keys.root + f"leases/{member_id}")[0]
+            raw = self.client.get(self.keys.lease_of(member_id))[0]
             if raw is not None:
                 self.client.revoke_lease(int(raw))
         except Exception as exc:  # the TTL still removes it

@@ -184,7 +184,7 @@ class Trainer:
         # so survivors need not wait for the TTL.
         retry_call(
             lambda: self.client.put(
-                self.keys.root + f"leases/{member.id}",
+                self.keys.lease_of(member.id),
                 str(rdzv.session.lease_id),
                 lease=rdzv.session.lease_id,
             ),
