@@ -1,6 +1,6 @@
 """Fault-tolerant elastic training runtime for PyTorch.
 
-The training API (``Trainer``) imports torch; the CLI and the coordination
+The training API (``init`` for a script's own loop, ``Trainer``) imports torch; the CLI and the coordination
 modules do not, so they are loaded lazily here.
 """
 
@@ -10,12 +10,16 @@ from typing import Any
 
 __all__ = [
     "ElasticSampler",
+    "Job",
+    "init",
     "FitResult",
     "RuntimeConfig",
     "Trainer",
 ]
 
 _LAZY = {
+    "init": ("elastic.train.job", "init"),
+    "Job": ("elastic.train.job", "Job"),
     "Trainer": ("elastic.train.runtime", "Trainer"),
     "FitResult": ("elastic.train.runtime", "FitResult"),
     "RuntimeConfig": ("elastic.train.config", "RuntimeConfig"),

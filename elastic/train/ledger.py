@@ -17,13 +17,24 @@ from dataclasses import dataclass
 
 
 class LedgerWriter:
-    def __init__(self, directory: str, member_id: str) -> None:
+    def __init__(self, directory: str, member_id: str, kind: str = "train") -> None:
+        # The validation ledger (kind "val") lives beside the training one under
+        # its own prefix, so the training check never reads it.
         os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(directory, f"ledger-{member_id}.jsonl")
+        prefix = "ledger" if kind == "train" else f"{kind}ledger"
+        self.path = os.path.join(directory, f"{prefix}-{member_id}.jsonl")
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def record(
-        self, *, step: int, epoch: int, generation: int, rank: int, world_size: int, ids: list[int]
+        self,
+        *,
+        step: int,
+        epoch: int,
+        generation: int,
+        rank: int,
+        world_size: int,
+        ids: list[int],
+        **more: object,
     ) -> None:
         line = json.dumps(
             {
@@ -33,6 +44,7 @@ class LedgerWriter:
                 "rank": rank,
                 "world": world_size,
                 "ids": ids,
+                **more,
             }
         )
         os.write(self._fd, (line + "\n").encode())

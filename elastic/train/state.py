@@ -1,50 +1,193 @@
-"""What is synced between peers and checkpointed: model, optimizer, sampler, step.
+"""What survives a failure: every registered object, synced from peers and checkpointed.
+
+A job's state is the step count, the data cursor (the sampler) and whatever
+the script registers: modules, optimizers, LR schedulers, GradScalers, any
+object with ``state_dict``/``load_state_dict``, and plain values (an epoch, a
+best metric). Modules move as tensors (one broadcast per dtype); everything
+else as one payload loaded without executing code.
 
 RNG is not carried: the runtime reseeds at every step from ``(seed, step,
 rank)``, so it is derived from the step and needs no transfer.
+
+Rollback. A step's update is applied only after its gradient all-reduce
+succeeded, so the parameters and the optimizer's tensors of a failed step are
+untouched. What the script does after ``optimizer.step()`` in the same loop
+body (a scheduler step, a GradScaler update, a counter) is not: the light part
+of the state (every entry except the trained modules and the optimizers'
+tensors; small) is copied at each step's start and put back when the step
+failed.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..base.errors import ConfigError
 from .group import WorkerGroup
 from .sampler import ElasticSampler
 
+# Plain values a checkpoint or a peer's payload may carry (loaded with
+# torch.load(weights_only=True), which admits these and tensors).
+_PLAIN = (int, float, bool, str, type(None))
 
-@dataclass
-class TrainState:
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    sampler: ElasticSampler
-    step: int = 0  # completed steps
-    has_state: bool = False  # False until initialised, restored or received
-    extra: dict[str, Any] = field(default_factory=dict)
+# Names the runtime keeps for itself in the state dict.
+_RESERVED = frozenset({"step", "sampler", "values"})
+
+
+def _stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(
+        getattr(obj, "load_state_dict", None)
+    )
+
+
+class JobState:
+    """The registry of what must survive; attribute access reads and writes plain values.
+
+    ``state.epoch += 1`` works for a registered plain value; objects are held
+    by reference (the script keeps using its own model and optimizer).
+    """
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_objects", {})
+        object.__setattr__(self, "_values", {})
+        object.__setattr__(self, "step", 0)  # completed (committed) steps
+        object.__setattr__(self, "has_state", False)  # initialised, restored or received
+        object.__setattr__(self, "sampler", None)
+        # ids of modules whose tensors change only through a wrapped optimizer's
+        # step (so a failed step leaves them as they were: no copy needed)
+        object.__setattr__(self, "_committed_only", set())
+
+    # -- registration -------------------------------------------------------
+
+    def register(self, **entries: Any) -> JobState:
+        for name, obj in entries.items():
+            if name in _RESERVED or name.startswith("_"):
+                raise ConfigError(f"state entry name {name!r} is reserved")
+            if _stateful(obj):
+                for other_name, other in self._objects.items():
+                    if other is obj and other_name != name:
+                        del self._objects[other_name]  # the script's name wins
+                        break
+                if name in self._values:
+                    del self._values[name]
+                self._objects[name] = obj
+            elif isinstance(obj, _PLAIN):
+                self._values[name] = obj
+            else:
+                raise ConfigError(
+                    f"state entry {name!r} is a {type(obj).__name__}: register objects with "
+                    "state_dict()/load_state_dict() or plain values (int, float, bool, str, None)"
+                )
+        return self
+
+    def register_default(self, name: str, obj: Any) -> None:
+        """Register ``obj`` under ``name`` unless it is registered already."""
+        if any(o is obj for o in self._objects.values()):
+            return
+        base, n = name, 1
+        while name in self._objects or name in self._values:
+            n += 1
+            name = f"{base}{n}"
+        self.register(**{name: obj})
+
+    def mark_committed_only(self, module: torch.nn.Module) -> None:
+        self._committed_only.add(id(module))
+
+    def set_sampler(self, sampler: ElasticSampler) -> None:
+        object.__setattr__(self, "sampler", sampler)
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
+        objects = object.__getattribute__(self, "_objects")
+        if name in objects:
+            return objects[name]
+        raise AttributeError(f"no state entry {name!r} (register it with job.state({name}=...))")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("step", "has_state"):
+            object.__setattr__(self, name, value)
+            return
+        if name in self._values:
+            if not isinstance(value, _PLAIN):
+                raise ConfigError(f"state value {name!r} must stay a plain value, got {value!r}")
+            self._values[name] = value
+            return
+        raise AttributeError(
+            f"no state value {name!r}: register it first with job.state({name}=...)"
+        )
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return [o for o in self._objects.values() if isinstance(o, torch.nn.Module)]
+
+    # -- checkpoints ----------------------------------------------------------
 
     def checkpoint_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "step": self.step,
-            "extra": self.extra,
-        }
+        out: dict[str, Any] = {name: obj.state_dict() for name, obj in self._objects.items()}
+        out["step"] = self.step
+        out["values"] = dict(self._values)
+        if self.sampler is not None:
+            out["sampler"] = self.sampler.state_dict()
+        return out
 
     def load_checkpoint_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        missing = [name for name in self._objects if name not in state]
+        if missing:
+            raise ConfigError(
+                f"the checkpoint holds no {', '.join(missing)} (it has "
+                f"{', '.join(sorted(k for k in state if k not in _RESERVED))}): "
+                "the script registers different state than the run that saved it"
+            )
+        for name, obj in self._objects.items():
+            obj.load_state_dict(state[name])
         self._load_rest(state)
 
     def _load_rest(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state["sampler"])
+        if self.sampler is not None and "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
+        for name, value in dict(state.get("values") or state.get("extra") or {}).items():
+            if name in self._values:
+                self._values[name] = value
         self.step = int(state["step"])
-        self.extra = dict(state.get("extra") or {})
         self.has_state = True
+
+    # -- rollback of the light part -------------------------------------------
+
+    def light_snapshot(self) -> dict[str, Any]:
+        snap: dict[str, Any] = {"values": dict(self._values)}
+        for name, obj in self._objects.items():
+            if isinstance(obj, torch.nn.Module) and id(obj) in self._committed_only:
+                continue
+            if isinstance(obj, torch.optim.Optimizer):
+                # Its tensors change only in step(); a scheduler changes its
+                # hyperparameters (lr) from outside.
+                snap[name] = [
+                    {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+                    for g in obj.param_groups
+                ]
+            else:
+                snap[name] = copy.deepcopy(obj.state_dict())
+        return snap
+
+    def restore_light(self, snap: dict[str, Any]) -> None:
+        self._values.update(snap["values"])
+        for name, obj in self._objects.items():
+            if name not in snap:
+                continue
+            if isinstance(obj, torch.optim.Optimizer):
+                for group, saved in zip(obj.param_groups, snap[name], strict=True):
+                    group.update(saved)
+            else:
+                obj.load_state_dict(snap[name])
+
+    # -- peer sync ---------------------------------------------------------------
 
     def sync(self, group: WorkerGroup) -> int | None:
         """Bring every rank to the newest state any rank holds.
@@ -60,42 +203,55 @@ class TrainState:
         if all(s == best for s in steps):
             return None
         src = steps.index(best)
-        self._broadcast_model(group, src)
+        modules = self.modules
+        for module in modules:
+            _broadcast_module(group, module, src)
         payload = None
         if group.rank == src:
+            rest = {
+                name: obj.state_dict()
+                for name, obj in self._objects.items()
+                if not isinstance(obj, torch.nn.Module)
+            }
+            rest["step"] = self.step
+            rest["values"] = dict(self._values)
+            if self.sampler is not None:
+                rest["sampler"] = self.sampler.state_dict()
             buf = io.BytesIO()
-            torch.save(
-                {
-                    "optimizer": self.optimizer.state_dict(),
-                    "sampler": self.sampler.state_dict(),
-                    "step": self.step,
-                    "extra": self.extra,
-                },
-                buf,
-            )
+            torch.save(rest, buf)
             payload = buf.getvalue()
         data = group.broadcast_bytes(payload, src)
         if group.rank != src:
-            device = next(self.model.parameters()).device
+            device = _device_of(modules)
             # Peers are trusted processes of our own job, but a received
             # payload is still loaded without executing code.
             rest = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
-            self.optimizer.load_state_dict(rest["optimizer"])
+            for name, obj in self._objects.items():
+                if not isinstance(obj, torch.nn.Module):
+                    obj.load_state_dict(rest[name])
             self._load_rest(rest)
         return src
 
-    def _broadcast_model(self, group: WorkerGroup, src: int) -> None:
-        # One collective per (device, dtype) bucket instead of one per tensor.
-        buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-        for t in self.model.state_dict().values():
-            buckets[(t.device, t.dtype)].append(t)
-        with torch.no_grad():
-            for tensors in buckets.values():
-                flat = torch.cat([t.reshape(-1) for t in tensors])
-                group.broadcast(flat, src)
-                if group.rank != src:
-                    offset = 0
-                    for t in tensors:
-                        n = t.numel()
-                        t.copy_(flat[offset : offset + n].view_as(t))
-                        offset += n
+
+def _device_of(modules: list[torch.nn.Module]) -> torch.device:
+    for module in modules:
+        for p in module.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _broadcast_module(group: WorkerGroup, module: torch.nn.Module, src: int) -> None:
+    # One collective per (device, dtype) bucket instead of one per tensor.
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for t in module.state_dict().values():
+        buckets[(t.device, t.dtype)].append(t)
+    with torch.no_grad():
+        for tensors in buckets.values():
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            group.broadcast(flat, src)
+            if group.rank != src:
+                offset = 0
+                for t in tensors:
+                    n = t.numel()
+                    t.copy_(flat[offset : offset + n].view_as(t))
+                    offset += n

@@ -1,0 +1,1 @@
+from tests.runtime.conftest import jobs  # noqa: F401  (every job's processes ended at teardown)
