@@ -1,7 +1,8 @@
 """Fault-tolerant elastic training runtime for PyTorch.
 
-The training API (``init`` for a script's own loop, ``Trainer``) imports torch; the CLI and the coordination
-modules do not, so they are loaded lazily here.
+The training API (``init`` for a script's own loop, ``Trainer``) imports
+torch; the CLI and the coordination modules do not, so they are loaded lazily
+here.
 """
 
 from __future__ import annotations
