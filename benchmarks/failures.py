@@ -63,9 +63,9 @@ sys.path.insert(0, REPO)
 
 from benchmarks.recovery import (  # noqa: E402
     Group,
-    descendants,
     elastic_cmd,
     last_step_before,
+    reached,
     signal_local_rank,
     steps_of,
     steps_redone,
@@ -76,6 +76,7 @@ from benchmarks.recovery import (  # noqa: E402
 from chaos.etcdcluster import EtcdCluster  # noqa: E402
 from chaos.invariants import DEFAULT_TOLERANCE, load_params, max_param_diff  # noqa: E402
 from elastic.base.events import Event, read_events  # noqa: E402
+from elastic.base.procutil import descendants, kill_all, send_signal  # noqa: E402
 from elastic.coord.etcd import EmbeddedEtcd  # noqa: E402
 
 FAULTS = ("kill", "freeze", "hang", "host-loss", "link-down", "etcd-leader-loss")
@@ -178,15 +179,7 @@ class ElasticJob:
 
     def wait_full(self, at_step: int) -> bool:
         """Until a World of every worker completed step ``at_step``."""
-        return bool(
-            wait_for(
-                lambda: any(
-                    e["step"] >= at_step and e["world"] == self.workers
-                    for e in steps_of(self.events())
-                ),
-                180,
-            )
-        )
+        return reached(self.log, at_step, self.workers)
 
     def wait_finished(self, launchers: list[subprocess.Popen], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -248,10 +241,7 @@ def freeze(job: ElasticJob, trial: int) -> Injected:
             ],
             5,
         )
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+        send_signal(pid, signal.SIGCONT)
 
     return Injected(t, after=thaw)
 
@@ -269,11 +259,7 @@ def kill_tree(root: int) -> float:
     """SIGKILL ``root`` and everything below it at once; the time it happened."""
     doomed = [root, *descendants(root)]
     t = time.time()
-    for pid in doomed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_all(doomed)
     return t
 
 

@@ -41,7 +41,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from elastic.base.events import Event, read_events  # noqa: E402
-from elastic.base.procutil import dying_with_parent  # noqa: E402
+from elastic.base.procutil import (  # noqa: E402
+    descendants,
+    dying_with_parent,
+    environ_has,
+    kill_all,
+)
 from elastic.coord.etcd import EmbeddedEtcd, free_port  # noqa: E402
 
 WORKLOAD = os.path.join(HERE, "bench_workload.py")
@@ -55,36 +60,6 @@ def wait_for(fn: Callable[[], Any], timeout: float, poll: float = 0.01) -> Any:
             return value
         time.sleep(poll)  # polling a log file; bounded by timeout
     return None
-
-
-def descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-            ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = set(), [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
-
-
-def environ_of(pid: int) -> dict[str, str]:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            items = f.read().split(b"\0")
-    except OSError:
-        return {}
-    return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)
 
 
 class Group:
@@ -107,11 +82,7 @@ class Group:
         pids = set(self.extra)
         for p in self.procs:
             pids |= descendants(p.pid) | {p.pid}
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(pids)
         for p in self.procs:
             try:
                 p.wait(timeout=30)
@@ -153,6 +124,26 @@ def elastic_cmd(
     ]
 
 
+def new_job(tmp: str, prefix: str) -> tuple[str, str]:
+    """A fresh job id starting with ``prefix`` and its event log under ``tmp``."""
+    job = f"{prefix}{uuid.uuid4().hex[:6]}"
+    return job, os.path.join(tmp, f"{job}.jsonl")
+
+
+def reached(log: str, step: int, world: int | None = None, timeout: float = 180.0) -> bool:
+    """Whether the job logging to ``log`` completes step ``step`` (in a World of
+    ``world`` workers, when given) within ``timeout`` seconds."""
+    return bool(
+        wait_for(
+            lambda: any(
+                e["step"] >= step and (world is None or e["world"] == world)
+                for e in steps_of(read_events(log, missing_ok=True))
+            ),
+            timeout,
+        )
+    )
+
+
 def steps_of(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("event") == Event.STEP]
 
@@ -165,8 +156,7 @@ def steps_redone(events: list[dict]) -> int:
 
 
 def trial_elastic_kill(tmp: str, etcd: str, step_time: float, give_up: float) -> dict:
-    job = f"bk{uuid.uuid4().hex[:6]}"
-    log = os.path.join(tmp, f"{job}.jsonl")
+    job, log = new_job(tmp, "bk")
     g = Group()
     try:
         g.start(
@@ -174,9 +164,7 @@ def trial_elastic_kill(tmp: str, etcd: str, step_time: float, give_up: float) ->
             dict(os.environ),
             os.path.join(tmp, f"{job}.out"),
         )
-        if not wait_for(
-            lambda: any(e["step"] >= 30 for e in steps_of(read_events(log, missing_ok=True))), 180
-        ):
+        if not reached(log, 30):
             return {"recovered": False, "error": "never reached step 30"}
         evs = read_events(log, missing_ok=True)
         gen_event = [e for e in evs if e["event"] == Event.GENERATION][-1]
@@ -207,8 +195,7 @@ def trial_elastic_kill(tmp: str, etcd: str, step_time: float, give_up: float) ->
 
 
 def trial_elastic_join(tmp: str, etcd: str, step_time: float, give_up: float) -> dict:
-    job = f"bj{uuid.uuid4().hex[:6]}"
-    log = os.path.join(tmp, f"{job}.jsonl")
+    job, log = new_job(tmp, "bj")
     g = Group()
     try:
         g.start(
@@ -216,9 +203,7 @@ def trial_elastic_join(tmp: str, etcd: str, step_time: float, give_up: float) ->
             dict(os.environ),
             os.path.join(tmp, f"{job}.out"),
         )
-        if not wait_for(
-            lambda: any(e["step"] >= 30 for e in steps_of(read_events(log, missing_ok=True))), 180
-        ):
+        if not reached(log, 30):
             return {"joined": False, "error": "never reached step 30"}
         g.start(
             elastic_cmd(job, etcd, log, 1, 2000, step_time),
@@ -292,8 +277,8 @@ def workers_of(agent: subprocess.Popen, log: str, local_rank: int) -> list[int]:
     return [
         p
         for p in descendants(agent.pid)
-        if environ_of(p).get("LOCAL_RANK") == str(local_rank)
-        and environ_of(p).get("BENCH_EVENTS") == log
+        if environ_has(p, f"LOCAL_RANK={local_rank}".encode())
+        and environ_has(p, f"BENCH_EVENTS={log}".encode())
     ]
 
 
@@ -333,8 +318,7 @@ def trial_torchrun(
     ``fault`` (default: SIGKILL of local rank 1) at step ``at_step``: seconds
     from the fault to the first step of a restarted attempt, steps redone."""
     fault = fault or signal_local_rank(signal.SIGKILL)
-    job = f"tk{uuid.uuid4().hex[:6]}"
-    log = os.path.join(tmp, f"{job}.jsonl")
+    job, log = new_job(tmp, "tk")
     env = dict(os.environ, BENCH_EVENTS=log)
     if lazy:
         env["TORCH_GLOO_LAZY_INIT"] = "1"
@@ -368,13 +352,7 @@ def trial_torchrun(
             for i in range(agents)
         ]
         world = agents * nproc
-        if not wait_for(
-            lambda: any(
-                e["step"] >= at_step and e["world"] == world
-                for e in steps_of(read_events(log, missing_ok=True))
-            ),
-            180,
-        ):
+        if not reached(log, at_step, world):
             return {"recovered": False, "error": f"never reached step {at_step}"}
         t_fault = fault(started, log)
         if isinstance(t_fault, str):
@@ -425,8 +403,7 @@ def steady_interval(log: str) -> float | None:
 
 def trial_steady(tmp: str, etcd: str, hidden: int) -> dict:
     out: dict[str, float | None] = {}
-    job = f"bs{uuid.uuid4().hex[:6]}"
-    log = os.path.join(tmp, f"{job}.jsonl")
+    job, log = new_job(tmp, "bs")
     g = Group()
     try:
         cmd = elastic_cmd(job, etcd, log, 3, 121, 0.0) + ["--hidden", str(hidden)]
@@ -435,8 +412,7 @@ def trial_steady(tmp: str, etcd: str, hidden: int) -> dict:
         out["elastic"] = steady_interval(log)
     finally:
         g.close()
-    job = f"ts{uuid.uuid4().hex[:6]}"
-    log = os.path.join(tmp, f"{job}.jsonl")
+    job, log = new_job(tmp, "ts")
     g = Group()
     try:
         cmd = torchrun_cmd(job, free_port(), 121, 0.0, None) + ["--hidden", str(hidden)]

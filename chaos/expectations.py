@@ -25,7 +25,7 @@ EXPECT_FAULTS_FIRED = "faults-fired"  # every scheduled fault fired (always chec
 
 
 class Finished(Protocol):
-    """A run after it ended, as an expectation reads it (chaos.runner.Run)."""
+    """A run after it ended, as an expectation reads it (chaos.run.Run)."""
 
     workers: int
     schedule: Any  # chaos.scenarios.Schedule

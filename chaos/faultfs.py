@@ -35,10 +35,13 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 from fsspec import AbstractFileSystem
 from fsspec.spec import AbstractBufferedFile
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 OPS = frozenset(
     {
@@ -80,6 +83,15 @@ class IOCall(NamedTuple):
     index: int  # 1-based, over all calls through the filesystem
     op: str
     path: str
+
+
+class When(TypedDict, total=False):
+    """Which of the matching calls the `Fault` constructors' fault affects (the
+    defaults are `Fault`'s: from the first, once, always)."""
+
+    nth: int
+    times: int | None
+    probability: float
 
 
 @dataclass(frozen=True)
@@ -131,13 +143,11 @@ class Fault:
         ops: Iterable[str] | str | None = None,
         path: str = "*",
         *,
-        nth: int = 1,
-        times: int | None = 1,
         error: Callable[[str], BaseException] = InjectedFault,
-        probability: float = 1.0,
+        **when: Unpack[When],
     ) -> Fault:
         """Fail `times` matching calls from the `nth` on (None: permanently)."""
-        return cls("fail", _ops(ops), path, nth, times, error=error, probability=probability)
+        return cls("fail", _ops(ops), path, error=error, **_when(when))
 
     @classmethod
     def delay(
@@ -145,12 +155,9 @@ class Fault:
         seconds: float,
         ops: Iterable[str] | str | None = None,
         path: str = "*",
-        *,
-        nth: int = 1,
-        times: int | None = 1,
-        probability: float = 1.0,
+        **when: Unpack[When],
     ) -> Fault:
-        return cls("delay", _ops(ops), path, nth, times, delay_s=seconds, probability=probability)
+        return cls("delay", _ops(ops), path, delay_s=seconds, **_when(when))
 
     @classmethod
     def truncate(
@@ -158,24 +165,16 @@ class Fault:
         ops: Iterable[str] | str | None = None,
         path: str = "*",
         *,
-        nth: int = 1,
-        times: int | None = 1,
         keep: float = 0.5,
-        probability: float = 1.0,
+        **when: Unpack[When],
     ) -> Fault:
-        return cls("truncate", _ops(ops), path, nth, times, keep=keep, probability=probability)
+        return cls("truncate", _ops(ops), path, keep=keep, **_when(when))
 
     @classmethod
     def bitflip(
-        cls,
-        ops: Iterable[str] | str | None = None,
-        path: str = "*",
-        *,
-        nth: int = 1,
-        times: int | None = 1,
-        probability: float = 1.0,
+        cls, ops: Iterable[str] | str | None = None, path: str = "*", **when: Unpack[When]
     ) -> Fault:
-        return cls("bitflip", _ops(ops), path, nth, times, probability=probability)
+        return cls("bitflip", _ops(ops), path, **_when(when))
 
     @classmethod
     def crash(
@@ -185,6 +184,13 @@ class Fault:
 
     def matches(self, op: str, path: str) -> bool:
         return (self.ops is None or op in self.ops) and fnmatch.fnmatchcase(path, self.path)
+
+
+def _when(when: When) -> When:
+    unknown = sorted(set(when) - When.__optional_keys__)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    return when
 
 
 def _ops(ops: Iterable[str] | str | None) -> frozenset[str] | None:

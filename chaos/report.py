@@ -209,6 +209,24 @@ def timelines(
     return pictures, None
 
 
+def _mark(
+    ax: Any, step: int, label: str, color: str, ls: str, *, top: bool, line: str | None = None
+) -> None:
+    """A vertical line at ``step`` (in ``line``, default ``color``) labelled at the
+    top or the bottom of the plot."""
+    ax.axvline(step, color=line or color, ls=ls, lw=1)
+    ax.annotate(
+        label,
+        (step, 1 if top else 0),
+        xycoords=("data", "axes fraction"),
+        rotation=90,
+        va="top" if top else "bottom",
+        ha="right",
+        fontsize=7,
+        color=color,
+    )
+
+
 def _plot_run(ax: Any, r: RunResult, ref: Reference | None) -> None:
     steps = r.timeline["steps"]
     if ref is not None and ref.losses:
@@ -243,30 +261,11 @@ def _plot_run(ax: Any, r: RunResult, ref: Reference | None) -> None:
     world.set_ylim(0, max([p["world"] for p in steps] + [1]) + 1)
     for f in r.schedule_json.get("storage", []):
         if f.get("step") is not None:
-            ax.axvline(f["step"], color="tab:orange", ls=":", lw=1)
-            ax.annotate(
-                f"storage {f['action']}",
-                (f["step"], 0),
-                xycoords=("data", "axes fraction"),
-                rotation=90,
-                va="bottom",
-                ha="right",
-                fontsize=7,
-                color="tab:orange",
-            )
+            _mark(ax, f["step"], f"storage {f['action']}", "tab:orange", ":", top=False)
     for f in r.timeline["faults"]:
         if f.get("step") is not None:
-            ax.axvline(f["step"], color="tab:red" if f["fired"] else "0.8", ls="--", lw=1)
-            ax.annotate(
-                f["kind"],
-                (f["step"], 1),
-                xycoords=("data", "axes fraction"),
-                rotation=90,
-                va="top",
-                ha="right",
-                fontsize=7,
-                color="tab:red",
-            )
+            line = "tab:red" if f["fired"] else "0.8"
+            _mark(ax, f["step"], f["kind"], "tab:red", "--", top=True, line=line)
     verdict = "PASS" if r.passed else "FAIL"
     ax.set_title(
         f"{r.name} seed {r.seed}: {verdict}"

@@ -27,16 +27,12 @@ from chaos.hosts import Hosts, chaos_argv, run_on_bed
 from chaos.run import (
     EXIT_OK,
     EXIT_VIOLATION,
-    ChaosError,
-    EventTail,
     Reference,
-    Run,
     RunPlan,
     RunResult,
     Settings,
     check_report_dir,
     guarded,
-    processes_with_token,
     run_one,
     run_reference,
 )
@@ -44,20 +40,8 @@ from chaos.soak import add_soak_parser
 from elastic.base.exitcodes import EXIT_USAGE
 from elastic.launch import argtypes
 
-__all__ = [
-    "ChaosError",
-    "EventTail",
-    "Reference",
-    "Run",
-    "RunPlan",
-    "RunResult",
-    "Settings",
-    "Suite",
-    "add_chaos_parser",
-    "processes_with_token",
-    "run_one",
-    "run_reference",
-]
+# One run and its parts are chaos.run's (RunPlan, Settings, run_one, ...); this is the suite.
+__all__ = ["Suite", "add_chaos_parser"]
 
 
 # -- the suite ----------------------------------------------------------------------------------

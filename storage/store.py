@@ -27,6 +27,7 @@ commit: a commit is one atomic create) instead of mistaking it for one.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -34,7 +35,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from fsspec import AbstractFileSystem
@@ -83,10 +84,35 @@ from storage.signing import check_key
 from storage.staging import StagingBuffer
 from storage.writer import PreparedSave, prepare, write_part
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 log = logging.getLogger(__name__)
 
 Fence = Callable[[int], bool]
 DEFAULT_TIMEOUT_S = 300.0
+
+
+class SaveOptions(TypedDict, total=False):
+    """The keywords of `CheckpointStore.save` and `save_async`, all optional.
+
+    generation (0): the writer's generation, the fencing token the manifest records.
+    fence (None): `fence(step)`, called once on rank 0 right before the commit.
+    metadata (None): a JSON-able mapping stored in the manifest.
+    rank (0), world_size (1): this rank's place in the job.
+    per_rank_state (None): this rank's own state, saved next to the replicated one.
+    timeout (DEFAULT_TIMEOUT_S): seconds; see `CheckpointStore.save`.
+    abandon (None): polled by rank 0 while it waits for parts; see `CheckpointStore.save`.
+    """
+
+    generation: int
+    fence: Fence | None
+    metadata: Mapping[str, Any] | None
+    rank: int
+    world_size: int
+    per_rank_state: Mapping[str, Any] | None
+    timeout: float
+    abandon: Callable[[], bool] | None
 
 
 @dataclass(frozen=True)
@@ -308,18 +334,7 @@ class CheckpointStore:
     # ------------------------------------------------------------------ saving
 
     def save(
-        self,
-        step: int,
-        state: Mapping[str, Any],
-        *,
-        generation: int = 0,
-        fence: Fence | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        per_rank_state: Mapping[str, Any] | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        abandon: Callable[[], bool] | None = None,
+        self, step: int, state: Mapping[str, Any], **options: Unpack[SaveOptions]
     ) -> CheckpointInfo:
         """Save synchronously; returns once committed (rank 0) or once this rank's part
         is durable (other ranks, `committed=False`).
@@ -332,27 +347,13 @@ class CheckpointStore:
         `abandon()`, polled by rank 0 while it waits for parts, ends that wait early
         with SaveAbandonedError when it returns True (the runtime passes "my
         generation is over": the fence would refuse the commit anyway, and a part of
-        a dead rank never arrives).
+        a dead rank never arrives).  The keywords and their defaults: `SaveOptions`.
         """
-        timeout = _check_timeout(timeout)
-        prepared = self._prepare(
-            step, state, generation, rank, world_size, per_rank_state, metadata, timeout, copy=False
-        )
-        return self._persist(prepared, fence, timeout, abandon)
+        _, persist = self._prepare("save", step, state, options, copy=False)
+        return persist()
 
     def save_async(
-        self,
-        step: int,
-        state: Mapping[str, Any],
-        *,
-        generation: int = 0,
-        fence: Fence | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        per_rank_state: Mapping[str, Any] | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        abandon: Callable[[], bool] | None = None,
+        self, step: int, state: Mapping[str, Any], **options: Unpack[SaveOptions]
     ) -> SaveHandle:
         """Like `save`, but only the CPU snapshot happens on the calling thread.
 
@@ -363,45 +364,50 @@ class CheckpointStore:
         raises its error if it failed and nobody saw the error through
         `SaveHandle.wait`.
         """
-        timeout = _check_timeout(timeout)
-        prepared = self._prepare(
-            step, state, generation, rank, world_size, per_rank_state, metadata, timeout, copy=True
-        )
+        prepared, persist = self._prepare("save_async", step, state, options, copy=True)
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="ckpt-save"
             )
-        snapshot_bytes = prepared.held_bytes
-        future = self._executor.submit(self._persist_logged, prepared, fence, timeout, abandon)
+        snapshot_bytes = prepared.held_bytes  # read now: the save frees it as it goes
+        future = self._executor.submit(self._persist_logged, prepared.step, persist)
         handle = SaveHandle(step, future, snapshot_bytes)
         self._pending = handle
         return handle
 
     def _prepare(
         self,
+        caller: str,
         step: int,
         state: Mapping[str, Any],
-        generation: int,
-        rank: int,
-        world_size: int,
-        per_rank_state: Mapping[str, Any] | None,
-        metadata: Mapping[str, Any] | None,
-        timeout: float,
+        options: SaveOptions,
         *,
         copy: bool,
-    ) -> PreparedSave:
+    ) -> tuple[PreparedSave, Callable[[], CheckpointInfo]]:
+        """The caller's-thread half of `save` and `save_async`: this rank's share
+        planned (and with `copy` snapshot), and the rest of the save to run."""
+        unknown = sorted(set(options) - SaveOptions.__optional_keys__)
+        if unknown:
+            raise TypeError(
+                f"CheckpointStore.{caller}() got an unexpected keyword argument {unknown[0]!r}"
+            )
+        timeout = _check_timeout(options.get("timeout", DEFAULT_TIMEOUT_S))
         self._finish_pending(timeout)
-        return prepare(
+        prepared = prepare(
             step,
             state,
-            generation=generation,
-            rank=rank,
-            world_size=world_size,
-            per_rank_state=per_rank_state,
-            metadata=metadata,
+            generation=options.get("generation", 0),
+            rank=options.get("rank", 0),
+            world_size=options.get("world_size", 1),
+            per_rank_state=options.get("per_rank_state"),
+            metadata=options.get("metadata"),
             copy=copy,
             staging=self._staging if copy and self.config.keep_snapshot_buffer else None,
         )
+        persist = functools.partial(
+            self._persist, prepared, options.get("fence"), timeout, options.get("abandon")
+        )
+        return prepared, persist
 
     def wait(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         """Wait for the in-flight asynchronous save, raising its error if unseen."""
@@ -432,19 +438,13 @@ class CheckpointStore:
         if error is not None:
             raise error
 
-    def _persist_logged(
-        self,
-        prepared: PreparedSave,
-        fence: Fence | None,
-        timeout: float,
-        abandon: Callable[[], bool] | None = None,
-    ) -> CheckpointInfo:
+    def _persist_logged(self, step: int, persist: Callable[[], CheckpointInfo]) -> CheckpointInfo:
         try:
-            return self._persist(prepared, fence, timeout, abandon)
+            return persist()
         except BaseException as exc:
             log.error(
                 "background save of step %d to %s failed: %s: %s",
-                prepared.step,
+                step,
                 self.url,
                 type(exc).__name__,
                 exc,
@@ -894,13 +894,7 @@ class CheckpointStore:
             raise CorruptCheckpointError(
                 f"step {manifest.step}: cannot allocate its tensors ({exc})"
             ) from exc
-        problems = read_files(
-            self._io,
-            manifest,
-            dest,
-            chunk_bytes=self.config.chunk_bytes,
-            io_threads=self.config.io_threads,
-        )
+        problems = self._read_files(manifest, dest)
         if problems:
             raise CorruptCheckpointError("; ".join(map(str, problems)))
         with self._lock:
@@ -952,6 +946,18 @@ class CheckpointStore:
             raise self._empty()
         return VerifyReport(self.url, tuple(reports))
 
+    def _read_files(
+        self, manifest: Manifest, dest: dict[str, torch.Tensor] | None
+    ) -> list[FileProblem]:
+        """Read and check every file of `manifest` (into `dest` when given)."""
+        return read_files(
+            self._io,
+            manifest,
+            dest,
+            chunk_bytes=self.config.chunk_bytes,
+            io_threads=self.config.io_threads,
+        )
+
     def _verify_step(self, step: int) -> StepReport | None:
         """None when `step` is not committed."""
         rel = layout.join(layout.step_dir(step), layout.MANIFEST)
@@ -970,13 +976,7 @@ class CheckpointStore:
                 (FileProblem(step, self._io.display(rel), "manifest", str(exc)),),
                 signature,
             )
-        problems = read_files(
-            self._io,
-            manifest,
-            None,
-            chunk_bytes=self.config.chunk_bytes,
-            io_threads=self.config.io_threads,
-        )
+        problems = self._read_files(manifest, None)
         with self._lock:
             if problems:
                 self._verified.discard(step)

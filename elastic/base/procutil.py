@@ -8,7 +8,9 @@ find, signal and reap processes with them.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Iterable
 
 # Run by a fresh interpreter that then execs the real command: it asks the
 # kernel for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG), checks the
@@ -64,14 +66,31 @@ def parent(pid: int) -> int | None:
     return int(fields[1]) if fields is not None else None
 
 
-def children(of: int | None = None) -> set[int]:
-    """Live (non-zombie) direct children of ``of`` (default: this process)."""
-    of = os.getpid() if of is None else of
-    found = set()
+def _live_children() -> dict[int, set[int]]:
+    """Parent pid -> its live (non-zombie) children, from one scan of /proc."""
+    below: dict[int, set[int]] = {}
     for pid in all_pids():
         fields = _stat_fields(pid)
-        if fields is not None and int(fields[1]) == of and fields[0] != b"Z":
-            found.add(pid)
+        if fields is not None and fields[0] != b"Z":
+            below.setdefault(int(fields[1]), set()).add(pid)
+    return below
+
+
+def children(of: int | None = None) -> set[int]:
+    """Live (non-zombie) direct children of ``of`` (default: this process)."""
+    return _live_children().get(os.getpid() if of is None else of, set())
+
+
+def descendants(root: int) -> set[int]:
+    """Live processes below ``root``: its children, theirs, and so on."""
+    below = _live_children()
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for pid in below.get(todo.pop(), ()):
+            if pid not in found:
+                found.add(pid)
+                todo.append(pid)
     return found
 
 
@@ -101,6 +120,12 @@ def send_signal(pid: int, sig: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def kill_all(pids: Iterable[int]) -> None:
+    """SIGKILL every one of ``pids`` that is still there."""
+    for pid in pids:
+        send_signal(pid, signal.SIGKILL)
 
 
 def reap(pids: set[int]) -> None:

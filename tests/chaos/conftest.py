@@ -7,7 +7,7 @@ import os
 import pytest
 
 from chaos import scenarios as sc
-from chaos.runner import Reference, RunPlan, RunResult, Settings, run_one, run_reference
+from chaos.run import Reference, RunPlan, RunResult, Settings, run_one, run_reference
 from tests.elastic.conftest import no_leftover_processes
 
 __all__ = ["no_leftover_processes"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from chaos import scenarios as sc
-from chaos.runner import RunPlan
+from chaos.run import RunPlan
 from tests.chaos.conftest import explain, run_plan
 
 SEEDS = (0, 1, 2)

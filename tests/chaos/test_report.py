@@ -8,7 +8,7 @@ import sys
 from chaos import invariants as inv
 from chaos import report
 from chaos import scenarios as sc
-from chaos.runner import EventTail, Reference, RunResult
+from chaos.run import EventTail, Reference, RunResult
 
 
 def _result(name: str, seed: int, *, broken: tuple[str, ...] = ()) -> RunResult:

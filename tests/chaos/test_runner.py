@@ -10,7 +10,7 @@ import time
 
 from chaos import invariants as inv
 from chaos import scenarios as sc
-from chaos.runner import RunPlan, Settings, processes_with_token, run_one
+from chaos.run import RunPlan, Settings, processes_with_token, run_one
 from elastic.base.procutil import dying_with_parent
 from tests.helpers import procs
 

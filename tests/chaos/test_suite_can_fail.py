@@ -12,7 +12,7 @@ from __future__ import annotations
 from chaos import invariants as inv
 from chaos import scenarios as sc
 from chaos.faults import FaultSpec, StorageFault, shard_glob
-from chaos.runner import RunPlan
+from chaos.run import RunPlan
 from tests.chaos.conftest import explain, run_plan
 
 

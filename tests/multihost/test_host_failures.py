@@ -74,6 +74,17 @@ def _step_reached(n: int):
     return lambda evs: [e for e in evs if e["event"] == "step" and e["step"] >= n]
 
 
+def _world_without(member: str):
+    return lambda evs: [e for e in evs if e["event"] == "generation" and member not in e["world"]]
+
+
+def _running(bed, tmp_path, job_id: str, etcd: str) -> list[HostLauncher]:
+    """A launcher on every host of ``bed``, once the job trained 15 steps."""
+    launchers = _start(bed, tmp_path, job_id, etcd)
+    _wait(launchers, _step_reached(15), 180, "step 15")
+    return launchers
+
+
 def _finish_and_check(launchers, tmp_path, reference: str) -> list[dict]:
     for x in launchers:
         assert x.wait(240) == 0, "\n".join(y.log_tail() for y in launchers)
@@ -112,19 +123,13 @@ def test_link_down_host_is_left_behind_trains_nothing_and_rejoins(
 ):
     bed = make_bed(3)
     etcd = bed.etcd_single(str(tmp_path / "etcd"))  # on host 0: host 2 is the minority
-    launchers = _start(bed, tmp_path, job_id, etcd)
-    _wait(launchers, _step_reached(15), 180, "step 15")
+    launchers = _running(bed, tmp_path, job_id, etcd)
     cut = launchers[2]
     victim = _member_of(cut)
     t_down = time.time()
     bed.hosts[2].link_down()
     try:
-        gone = _wait(
-            launchers,
-            lambda evs: [e for e in evs if e["event"] == "generation" and victim not in e["world"]],
-            60,
-            "a World without the cut-off host",
-        )
+        gone = _wait(launchers, _world_without(victim), 60, "a World without the cut-off host")
         partition_gen = gone[0]["gen"]
         # Ten steps on, and a checkpoint committed without the cut-off host
         # (an async save commits a step or so after it starts).
@@ -165,13 +170,12 @@ def test_lost_host_costs_one_reform_and_the_result_stays_exact(
 ):
     bed = make_bed(3)
     etcd = bed.etcd_single(str(tmp_path / "etcd"))
-    launchers = _start(bed, tmp_path, job_id, etcd)
-    _wait(launchers, _step_reached(15), 180, "step 15")
+    launchers = _running(bed, tmp_path, job_id, etcd)
     victim = _member_of(launchers[2])
     bed.hosts[2].kill_all()  # launcher and worker: nobody revokes the lease
     _wait(
         launchers,
-        lambda evs: [e for e in evs if e["event"] == "generation" and victim not in e["world"]],
+        _world_without(victim),
         60,
         "a World without the host",
     )
@@ -185,8 +189,7 @@ def test_etcd_leader_killed_and_restarted_mid_run_redoes_no_step(
 ):
     bed = make_bed(3)
     etcd, servers = bed.etcd_cluster(str(tmp_path / "etcd"))
-    launchers = _start(bed, tmp_path, job_id, etcd)
-    _wait(launchers, _step_reached(15), 180, "step 15")
+    launchers = _running(bed, tmp_path, job_id, etcd)
     leader = bed.etcd_leader(etcd)
     servers[leader].kill()
     servers[leader].wait(timeout=30)
@@ -208,17 +211,11 @@ def test_partitioned_host_with_an_etcd_member_leaves_the_quorum_to_the_others(
     # loses the quorum and its worker its session; the other two go on.
     bed = make_bed(3)
     etcd, _servers = bed.etcd_cluster(str(tmp_path / "etcd"))
-    launchers = _start(bed, tmp_path, job_id, etcd)
-    _wait(launchers, _step_reached(15), 180, "step 15")
+    launchers = _running(bed, tmp_path, job_id, etcd)
     victim = _member_of(launchers[2])
     bed.hosts[2].link_down()
     try:
-        gone = _wait(
-            launchers,
-            lambda evs: [e for e in evs if e["event"] == "generation" and victim not in e["world"]],
-            60,
-            "a World without the cut-off host",
-        )
+        gone = _wait(launchers, _world_without(victim), 60, "a World without the cut-off host")
         _wait(launchers, _step_reached(gone[0]["step"] + 10), 120, "ten steps without it")
     finally:
         bed.hosts[2].link_up()

@@ -28,17 +28,26 @@ def _end(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
+def start(
+    args: list[str], cwd: Any, *, quiet: bool = False, terminal: int | None = None
+) -> subprocess.Popen:
+    """`elastic ARGS` started in a session of its own (end it with `_end`): on
+    `terminal` (a pty's follower end) when given, else with stdout and stderr piped
+    as text, or discarded when `quiet`."""
+    streams: dict[str, Any]
+    if terminal is not None:
+        streams = {"stdin": terminal, "stdout": terminal, "stderr": terminal}
+    else:
+        output = subprocess.DEVNULL if quiet else subprocess.PIPE
+        streams = {"stdout": output, "stderr": output, "text": True}
+    return subprocess.Popen(
+        [*ELASTIC, *args], cwd=cwd, env=_env(), start_new_session=True, **streams
+    )
+
+
 def run_logged(args: list[str], cwd: Any, timeout: float = 180.0) -> tuple[int, str, str]:
     """Exit code, stdout and stderr of `elastic ARGS` with both piped (not a terminal)."""
-    proc = subprocess.Popen(
-        [*ELASTIC, *args],
-        cwd=cwd,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start(args, cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
@@ -49,15 +58,7 @@ def run_logged(args: list[str], cwd: Any, timeout: float = 180.0) -> tuple[int, 
 def run_on_terminal(args: list[str], cwd: Any, timeout: float = 180.0) -> tuple[int, str]:
     """Exit code and everything `elastic ARGS` wrote to its terminal (a pty)."""
     leader, follower = pty.openpty()
-    proc = subprocess.Popen(
-        [*ELASTIC, *args],
-        cwd=cwd,
-        env=_env(),
-        stdin=follower,
-        stdout=follower,
-        stderr=follower,
-        start_new_session=True,
-    )
+    proc = start(args, cwd, terminal=follower)
     os.close(follower)
     chunks = []
     deadline = time.monotonic() + timeout

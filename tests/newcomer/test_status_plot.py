@@ -16,7 +16,7 @@ from elastic.base.events import read_events
 from elastic.coord.keys import Keyspace
 from tests.helpers.wait import wait_until
 
-from .launch import CLASSIFIER, ELASTIC, _end, _env, run_logged
+from .launch import CLASSIFIER, _end, _env, run_logged, start
 
 DEMO_LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "kill-rejoin.jsonl")
 
@@ -36,9 +36,8 @@ def test_status_watch_follows_a_running_job_until_it_is_shown_finished(
     etcd_url: str, keys: Keyspace, tmp_path: Any
 ) -> None:
     log = str(tmp_path / "ev.jsonl")
-    job = subprocess.Popen(
+    job = start(
         [
-            *ELASTIC,
             "run",
             "--job",
             keys.job,
@@ -54,11 +53,8 @@ def test_status_watch_follows_a_running_job_until_it_is_shown_finished(
             "--step-time",
             "0.06",
         ],
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        tmp_path,
+        quiet=True,
     )
     watch = None
     try:
@@ -67,9 +63,8 @@ def test_status_watch_follows_a_running_job_until_it_is_shown_finished(
             120,
             "the first step",
         )
-        watch = subprocess.Popen(
+        watch = start(
             [
-                *ELASTIC,
                 "status",
                 "--job",
                 keys.job,
@@ -80,12 +75,7 @@ def test_status_watch_follows_a_running_job_until_it_is_shown_finished(
                 "--event-log",
                 log,
             ],
-            cwd=tmp_path,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
+            tmp_path,
         )
         out, err = watch.communicate(timeout=180)  # it ends by itself when the job finished
         assert job.wait(timeout=120) == 0
@@ -176,9 +166,8 @@ def test_watch_shows_a_finished_job_whose_etcd_stopped_as_finished(
             ]
         )
     )
-    watch = subprocess.Popen(
+    watch = start(
         [
-            *ELASTIC,
             "status",
             "--job",
             keys.job,
@@ -191,12 +180,7 @@ def test_watch_shows_a_finished_job_whose_etcd_stopped_as_finished(
             "--event-log",
             str(log),
         ],
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        tmp_path,
     )
     try:
         assert watch.stdout is not None

@@ -134,29 +134,25 @@ def test_a_launcher_joining_a_running_job_does_not_claim_its_location(tmp_path, 
     # Were the joiner to claim, it would be refused instead of joining.
     ck = f"file://{tmp_path}/ck"
     long = ["--max-steps", "300", "--epochs", "6", "--step-time", "0.05"]
-    first = Job(
-        tmp_path / "a",
-        nproc=1,
-        etcd_url=etcd_url,
-        job="joined",
-        script_args=long,
-        extra=["--checkpoint", ck],
-        name="first",
-    )
-    jobs.append(first)
+
+    def launch(name: str) -> Job:
+        job = Job(
+            tmp_path / name,
+            nproc=1,
+            etcd_url=etcd_url,
+            job="joined",
+            script_args=long,
+            extra=["--checkpoint", ck],
+            name=name,
+        )
+        jobs.append(job)
+        return job
+
+    first = launch("first")
     first.wait_step(1)
     owner = CheckpointStore(ck).current_claim()
     assert owner is not None and owner.job == "joined"
-    joiner = Job(
-        tmp_path / "b",
-        nproc=1,
-        etcd_url=etcd_url,
-        job="joined",
-        script_args=long,
-        extra=["--checkpoint", ck],
-        name="joiner",
-    )
-    jobs.append(joiner)
+    joiner = launch("joiner")
     joiner.wait_for(
         lambda evs: any(e["event"] == "launch" and e.get("joining") for e in evs),
         90,
