@@ -94,5 +94,5 @@ def test_ci_runs_make_venv_lint_and_test_and_fails_when_one_fails(
     )
     assert done.returncode == expected, done.stderr
     calls = open(os.path.join(root, "calls")).read().splitlines()
-    full = ["make venv", "ruff check .", "make test"]
+    full = ["make venv", "ruff check .", "ruff format --check .", "make test"]
     assert calls == (full if not failing else full[: full.index(f"make {failing}") + 1])
