@@ -48,14 +48,18 @@ def add_etcd_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
-def etcd_config(args: argparse.Namespace) -> EtcdConfig:
+def check_credentials(args: argparse.Namespace) -> None:
+    """A password needs a user.  Refused by the launcher, not in every worker: the
+    workers inherit $ELASTIC_ETCD_PASSWORD and would each fail to authenticate."""
     if args.etcd_password and not args.etcd_user:
-        # Refused here, not in every worker: the workers inherit the variable
-        # and would each fail to authenticate after the launch.
         raise ConfigError(
             "an etcd password is set (--etcd-password or $ELASTIC_ETCD_PASSWORD) "
             "but no --etcd-user: give both, or unset the password"
         )
+
+
+def etcd_config(args: argparse.Namespace) -> EtcdConfig:
+    check_credentials(args)
     return EtcdConfig.from_options(
         args.etcd,
         user=args.etcd_user,

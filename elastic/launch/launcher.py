@@ -35,10 +35,11 @@ from ..base.exitcodes import EXIT_FAILED, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_STO
 from ..base.procutil import dying_with_parent
 from ..coord.etcd import EmbeddedEtcd, EtcdConfig, connect, free_port, retry_call
 from ..coord.hangs import HangConfig
-from ..coord.keys import Keyspace, validate_name
+from ..coord.keys import Keyspace
 from ..coord.rendezvous import MAX_WORKERS, RendezvousConfig
 from ..train.config import RuntimeConfig, default_of
 from . import argtypes
+from .etcdopts import check_credentials, etcd_config
 from .preflight import check_script, torchrun_advice, torchrun_failure
 from .progress import ProgressConfig, ProgressView
 
@@ -206,47 +207,75 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    """Refuse bad input before anything starts.  Only what no config value holds is
+    checked here (the script, -n, restarts, paths, flags that contradict each other);
+    every setting a config dataclass owns is checked by building that config."""
     if not os.path.isfile(args.script):
         raise ConfigError(f"training script {args.script!r} does not exist")
     if args.nproc < 1:
         raise ConfigError(f"-n/--nproc must be >= 1, got {args.nproc}")
-    if args.etcd_password and not args.etcd_user:
-        from .etcdopts import etcd_config
-
-        etcd_config(args)  # raises: the one message for a password without a user
-    if args.min_workers < 1:
-        raise ConfigError(f"--min-workers must be >= 1, got {args.min_workers}")
-    if args.max_workers is not None and args.max_workers < args.min_workers:
-        raise ConfigError(
-            f"--min-workers ({args.min_workers}) is above --max-workers ({args.max_workers})"
-        )
     if args.max_restarts < 0:
         raise ConfigError(f"--max-restarts must be >= 0, got {args.max_restarts}")
-    if args.checkpoint_every < 0:
-        raise ConfigError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
-    if args.resume and not args.checkpoint:
-        raise ConfigError("--resume needs --checkpoint URL")
     if args.no_checkpoint and (args.checkpoint or args.checkpoint_every):
         raise ConfigError("--no-checkpoint contradicts --checkpoint/--checkpoint-every")
-    for name in (
-        "lease_ttl",
-        "collective_timeout",
-        "join_timeout",
-        "etcd_outage",
-        "stop_grace",
-        "hang_floor",
-        "progress_every",
-    ):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
-    if args.job is not None:
-        validate_name("job id", args.job)
+    if args.stop_grace <= 0:
+        raise ConfigError("--stop-grace must be > 0")
+    check_credentials(args)
+    _check_configs(args)
     if args.event_log is not None:
         _check_writable_file("--event-log", args.event_log)
     if args.ledger_dir is not None:
         _check_directory("--ledger-dir", args.ledger_dir)
     if args.host is not None:
         local_address(args.host)  # before anything starts; the route needs etcd's URL
+
+
+def _check_configs(args: argparse.Namespace) -> None:
+    """Build the config values the flags set, as the launch will, and turn a refusal
+    into one naming the flag.  Each config grows one flag at a time, so the flag
+    named is the one whose value the config refused (or the pair that disagrees)."""
+    workers = [("--min-workers", "min_workers", args.min_workers)]
+    if args.max_workers is not None:
+        workers.append(("--min-workers/--max-workers", "max_workers", args.max_workers))
+    _grow(
+        RendezvousConfig,
+        {},
+        *workers,
+        ("--settle", "settle_s", args.settle),
+        ("--lease-ttl", "lease_ttl", args.lease_ttl),
+    )
+    _grow(
+        HangConfig,
+        {},
+        ("--hang-floor", "floor_s", args.hang_floor),
+        ("--hang-factor", "factor", args.hang_factor),
+    )
+    _grow(
+        RuntimeConfig,
+        {"member_id": "launcher", "etcd": etcd_config(args) if args.etcd else _EMBEDDED},
+        ("--job", "job", "job" if args.job is None else args.job),
+        ("--collective-timeout", "collective_timeout", args.collective_timeout),
+        ("--join-timeout", "join_timeout", args.join_timeout),
+        ("--etcd-outage", "etcd_outage", args.etcd_outage),
+        ("--checkpoint", "checkpoint", args.checkpoint),
+        ("--checkpoint-every", "checkpoint_every", args.checkpoint_every),
+        ("--resume", "resume", args.resume),
+    )
+    _grow(ProgressConfig, {}, ("--progress-every", "interval_s", args.progress_every))
+
+
+# Stands in for the embedded etcd a launch without --etcd starts (its port is not known yet).
+_EMBEDDED = EtcdConfig(endpoints=(("127.0.0.1", 2379),))
+
+
+def _grow(config: type, fixed: dict[str, Any], *flags: tuple[str, str, Any]) -> None:
+    values = dict(fixed)
+    for flag, name, value in flags:
+        values[name] = value
+        try:
+            config(**values)
+        except ValueError as exc:
+            raise ConfigError(f"{flag}: {exc}") from exc
 
 
 def _check_writable_file(flag: str, path: str) -> None:
@@ -392,8 +421,6 @@ class ElasticLauncher:
             if etcd_url is None:
                 self.etcd_server = EmbeddedEtcd(die_with_parent=True).start()
                 etcd_url = self.etcd_server.url
-            from .etcdopts import etcd_config
-
             args.etcd = etcd_url
             self.client = connect(etcd_config(args))
             self.keys = Keyspace(self.job, args.etcd_prefix)
@@ -499,8 +526,6 @@ class ElasticLauncher:
         )
         if not ok:
             job_conf = json.loads(resp[0][0][0])
-        from .etcdopts import etcd_config
-
         initial = 0 if joining else min(args.nproc, job_conf["max_workers"])
         return RuntimeConfig(
             job=self.job,

@@ -32,14 +32,18 @@ def run_cli(*args: str, cwd: str, timeout: float = 60.0) -> tuple[int, str, floa
         (["-n", "0", CLASSIFIER], "-n/--nproc must be >= 1, got 0"),
         (
             ["--min-workers", "3", "--max-workers", "2", CLASSIFIER],
-            "--min-workers (3) is above --max-workers (2)",
+            "--min-workers/--max-workers: max_workers (2) must be >= min_workers (3)",
         ),
-        (["--resume", CLASSIFIER], "--resume needs --checkpoint URL"),
+        (["--min-workers", "0", CLASSIFIER], "--min-workers: min_workers must be an integer >= 1"),
+        (["--lease-ttl", "0.5", CLASSIFIER], "--lease-ttl: lease_ttl must be >= 1 second"),
+        (["--checkpoint-every", "-1", CLASSIFIER], "--checkpoint-every: checkpoint_every must be"),
+        (["--resume", CLASSIFIER], "--resume: resume needs a checkpoint location"),
+        (["--max-restarts", "-1", CLASSIFIER], "--max-restarts must be >= 0, got -1"),
         (
             ["--no-checkpoint", "--checkpoint", "file:///tmp/x", CLASSIFIER],
             "--no-checkpoint contradicts --checkpoint/--checkpoint-every",
         ),
-        (["--job", "bad job!", CLASSIFIER], "invalid job id 'bad job!'"),
+        (["--job", "bad job!", CLASSIFIER], "--job: invalid job id 'bad job!'"),
         (["--etcd", "localhost:2379", CLASSIFIER], "malformed URL 'localhost:2379'"),
     ],
 )
