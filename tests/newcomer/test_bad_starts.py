@@ -14,7 +14,7 @@ from elastic.coord.etcd import EmbeddedEtcd
 from elastic.coord.keys import Keyspace
 from tests.helpers.wait import wait_until
 
-from .launch import CLASSIFIER, ELASTIC, REPO, _end, _env, run_logged
+from .launch import CLASSIFIER, REPO, _end, _env, run_logged, start
 
 TORCHRUN = os.path.join(REPO, "examples", "torchrun_ddp.py")
 
@@ -96,9 +96,8 @@ def test_a_joining_worker_whose_etcd_vanished_is_not_restarted(
     client.put(keys.gen, "1")
     client.put(keys.ctl + "config", json.dumps({"min_workers": 2, "max_workers": 4}))
     log = str(tmp_path / "ev.jsonl")
-    proc = subprocess.Popen(
+    proc = start(
         [
-            *ELASTIC,
             "run",
             "--job",
             keys.job,
@@ -116,12 +115,7 @@ def test_a_joining_worker_whose_etcd_vanished_is_not_restarted(
             log,
             CLASSIFIER,
         ],
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        tmp_path,
     )
     try:
         wait_until(
