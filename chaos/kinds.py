@@ -67,6 +67,7 @@ class WorkerFault(FaultKind):
 class KillWorker(WorkerFault):
     name = "kill-worker"
     summary = "SIGKILL one worker"
+    expects = "its launcher saw it die of SIGKILL"
     signal = signal.SIGKILL
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
@@ -111,6 +112,7 @@ class FreezeWorker(PauseWorker):
 
     name = "freeze-worker"
     summary = "SIGSTOP one worker until a World without it formed, with a long collective timeout"
+    expects = "a World without it formed, no collective time-out while it was frozen"
 
     duration_means = "the longest it stays frozen"
 
@@ -136,6 +138,7 @@ class FreezeWorker(PauseWorker):
 class StepException(WorkerFault):
     name = "step-exception"
     summary = "the workload raises inside its next training step"
+    expects = "a failed collective is recorded after it"
     signal = signal.SIGUSR1
 
     def in_worker(self, worker: Any) -> None:
@@ -170,6 +173,7 @@ class HangWorker(WorkerFault):
 
     name = "hang-worker"
     summary = "one worker's training thread hangs while its lease stays alive"
+    expects = "an evict event naming it (from a peer) and evicted (its launcher killed it)"
     signal = signal.SIGPWR  # SIGUSR1/SIGUSR2 are taken by step-exception and slow-rank
 
     def in_worker(self, worker: Any) -> None:
@@ -195,6 +199,7 @@ class Leave(WorkerFault):
 
     name = "leave"
     summary = "SIGTERM one worker: a graceful leave at the next step boundary"
+    expects = "its leave event and a clean exit (code 0 or 3)"
     signal = signal.SIGTERM
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
@@ -218,6 +223,7 @@ class KillHost(WorkerFault):
 
     name = "kill-host"
     summary = "SIGKILL one launcher and all of its workers"
+    expects = "a World without any of its workers formed"
 
     def act(
         self, spec: FaultSpec, target: Target, member: str, pid: int, record: dict[str, Any]
@@ -270,6 +276,7 @@ class LinkDown(WorkerFault):
 
     name = "link-down"
     summary = "cut the link of one host (--hosts) for duration_s, then restore it"
+    expects = "a World without its workers while it was cut, one with them after"
 
     duration_means = "how long the link stays down"
 
@@ -356,6 +363,7 @@ class KillEtcdLeader(FaultKind):
 
     name = "kill-etcd-leader"
     summary = "SIGKILL the etcd cluster's leader; restart it after duration_s"
+    expects = "steps completed while the leader was down, none redone after it"
 
     def fire(self, spec: FaultSpec, target: Target, record: dict[str, Any]) -> bool:
         if not hasattr(target.etcd, "kill_member"):
@@ -419,6 +427,7 @@ class Join(FaultKind):
 
     name = "join"
     summary = "start count more workers for the job (a new launcher)"
+    expects = "a worker it started is in a World"
 
     def detail(self, spec: FaultSpec) -> str:
         return f" ({spec.count} worker(s))"

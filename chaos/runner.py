@@ -37,6 +37,7 @@ from chaos.run import (
     run_reference,
 )
 from chaos.soak import add_soak_parser
+from chaos.spec import KINDS
 from elastic.base.exitcodes import EXIT_USAGE
 from elastic.launch import argtypes
 
@@ -119,12 +120,19 @@ def add_chaos_parser(subparsers: Any) -> None:
     )
     sub = p.add_subparsers(dest="chaos_command", required=True, metavar="ACTION")
 
-    lp = sub.add_parser("list", help="list the scenarios (and their schedules for a seed)")
+    lp = sub.add_parser(
+        "list", help="list the scenarios (and their schedules for a seed), or the fault kinds"
+    )
     lp.add_argument(
         "--seed",
         type=int,
         default=None,
         help="also print each scenario's fault schedule for this seed",
+    )
+    lp.add_argument(
+        "--kinds",
+        action="store_true",
+        help="list the fault kinds instead: what each does and expects of the run",
     )
     lp.add_argument("--json", action="store_true", help="machine-readable output")
     lp.set_defaults(func=cmd_list)
@@ -214,6 +222,8 @@ def _error(message: str) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.kinds:
+        return _list_kinds(args.json)
     rows = []
     for s in sc.SCENARIOS.values():
         row: dict[str, Any] = {
@@ -236,6 +246,24 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{r['name']:<{width}}  {r['summary']}{flag}")
         for line in r.get("schedule", ()):
             print(f"{'':<{width}}    - {line}")
+    return EXIT_OK
+
+
+def _list_kinds(as_json: bool) -> int:
+    """Every registered fault kind, from its class (``chaos/kinds.py``): adding a kind
+    adds its line here, with nothing else to update."""
+    kinds = [k.to_json() for k in KINDS.values()]
+    if as_json:
+        print(json.dumps(kinds, indent=2))
+        return EXIT_OK
+    width = max(len(k["name"]) for k in kinds)
+    for k in kinds:
+        needs = [w for w, on in (("rank", k["needs_rank"]), ("duration", k["duration"])) if on]
+        print(f"{k['name']:<{width}}  {k['summary']}" + (f" [{', '.join(needs)}]" if needs else ""))
+        if k["duration"]:
+            print(f"{'':<{width}}    duration: {k['duration']}")
+        if k["expects"]:
+            print(f"{'':<{width}}    expects: {k['expects']}")
     return EXIT_OK
 
 

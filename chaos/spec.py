@@ -12,6 +12,7 @@ kind is adding one class.
 from __future__ import annotations
 
 import importlib
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -174,6 +175,9 @@ class FaultKind:
     signal: ClassVar[int | None] = None  # delivered to the workload (see ``in_worker``)
     # Set when the kind needs ``duration_s > 0``: what the duration is, in words.
     duration_means: ClassVar[str | None] = None
+    # What ``expect`` checks, in words ("" when it checks nothing beyond the
+    # invariants); ``elastic chaos list --kinds`` prints it next to ``summary``.
+    expects: ClassVar[str] = ""
 
     def validate(self, spec: FaultSpec) -> None:
         if self.needs_rank and (spec.rank is None or spec.rank < JOINER):
@@ -189,6 +193,17 @@ class FaultKind:
     def detail(self, spec: FaultSpec) -> str:
         """Words added to ``FaultSpec.describe`` (after a space), if any."""
         return ""
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``elastic chaos list --kinds`` says of the kind."""
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "needs_rank": self.needs_rank,
+            "duration": self.duration_means,
+            "expects": self.expects,
+            "signal": None if self.signal is None else signal.Signals(self.signal).name,
+        }
 
     def fire(self, spec: FaultSpec, target: Target, record: dict[str, Any]) -> bool:
         """Inflict the fault now; note what was hit in ``record``; False if nothing was."""

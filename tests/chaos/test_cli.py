@@ -43,6 +43,20 @@ def test_list_with_a_seed_prints_that_seeds_schedule_as_json(capsys) -> None:
     assert rows["kill-worker"]["schedule"] == sc.SCENARIOS["kill-worker"].schedule(4).describe()
 
 
+def test_list_kinds_describes_every_registered_kind(capsys) -> None:
+    from chaos.spec import KINDS
+
+    code, out, _ = elastic(capsys, "chaos", "list", "--kinds", "--json")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert set(rows) == set(KINDS)
+    assert rows["link-down"]["duration"] == "how long the link stays down"
+    assert rows["kill-host"]["needs_rank"] and rows["kill-host"]["expects"]
+    code, out, _ = elastic(capsys, "chaos", "list", "--kinds")
+    assert code == 0 and all(name in out for name in KINDS)
+    assert "expects: a worker it started is in a World" in out
+
+
 def test_unknown_scenario_is_refused_by_name(capsys, tmp_path) -> None:
     code, _, err = elastic(
         capsys, "chaos", "run", "--scenario", "kill-wroker", "--report", str(tmp_path)

@@ -64,6 +64,12 @@ def test_every_kind_and_trigger_is_registered_once_by_its_name() -> None:
         KINDS["nope"]
 
 
+def test_a_kind_with_an_expectation_says_what_it_expects() -> None:
+    # `elastic chaos list --kinds` (and docs/chaos.md through it) reads `expects`.
+    checking = [k.name for k in KINDS.values() if type(k).expect is not FaultKind.expect]
+    assert checking and all(KINDS[name].expects for name in checking), checking
+
+
 def test_a_new_kind_is_one_registered_class() -> None:
     reg: Registry[FaultKind] = Registry("fault kind", __name__)
 
