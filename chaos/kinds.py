@@ -53,7 +53,7 @@ class WorkerFault(FaultKind):
         record.update(member=member, pid=pid, rank=spec.rank)
         fired = self.act(spec, target, member, pid, record)
         if not fired:
-            record["detail"] = f"pid {pid} was already gone"
+            record.setdefault("detail", f"pid {pid} was already gone")
         return fired
 
     def act(

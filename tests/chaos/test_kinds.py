@@ -231,6 +231,15 @@ class FakeTarget:
         return [(f"m-{i}", p) for i, p in enumerate(self.pids)]
 
 
+def test_kill_host_of_the_only_launcher_does_not_fire_and_says_why() -> None:
+    # The "worker" is this process; its launcher (our parent) is the only one running.
+    target = FakeTarget("no-such-token", os.getppid(), [os.getpid()])
+    target.launchers_running = lambda: [os.getppid()]  # type: ignore[method-assign]
+    record: dict[str, Any] = {}
+    assert not KINDS["kill-host"].fire(FaultSpec("kill-host", rank=0), target, record)
+    assert record["detail"] == "only one launcher runs: killing it would end the job"
+
+
 def test_kill_host_kills_the_launcher_and_every_worker_it_started() -> None:
     token = f"kill-host-{os.getpid()}"
     env = dict(os.environ, **{procs.TOKEN_ENV: token})
