@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..base.errors import ConfigError, WorkerGroupError
 from .loader import to_device
-
-if TYPE_CHECKING:
-    from .job import Job
 
 MetricFn = Callable[[torch.nn.Module, Any], dict[str, Any]]
 
@@ -48,7 +45,7 @@ def _sums(out: Any) -> dict[str, float]:
 
 
 def run_evaluation(
-    job: Job,
+    job: Any,  # the Job (not imported: job.py imports this module)
     model: torch.nn.Module,
     dataset: Sequence[Any],
     metric_fn: MetricFn,

@@ -22,16 +22,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from ..base.errors import ConfigError
 from .sampler import ElasticSampler
-
-if TYPE_CHECKING:
-    from .job import Job
 
 
 @dataclass(frozen=True)
@@ -92,7 +89,7 @@ class ElasticLoader:
 
     def __init__(
         self,
-        job: Job,
+        job: Any,  # the Job (job.py imports this module)
         dataset: Any,
         *,
         global_batch_size: int,

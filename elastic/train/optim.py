@@ -13,20 +13,17 @@ local gradient on one rank: a step pre-hook refuses it with a clear error.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..base.errors import ConfigError
 
-if TYPE_CHECKING:
-    from .job import Job
-
 
 class ElasticOptimizer:
     """Delegates to the wrapped optimizer except for ``step``."""
 
-    def __init__(self, job: Job, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, job: Any, optimizer: torch.optim.Optimizer) -> None:  # job: the Job
         if isinstance(optimizer, ElasticOptimizer):
             raise ConfigError("this optimizer is wrapped already (job.optimizer() twice)")
         if not isinstance(optimizer, torch.optim.Optimizer):

@@ -29,6 +29,7 @@ from elastic.base.events import (
     error_fields,
     read_events,
 )
+from elastic.coord.keys import Keyspace
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WRITERS = ("elastic", "chaos", "benchmarks")
@@ -135,7 +136,7 @@ def test_a_refused_stale_commit_is_recorded_by_type_and_the_chaos_check_finds_it
     import torch
 
     from chaos.expectations import EXPECT_STALE_REFUSED, EXPECTATIONS
-    from elastic.train.runtime import Trainer
+    from elastic.train.job import Job
     from storage import CheckpointStore
 
     store = CheckpointStore(f"file://{tmp_path}/ckpt")
@@ -148,7 +149,7 @@ def test_a_refused_stale_commit_is_recorded_by_type_and_the_chaos_check_finds_it
         events=log,
         config=SimpleNamespace(checkpoint_timeout=30.0),
     )
-    Trainer._finish_pending_save(trainer, raise_errors=False)  # type: ignore[arg-type]
+    Job._finish_pending_save(trainer, raise_errors=False)  # type: ignore[arg-type]
     log.close()
     store.close(timeout=30.0)
     [failed] = read_events(path)
@@ -179,7 +180,7 @@ def test_a_failed_revoke_records_the_etcd_error_type(tmp_path) -> None:
     path, log = _log(tmp_path, source="launcher-1")
     launcher = SimpleNamespace(
         client=SimpleNamespace(get=unreachable),
-        keys=SimpleNamespace(root="/elastic/j/"),
+        keys=Keyspace("j"),
         events=log,
     )
     ElasticLauncher._revoke(launcher, "j-0")  # type: ignore[arg-type]
