@@ -35,6 +35,46 @@ def _exits(run: RunView, member: str) -> list[int | None]:
     return [e.get("rc") for e in run.events(Event.EXIT) if e.get("member") == member]
 
 
+def _worlds_without(
+    run: RunView, members: set[str], since: float, until: float | None = None
+) -> list[dict[str, Any]]:
+    """Worlds formed from ``since`` (until ``until``) that hold none of ``members``."""
+    return [
+        e
+        for e in _after(run, Event.GENERATION, since)
+        if (until is None or e["t"] <= until) and not members & set(e["world"])
+    ]
+
+
+def _back(run: RunView, launcher: int, since: float) -> list[dict[str, Any]]:
+    """Worlds formed from ``since`` that hold a worker the launcher ``launcher`` started."""
+    source = f"launcher-{launcher}"
+    ours = {e["member"] for e in run.events(Event.SPAWN) if e.get("source") == source}
+    return [e for e in _after(run, Event.GENERATION, since) if ours & set(e["world"])]
+
+
+def _stop_host(
+    target: Target, member: str, pid: int, record: dict[str, Any], alone: str
+) -> tuple[int, set[int]] | None:
+    """SIGSTOP the launcher of the worker ``pid`` and list the workers it started:
+    (launcher, worker pids).  Stopped first, so that it starts nobody meanwhile and
+    its workers are not reparented yet (they would be once it died).  None, with the
+    reason in ``record``, when it is not running or is the only launcher (``alone``
+    says what acting on it would do)."""
+    launcher = procutil.parent(pid)
+    running = target.launchers_running()
+    if launcher is None or launcher not in running:
+        record["detail"] = f"the launcher of {member} (pid {launcher}) is not running"
+        return None
+    if len(running) < 2:
+        record["detail"] = f"only one launcher runs: {alone}"
+        return None
+    procutil.send_signal(launcher, signal.SIGSTOP)
+    workers = procs.children_with_token(launcher, target.token)
+    workers |= {p for _, p in target.spawned_by(launcher) if procs.belongs(p, target.token)}
+    return launcher, workers
+
+
 # -- faults aimed at one worker --------------------------------------------------------
 
 
@@ -228,19 +268,10 @@ class KillHost(WorkerFault):
     def act(
         self, spec: FaultSpec, target: Target, member: str, pid: int, record: dict[str, Any]
     ) -> bool:
-        launcher = procutil.parent(pid)
-        running = target.launchers_running()
-        if launcher not in running:
-            record["detail"] = f"the launcher of {member} (pid {launcher}) is not running"
+        host = _stop_host(target, member, pid, record, alone="killing it would end the job")
+        if host is None:
             return False
-        if len(running) < 2:
-            record["detail"] = "only one launcher runs: killing it would end the job"
-            return False
-        # Stopped first, so that it respawns nobody and its workers, listed now, are
-        # not reparented yet (they are once it is dead).
-        procutil.send_signal(launcher, signal.SIGSTOP)
-        workers = procs.children_with_token(launcher, target.token)
-        workers |= {p for _, p in target.spawned_by(launcher) if procs.belongs(p, target.token)}
+        launcher, workers = host
         procutil.send_signal(launcher, signal.SIGKILL)
         for p in workers:
             procutil.send_signal(p, signal.SIGCONT)  # a stopped process must see the kill
@@ -256,14 +287,100 @@ class KillHost(WorkerFault):
 
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         gone = set(record.get("members", ()))
-        after = [
-            e for e in _after(run, Event.GENERATION, record["t"]) if not gone & set(e["world"])
-        ]
+        after = _worlds_without(run, gone, record["t"])
         return [
             Check(
                 self.name,
                 bool(gone) and bool(after),
                 f"host of {sorted(gone)}: {len(after)} World(s) without them formed",
+            )
+        ]
+
+
+@KINDS.register
+class FreezeHost(WorkerFault):
+    """SIGSTOP the launcher of the worker at ``rank`` and every worker it started (a
+    VM paused, by a live migration say) for ``duration_s``, then SIGCONT them all,
+    in a job with two or more launchers.  Give it a duration a few seconds above the
+    lease TTL: the other hosts must form a World without the frozen workers while
+    they are stopped (their leases lapse); once awake, each frozen worker must find
+    itself fenced out (it registers again, or its generation fails, or it is ended)
+    and come back only through a newer World.  What the old World still tries to
+    write is refused by the generation fence (the fencing invariant)."""
+
+    name = "freeze-host"
+    summary = "SIGSTOP one launcher and all of its workers for duration_s, then SIGCONT"
+    expects = (
+        "a World without its workers formed while frozen; after waking each of them "
+        "found itself out of the old World and they were back in a newer one"
+    )
+
+    duration_means = "how long the host stays frozen"
+
+    def act(
+        self, spec: FaultSpec, target: Target, member: str, pid: int, record: dict[str, Any]
+    ) -> bool:
+        host = _stop_host(target, member, pid, record, alone="freezing it pauses the job")
+        if host is None:
+            return False
+        launcher, workers = host
+        for p in workers:
+            procutil.send_signal(p, signal.SIGSTOP)
+        frozen = time.monotonic()
+        try:
+            time.sleep(spec.duration_s)  # the pause itself
+        finally:
+            for p in workers:
+                procutil.send_signal(p, signal.SIGCONT)
+            procutil.send_signal(launcher, signal.SIGCONT)
+        record.update(
+            launcher=launcher,
+            members=[m for m, p in target.spawned_by(launcher) if p in workers],
+            frozen_s=round(time.monotonic() - frozen, 3),
+            thaw_t=time.time(),
+        )
+        return True
+
+    def detail(self, spec: FaultSpec) -> str:
+        return " (its launcher and all of its workers)"
+
+    def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
+        frozen = set(record.get("members", ()))
+        freeze_t, thaw_t = record["t"], record["thaw_t"]
+        without = _worlds_without(run, frozen, freeze_t, thaw_t)
+        # Out of the old World: it registers again or its generation fails (its own
+        # events), or its launcher ends it (events about it).
+        own = [*run.events(Event.REJOIN), *run.events(Event.FAILURE)]
+        about = [*run.events(Event.EVICTED), *run.events(Event.EXIT)]
+        noticed = {
+            m: min(
+                [e["t"] for e in own if e.get("source") == m and e["t"] >= thaw_t]
+                + [e["t"] for e in about if e.get("member") == m and e["t"] >= thaw_t],
+                default=None,
+            )
+            for m in frozen
+        }
+        unaware = sorted(m for m, t in noticed.items() if t is None)
+        # Steps an older World completed after waking (before its members noticed):
+        # wasted work whose writes the fence refuses; reported, not failed.
+        newest = without[0]["gen"] if without else 0
+        late = [e for e in _after(run, Event.STEP, thaw_t) if e["gen"] < newest]
+        back = _back(run, record["launcher"], thaw_t)
+        slowest = max((t for t in noticed.values() if t is not None), default=thaw_t)
+        return [
+            Check(
+                self.name,
+                bool(frozen) and bool(without) and not unaware and bool(back),
+                f"host of {sorted(frozen)} frozen {record.get('frozen_s')}s: a World without "
+                + (f"it {without[0]['t'] - freeze_t:.1f}s in" if without else "it never formed")
+                + "; after waking "
+                + (
+                    f"{sorted(unaware)} never found themselves out"
+                    if unaware
+                    else f"all found themselves out within {slowest - thaw_t:.1f}s"
+                )
+                + f" (the old World completed {len(late)} more step(s) meanwhile), "
+                f"{len(back)} World(s) with its workers after",
             )
         ]
 
@@ -321,14 +438,8 @@ class LinkDown(WorkerFault):
     def expect(self, spec: FaultSpec, record: dict[str, Any], run: RunView) -> list[Check]:
         gone = set(record.get("members", ()))
         down_t, up_t = record["t"], record["up_t"]
-        without = [
-            e
-            for e in run.events(Event.GENERATION)
-            if down_t <= e["t"] <= up_t and not gone & set(e["world"])
-        ]
-        source = f"launcher-{record['launcher']}"
-        ours = {e["member"] for e in run.events(Event.SPAWN) if e.get("source") == source}
-        back = [e for e in _after(run, Event.GENERATION, up_t) if ours & set(e["world"])]
+        without = _worlds_without(run, gone, down_t, up_t)
+        back = _back(run, record["launcher"], up_t)
         return [
             Check(
                 self.name,

@@ -1,20 +1,27 @@
 """Fault kinds and triggers as registered classes: lookup, expectations that can fail,
-the workload's signal handlers, kill-host against real processes."""
+the workload's signal handlers, kill-host and freeze-host against real processes
+(freeze-host also in a real run)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from chaos import procs
+from chaos import scenarios as sc
+from chaos.run import Reference, RunPlan
 from chaos.spec import KINDS, TRIGGERS, FaultKind, FaultSpec, Registry
+from tests.chaos.conftest import SETTINGS, explain, run_plan
 from tests.helpers import procs as hprocs
 
 
@@ -240,8 +247,11 @@ def test_kill_host_of_the_only_launcher_does_not_fire_and_says_why() -> None:
     assert record["detail"] == "only one launcher runs: killing it would end the job"
 
 
-def test_kill_host_kills_the_launcher_and_every_worker_it_started() -> None:
-    token = f"kill-host-{os.getpid()}"
+@contextlib.contextmanager
+def _fake_host(name: str) -> Iterator[tuple[subprocess.Popen, FakeTarget]]:
+    """A stand-in launcher and its two workers, all carrying a run token; whatever is
+    left of them is ended afterwards (also when stopped)."""
+    token = f"{name}-{os.getpid()}"
     env = dict(os.environ, **{procs.TOKEN_ENV: token})
     launcher = subprocess.Popen(
         [sys.executable, "-c", _FAKE_LAUNCHER], env=env, stdout=subprocess.PIPE, text=True
@@ -249,18 +259,133 @@ def test_kill_host_kills_the_launcher_and_every_worker_it_started() -> None:
     try:
         assert launcher.stdout is not None
         workers = [int(p) for p in launcher.stdout.readline().split()]
-        target = FakeTarget(token, launcher.pid, workers)
-        record: dict[str, Any] = {}
-        assert KINDS["kill-host"].fire(FaultSpec("kill-host", rank=1), target, record)
-        assert launcher.wait(10) == -signal.SIGKILL
-        deadline = time.monotonic() + 10
-        while any(procs.alive(p) for p in workers):
-            assert time.monotonic() < deadline, "a worker of the killed host survived"
-            time.sleep(0.05)
-        assert record["launchers_killed"] == [launcher.pid]
-        assert sorted(record["members"]) == ["m-0", "m-1"]
+        yield launcher, FakeTarget(token, launcher.pid, workers)
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait(10)
         hprocs.end({p for p in procs.processes_with_token(token)})
+
+
+def test_kill_host_kills_the_launcher_and_every_worker_it_started() -> None:
+    with _fake_host("kill-host") as (launcher, target):
+        record: dict[str, Any] = {}
+        assert KINDS["kill-host"].fire(FaultSpec("kill-host", rank=1), target, record)
+        assert launcher.wait(10) == -signal.SIGKILL
+        deadline = time.monotonic() + 10
+        while any(procs.alive(p) for p in target.pids):
+            assert time.monotonic() < deadline, "a worker of the killed host survived"
+            time.sleep(0.05)
+        assert record["launchers_killed"] == [launcher.pid]
+        assert sorted(record["members"]) == ["m-0", "m-1"]
+
+
+# -- freeze-host ----------------------------------------------------------------------
+
+
+def _state(pid: int) -> str:
+    """The process state letter of /proc/PID/stat ("T": stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return stat[stat.rfind(")") + 2]
+
+
+def test_freeze_host_needs_a_rank_and_a_duration_and_says_what_it_freezes() -> None:
+    with pytest.raises(ValueError, match=r"needs duration_s > 0 \(how long the host stays"):
+        FaultSpec("freeze-host", 10, rank=1)
+    with pytest.raises(ValueError, match="needs a target rank"):
+        FaultSpec("freeze-host", 10, duration_s=6.0)
+    assert (
+        FaultSpec("freeze-host", 10, rank=1, duration_s=6.0).describe()
+        == "freeze-host rank 1 at step 10 for 6s (its launcher and all of its workers)"
+    )
+
+
+def test_freeze_host_stops_the_launcher_and_its_workers_then_wakes_them() -> None:
+    with _fake_host("freeze-host") as (launcher, target):
+        everyone = [launcher.pid, *target.pids]
+        record: dict[str, Any] = {"t": time.time()}
+        spec = FaultSpec("freeze-host", rank=1, duration_s=1.5)
+        firing = threading.Thread(
+            target=lambda: record.update(fired=KINDS["freeze-host"].fire(spec, target, record))
+        )
+        firing.start()
+        deadline = time.monotonic() + 1.2
+        while {_state(p) for p in everyone} != {"T"}:
+            assert time.monotonic() < deadline, [_state(p) for p in everyone]
+            time.sleep(0.02)
+        firing.join(10)
+        assert record["fired"], record
+        assert "T" not in {_state(p) for p in everyone}, "a process of the host stayed stopped"
+        assert record["launcher"] == launcher.pid and sorted(record["members"]) == ["m-0", "m-1"]
+        assert 1.5 <= record["frozen_s"] < 5 and record["thaw_t"] > record["t"]
+
+
+def test_freeze_host_of_the_only_launcher_does_not_fire() -> None:
+    target = FakeTarget("no-such-token", os.getppid(), [os.getpid()])
+    target.launchers_running = lambda: [os.getppid()]  # type: ignore[method-assign]
+    record: dict[str, Any] = {}
+    spec = FaultSpec("freeze-host", rank=0, duration_s=1.0)
+    assert not KINDS["freeze-host"].fire(spec, target, record)
+    assert record["detail"] == "only one launcher runs: freezing it pauses the job"
+
+
+def test_freeze_host_expects_a_world_without_it_its_workers_out_and_back() -> None:
+    rec = {"members": ["a-0", "a-1"], "launcher": 41, "thaw_t": 12.0, "frozen_s": 6.0}  # t=5
+
+    def gen(t: float, g: int, world: list[str]) -> dict[str, Any]:
+        return {"event": "generation", "t": t, "gen": g, "step": 20, "world": world}
+
+    def out(t: float, member: str) -> dict[str, Any]:
+        return {"event": "rejoin", "t": t, "gen": 1, "source": member}
+
+    spawns = [
+        {"event": "spawn", "member": m, "source": "launcher-41", "t": 1.0} for m in rec["members"]
+    ]
+    first = gen(1.0, 1, ["a-0", "b-0", "a-1", "b-1"])
+    without = gen(8.0, 2, ["b-0", "b-1"])
+    failed = {"event": "failure", "t": 12.1, "gen": 1, "source": "a-1", "error_type": "X"}
+    back = gen(14.0, 3, ["b-0", "b-1", "a-0", "a-1"])
+    ok = [*spawns, first, without, out(12.2, "a-0"), failed, back]
+    assert _held("freeze-host", rec, FakeRun(*ok), rank=0, duration_s=6.0)
+    # An old World that trained on a step after waking is reported, not failed.
+    late = {"event": "step", "t": 12.05, "gen": 1, "step": 21}
+    checks = KINDS["freeze-host"].expect(
+        FaultSpec("freeze-host", rank=0, duration_s=6.0), {"t": 5.0, **rec}, FakeRun(*ok, late)
+    )
+    assert checks[0].held and "1 more step(s)" in checks[0].detail
+    # No World without the host while it was frozen (one formed after it woke).
+    after = gen(13.0, 2, ["b-0", "b-1"])
+    early = [*spawns, first, after, out(12.2, "a-0"), failed, back]
+    assert not _held("freeze-host", rec, FakeRun(*early), rank=0, duration_s=6.0)
+    # A woken worker that never found itself out of the old World.
+    unaware = [*spawns, first, without, out(12.2, "a-0"), back]
+    assert not _held("freeze-host", rec, FakeRun(*unaware), rank=0, duration_s=6.0)
+    # The host's workers never came back.
+    assert not _held("freeze-host", rec, FakeRun(*ok[:-1]), rank=0, duration_s=6.0)
+
+
+def test_a_frozen_host_is_left_behind_and_fenced_out_when_it_wakes(
+    chaos_reference: Reference, tmp_path: Any
+) -> None:
+    # 4 workers on 2 launchers; once all 4 train, the host of rank 0 (the leader) is
+    # frozen for the lease TTL + 4 s under a collective timeout far above it: the
+    # others re-form once the leases lapse, the woken workers find themselves out
+    # and rejoin, and every invariant holds.
+    scenario = sc.Scenario(
+        "freeze-host",
+        "freeze the host of rank 0",
+        lambda rng, shape: sc.Schedule(),
+        workers=4,
+        launchers=2,
+        step_time=0.3,
+        collective_timeout=60.0,
+    )
+    spec = FaultSpec(
+        "freeze-host", on="full-world", rank=0, delay_s=1.0, duration_s=SETTINGS.lease_ttl + 4.0
+    )
+    plan = RunPlan("freeze-host", 0, scenario, sc.Schedule((spec,)))
+    result = run_plan(plan, chaos_reference, str(tmp_path / "run"))
+    assert result.passed, explain(result)
+    (fault,) = result.faults
+    assert fault["fired"] and len(fault["members"]) == 2, fault
