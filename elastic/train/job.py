@@ -138,7 +138,8 @@ class Job:
         if os.environ.get(CONFIG_ENV):
             return RuntimeConfig.from_env()
         # `python train.py`: a one-worker job on an etcd of its own.
-        self._etcd_server = EmbeddedEtcd().start()
+        # die_with_parent: a script killed mid-run leaves no etcd server behind.
+        self._etcd_server = EmbeddedEtcd(die_with_parent=True).start()
         return RuntimeConfig(
             job=f"alone-{os.getpid()}",
             member_id="w0",
@@ -476,18 +477,21 @@ class Job:
         return out
 
     def _on_failure(self, exc: WorkerGroupError) -> None:
+        self._report_failure(exc, self.group.rank, self.group.generation)
+        self._phase = "failed"
+
+    def _report_failure(self, exc: WorkerGroupError, rank: int, gen: int, where: str = "") -> None:
+        """One failed collective of generation ``gen``: record it and ask for a new World."""
         self._failed_at = self._failed_at or time.monotonic()
-        group = self.group
         self.events.emit(
             Event.FAILURE,
-            f"rank {group.rank} of generation {group.generation}: {exc}",
-            gen=group.generation,
-            rank=group.rank,
+            f"rank {rank} of generation {gen}{where}: {exc}",
+            gen=gen,
+            rank=rank,
             step=self.registry.step,
             **error_fields(exc),
         )
-        self._request_reform(group.generation, broken=True)
-        self._phase = "failed"
+        self._request_reform(gen, broken=True)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the averaged gradient by its global norm (the same on every rank)."""
@@ -613,17 +617,8 @@ class Job:
             restored = self._ensure_state(group)
             src = self.registry.sync(group)
         except WorkerGroupError as exc:
-            self._failed_at = self._failed_at or time.monotonic()
             self._gen = world.generation
-            self.events.emit(
-                Event.FAILURE,
-                f"rank {rank} of generation {world.generation}: {exc}",
-                gen=world.generation,
-                rank=rank,
-                step=self.registry.step,
-                **error_fields(exc),
-            )
-            self._request_reform(world.generation, broken=True)
+            self._report_failure(exc, rank, world.generation)
             group.close()
             return
         except BaseException:
@@ -780,19 +775,10 @@ class Job:
         """A collective outside the step failed: the next step re-forms."""
         group = self.group
         if group is not None and self._phase in ("synced", "idle"):
-            self.events.emit(
-                Event.FAILURE,
-                f"rank {group.rank} of generation {group.generation} (evaluate): {exc}",
-                gen=group.generation,
-                rank=group.rank,
-                step=self.registry.step,
-                **error_fields(exc),
-            )
-            self._request_reform(group.generation, broken=True)
+            self._report_failure(exc, group.rank, group.generation, " (evaluate)")
             if self._phase == "synced":
                 self._flags = list(self._flags)
                 self._flags[_H_REFORM] = 1.0
-            self._failed_at = self._failed_at or time.monotonic()
 
     # -- checkpoints ----------------------------------------------------------------------
 
