@@ -50,6 +50,7 @@ class _Worker:
     local_rank: int
     proc: subprocess.Popen
     started: float = field(default_factory=time.monotonic)
+    reported: bool = False  # its exit was taken from the queue and handled
 
 
 def add_run_parser(sub: argparse._SubParsersAction) -> None:
@@ -624,7 +625,10 @@ class ElasticLauncher:
     def _supervise(self) -> int:
         failed = False
         stop_deadline: float | None = None
-        while any(w.proc.returncode is None for w in self.workers.values()) or self._respawns:
+        # Until every exit is handled, not until every process is gone: a
+        # returncode is set before its waiter thread queues the exit, and an
+        # exit left in the queue would go unreported (no exit, no give_up).
+        while any(not w.reported for w in self.workers.values()) or self._respawns:
             self._respawn_due()
             if self.stop_requested is not None and stop_deadline is None:
                 stop_deadline = time.monotonic() + self.args.stop_grace
@@ -639,6 +643,7 @@ class ElasticLauncher:
                 self._kill_evicted()
                 self._report_waiting()
                 continue
+            worker.reported = True
             self.events.emit(
                 Event.EXIT,
                 f"worker {worker.member_id} exited with {rc}",

@@ -44,6 +44,24 @@ def _sums(out: Any) -> dict[str, float]:
     return sums
 
 
+def _log(job: Any, n: int, batch_size: int, chunks: list[int], phase: str) -> None:
+    """One line of the validation ledger: ``world`` (the chunks this rank
+    computed for the World, before the exchange), then ``result`` (the
+    exchange succeeded) or ``alone`` (the chunks it then computed itself)."""
+    if job.val_ledger is None:
+        return
+    group = job.group
+    job.val_ledger.record(
+        step=job.step,
+        epoch=0,
+        generation=group.generation if group is not None else -1,
+        rank=group.rank if group is not None else 0,
+        world_size=group.size if group is not None else 1,
+        ids=[i for j in sorted(chunks) for i in _chunk_ids(j, n, batch_size)],
+        phase=phase,
+    )
+
+
 def run_evaluation(
     job: Any,  # the Job (not imported: job.py imports this module)
     model: torch.nn.Module,
@@ -70,6 +88,7 @@ def run_evaluation(
         computed.append(j)
 
     group = job.group
+    world_chunks = 0
     alone = group is None or job._phase in ("failed", "open")
     rng = torch.get_rng_state()
     was_training = model.training
@@ -85,6 +104,9 @@ def run_evaluation(
             if not alone:
                 for j in range(group.rank, chunks, group.size):
                     compute(j)
+                # Logged before the exchange, as the training ledger is: a rank
+                # that dies after contributing its chunks has said which.
+                _log(job, n, batch_size, computed, "world")
                 try:
                     names_raw = group.broadcast_bytes(
                         json.dumps(sorted(results[0])).encode() if group.rank == 0 else None, 0
@@ -105,6 +127,7 @@ def run_evaluation(
                 except WorkerGroupError as exc:
                     job._mark_broken(exc)
                     alone = True
+            world_chunks = len(computed)
             if alone:
                 for j in range(chunks):
                     if j not in results:
@@ -112,16 +135,7 @@ def run_evaluation(
     finally:
         model.train(was_training)
         torch.set_rng_state(rng)
-    if job.val_ledger is not None:
-        job.val_ledger.record(
-            step=job.step,
-            epoch=0,
-            generation=group.generation if group is not None else -1,
-            rank=group.rank if group is not None else 0,
-            world_size=group.size if group is not None else 1,
-            ids=[i for j in sorted(computed) for i in _chunk_ids(j, n, batch_size)],
-            alone=alone,
-        )
+    _log(job, n, batch_size, computed[world_chunks:], "alone" if alone else "result")
     names = sorted(results[0])
     totals = dict.fromkeys(names, 0.0)
     for j in range(chunks):

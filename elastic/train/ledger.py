@@ -13,6 +13,7 @@ import glob
 import json
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -53,6 +54,17 @@ class LedgerWriter:
         os.close(self._fd)
 
 
+def _records(directory: str, prefix: str) -> Iterator[dict]:
+    """Every record of the ledgers ``{prefix}-*.jsonl`` in ``directory``."""
+    for path in sorted(glob.glob(os.path.join(directory, f"{prefix}-*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line of a killed writer
+
+
 @dataclass(frozen=True)
 class LedgerReport:
     steps: int
@@ -68,14 +80,8 @@ class LedgerReport:
 def check_ledger(directory: str, dataset_size: int, epochs: list[int]) -> LedgerReport:
     """Check exactly-once consumption for each of ``epochs``."""
     attempts: dict[int, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for path in glob.glob(os.path.join(directory, "ledger-*.jsonl")):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line of a killed writer
-                attempts[rec["step"]][rec["gen"]].append(rec)
+    for rec in _records(directory, "ledger"):
+        attempts[rec["step"]][rec["gen"]].append(rec)
     seen: dict[int, list[int]] = defaultdict(list)
     for _step, by_gen in attempts.items():
         newest = by_gen[max(by_gen)]
@@ -95,3 +101,54 @@ def check_ledger(directory: str, dataset_size: int, epochs: list[int]) -> Ledger
         if dup:
             duplicated[epoch] = dup
     return LedgerReport(len(attempts), counts, missing, duplicated)
+
+
+@dataclass(frozen=True)
+class ValLedgerReport:
+    evaluations: dict[int, int]  # step -> ranks that returned metrics
+    problems: list[str]  # one line per result not made of each sample exactly once
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _exactly_once(ids: list[int], dataset_size: int) -> str:
+    tally: dict[int, int] = defaultdict(int)
+    for i in ids:
+        tally[i] += 1
+    missing = [i for i in range(dataset_size) if i not in tally]
+    dup = sorted(i for i, c in tally.items() if c > 1)
+    if not missing and not dup:
+        return ""
+    return f"{len(missing)} samples missing (first {missing[:5]}), {len(dup)} counted twice"
+
+
+def check_val_ledger(directory: str, dataset_size: int) -> ValLedgerReport:
+    """Check that every evaluation's metrics count each validation sample exactly once.
+
+    A rank's result is made of every rank's ``world`` chunks when the exchange
+    succeeded (``result``), or of its own ``world`` chunks and the ones it
+    computed ``alone`` after a failure.
+    """
+    world: dict[tuple[int, int], dict[int, list[int]]] = defaultdict(dict)
+    results: list[dict] = []
+    for rec in _records(directory, "valledger"):
+        if rec["phase"] == "world":
+            world[rec["step"], rec["gen"]][rec["rank"]] = rec["ids"]
+        else:
+            results.append(rec)
+    evaluations: dict[int, int] = defaultdict(int)
+    problems = []
+    for rec in results:
+        step, gen, rank = rec["step"], rec["gen"], rec["rank"]
+        evaluations[step] += 1
+        parts = world.get((step, gen), {})
+        if rec["phase"] == "result":
+            ids = [i for r in sorted(parts) for i in parts[r]]
+        else:
+            ids = parts.get(rank, []) + rec["ids"]
+        bad = _exactly_once(ids, dataset_size)
+        if bad:
+            problems.append(f"step {step} gen {gen} rank {rank} ({rec['phase']}): {bad}")
+    return ValLedgerReport(dict(evaluations), problems)

@@ -1,1 +1,10 @@
+import pytest
+
+from tests.loop.reference import run_alone
 from tests.runtime.conftest import jobs  # noqa: F401  (every job's processes ended at teardown)
+
+
+@pytest.fixture(scope="session")
+def alone(tmp_path_factory) -> tuple[str, str]:
+    """examples/own_loop.py run alone: (final state, metrics log)."""
+    return run_alone(str(tmp_path_factory.mktemp("alone")))

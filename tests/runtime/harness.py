@@ -125,6 +125,21 @@ class Job:
     def worker_pids(self) -> set[int]:
         return {e["pid"] for e in self.events() if e["event"] == "spawn" and "pid" in e}
 
+    def freeze_until_evicted(self, member: str, timeout: float = 60.0) -> None:
+        """SIGSTOP ``member`` until a World without it forms, then SIGCONT it."""
+        pid = self.pid_of(member)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            self.wait_for(
+                lambda evs: [
+                    e for e in evs if e["event"] == "generation" and member not in e["world"]
+                ],
+                timeout,
+                f"a World without the frozen {member}",
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
     # -- ending ------------------------------------------------------------------
 
     def wait(self, timeout: float = 120.0) -> int:

@@ -74,17 +74,7 @@ def test_frozen_peer_is_abandoned_on_its_lease_not_the_collective_timeout(
     job = Job(tmp_path, nproc=3, etcd_url=etcd_url, extra=LONG_COLLECTIVE)
     jobs.append(job)
     job.wait_step(15)
-    victim = job.world()[1]
-    pid = job.pid_of(victim)
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        job.wait_for(
-            lambda evs: [e for e in evs if e["event"] == "generation" and victim not in e["world"]],
-            60,
-            "a World without the frozen",
-        )
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    job.freeze_until_evicted(job.world()[1])
     assert job.wait(180) == 0, job.log_tail()
     assert any("abandoned" in err and "lost a member" in err for err in _failures(job)), _failures(
         job
