@@ -408,8 +408,11 @@ class Job:
                 "optimizer.step() outside the loader's loop: take each step's batch from "
                 "job.loader(...) first"
             )
+        scalers = self.registry.objects_of(torch.amp.GradScaler)
         for w in self._optimizers:
             w.check_params()
+            for scaler in scalers:
+                w.check_scaler(scaler)
         if self._taken < len(self._parts):
             if self._loader is not None and self._loader.micro is None and not self._taken:
                 raise ConfigError("optimizer.step() before the loader handed out the step's batch")

@@ -55,6 +55,22 @@ class ElasticOptimizer:
                 "optimizer after its parameters are final"
             )
 
+    def check_scaler(self, scaler: Any) -> None:
+        """Refuse a GradScaler that unscaled this rank's local gradient: its
+        inf/NaN check must see the averaged gradient, or ranks would decide
+        differently whether to skip the step."""
+        from torch.amp.grad_scaler import OptState
+
+        states = getattr(scaler, "_per_optimizer_states", {})
+        for opt in (self, self.optimizer):
+            st = states.get(id(opt))
+            if st is not None and st.get("stage") is OptState.UNSCALED:
+                raise ConfigError(
+                    "scaler.unscale_() ran before the gradients were averaged: call "
+                    "job.sync_gradients() first (then unscale_, clip, scaler.step(opt)), so "
+                    "the scaler's skip decision is the same on every rank"
+                )
+
     @property
     def params(self) -> list[torch.nn.Parameter]:
         return self._params

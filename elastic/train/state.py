@@ -95,6 +95,10 @@ class JobState:
             name = f"{base}{n}"
         self.register(**{name: obj})
 
+    def objects_of(self, kind: type) -> list[Any]:
+        """The registered objects that are instances of ``kind``."""
+        return [o for o in self._objects.values() if isinstance(o, kind)]
+
     def mark_committed_only(self, module: torch.nn.Module) -> None:
         self._committed_only.add(id(module))
 

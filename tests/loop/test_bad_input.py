@@ -6,20 +6,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-import elastic
 from elastic.base.errors import ConfigError
 
 DATA = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
-
-
-@pytest.fixture
-def job(monkeypatch):
-    monkeypatch.delenv("ELASTIC_CONFIG", raising=False)
-    job = elastic.init()
-    try:
-        yield job
-    finally:
-        job.close()
 
 
 def _setup(job):
