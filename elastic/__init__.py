@@ -15,6 +15,7 @@ __all__ = [
     "init",
     "FitResult",
     "RuntimeConfig",
+    "ShardedRecords",
     "Trainer",
 ]
 
@@ -25,6 +26,7 @@ _LAZY = {
     "FitResult": ("elastic.train.runtime", "FitResult"),
     "RuntimeConfig": ("elastic.train.config", "RuntimeConfig"),
     "ElasticSampler": ("elastic.train.sampler", "ElasticSampler"),
+    "ShardedRecords": ("elastic.train.records", "ShardedRecords"),
 }
 
 

@@ -15,6 +15,11 @@ gradient accumulation, one all-reduce per step. Each item of the loader is
 then an iterable of this rank's micro-batches. ``exact=True`` sums the
 micro-batches' gradients in float64, so the update is bitwise the same for
 any number of workers (up to K).
+
+A :class:`~elastic.train.records.ShardedRecords` (a stream of shards read in
+order) gets a :class:`~elastic.train.records.RecordCursor`: the same split of
+the next ``global_batch_size`` positions, never shuffled, with the cursor
+checkpointed as ``(shard, offset)``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from ..base.errors import ConfigError
+from .records import RecordCursor, ShardedRecords
 from .sampler import ElasticSampler
 
 
@@ -84,6 +90,32 @@ def _already_batched(batch: Any) -> Any:
     return batch
 
 
+def make_sampler(
+    dataset: Any,
+    size: int,
+    global_batch_size: int,
+    *,
+    seed: int,
+    shuffle: bool | None,
+    drop_last: bool,
+) -> ElasticSampler:
+    """The data cursor for ``dataset``: shard order for a ShardedRecords, else a permutation."""
+    if isinstance(dataset, ShardedRecords):
+        if shuffle:
+            raise ConfigError(
+                "shuffle=True with elastic.ShardedRecords: its records are read in shard "
+                "order (a stream); shuffle the shard list or the records beforehand"
+            )
+        return RecordCursor(dataset, global_batch_size, seed=seed, drop_last=drop_last)
+    return ElasticSampler(
+        size,
+        global_batch_size,
+        seed=seed,
+        shuffle=True if shuffle is None else shuffle,
+        drop_last=drop_last,
+    )
+
+
 class ElasticLoader:
     """Iterate it for this rank's share of each step; it ends when training ends."""
 
@@ -95,7 +127,7 @@ class ElasticLoader:
         global_batch_size: int,
         epochs: int = 1,
         max_steps: int | None = None,
-        shuffle: bool = True,
+        shuffle: bool | None = None,  # None: True, but False for a ShardedRecords
         drop_last: bool = False,
         seed: int = 0,
         collate_fn: Callable[[list[Any]], Any] = default_collate,
@@ -132,11 +164,11 @@ class ElasticLoader:
         except TypeError as exc:
             raise ConfigError(
                 f"the dataset ({type(dataset).__name__}) has no len(): job.loader() takes a "
-                "map-style dataset (an iterable one: elastic.ShardedRecords)"
+                "map-style dataset (for a stream of shards read in order: elastic.ShardedRecords)"
             ) from exc
         self.job = job
-        self.sampler = ElasticSampler(
-            size, global_batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last
+        self.sampler = make_sampler(
+            dataset, size, global_batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last
         )
         self.total_steps = epochs * self.sampler.steps_per_epoch
         if max_steps is not None:
