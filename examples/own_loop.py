@@ -2,12 +2,22 @@
 
     elastic run -n 3 examples/own_loop.py --out final.pt
     python examples/own_loop.py                       # alone: one worker
+    elastic run -n 3 examples/own_loop.py --sharded-records shards/ --out final.pt
 
 AdamW with a warmup + cosine learning-rate schedule, gradient clipping on the
 averaged gradient, gradient accumulation (micro-batches, one all-reduce per
 step), bf16 autocast on CPU, a validation pass every 20 steps (the same
 metrics for any number of workers), and a DataLoader with worker processes.
 Everything that must survive a failure is registered with ``job.state``.
+
+``--sharded-records DIR`` reads the training set as a stream of shards
+(``elastic.ShardedRecords``), as LLM pretraining reads token shards: the
+script writes it to 7 shard files of uneven length, raw little-endian float32
+rows (16 features, then the label), loaded without executing code. A stream is
+read in order, so it is shuffled beforehand: the shards hold the rows in the
+order the map-style run visits them (its sampler's epochs, walked once here),
+and with ``--exact`` the result is bitwise that of the run without the option
+(when ``--batch-size`` divides the 1440 rows, as the default 48 does).
 """
 
 from __future__ import annotations
@@ -17,7 +27,11 @@ import json
 import math
 import os
 import sys
+from array import array
+from collections.abc import Iterator
+from typing import Any
 
+import fsspec
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
@@ -32,6 +46,81 @@ def make_data(n: int, seed: int) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+FEATURES = 16
+ROW_BYTES = (FEATURES + 1) * 4  # float32 features, then the label as a float32
+SHARD_WEIGHTS = (3, 7, 2, 9, 5, 1, 6)  # uneven shard lengths: steps cross shard ends
+
+
+def _le_bytes(rows: torch.Tensor) -> bytes:
+    a = array("f", rows.reshape(-1).tolist())
+    if sys.byteorder == "big":
+        a.byteswap()
+    return a.tobytes()
+
+
+def _rows(buf: bytes) -> torch.Tensor:
+    a = array("f")
+    a.frombytes(buf)
+    if sys.byteorder == "big":
+        a.byteswap()
+    return torch.tensor(a, dtype=torch.float32).reshape(-1, FEATURES + 1)
+
+
+def write_shards(directory: str, data: TensorDataset, order: list[int]) -> list[str]:
+    """``data``'s rows in ``order`` as shard files; the same bytes from every rank."""
+    x, y = data.tensors
+    index = torch.tensor(order)
+    rows = torch.cat([x[index], y[index].to(torch.float32)[:, None]], dim=1)
+    os.makedirs(directory, exist_ok=True)
+    total, n = sum(SHARD_WEIGHTS), len(order)
+    cuts = [0]
+    for w in SHARD_WEIGHTS:
+        cuts.append(cuts[-1] + w)
+    urls = []
+    for i in range(len(SHARD_WEIGHTS)):
+        path = os.path.join(directory, f"shard-{i:05d}-of-{len(SHARD_WEIGHTS):05d}.f32")
+        # Every rank writes identical bytes and replaces atomically: no rank
+        # waits for another, and a reader never sees a partial file.
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(_le_bytes(rows[cuts[i] * n // total : cuts[i + 1] * n // total]))
+        os.replace(tmp, path)
+        urls.append(path)
+    return urls
+
+
+def read_shard(url: str, start: int) -> Iterator[torch.Tensor]:
+    """The rows of one shard from row ``start`` on (fixed-size rows: a seek)."""
+    with fsspec.open(url, "rb") as f:
+        f.seek(start * ROW_BYTES)
+        while buf := f.read(64 * ROW_BYTES):
+            yield from _rows(buf)
+
+
+def count_rows(url: str) -> int:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.size(path) // ROW_BYTES
+
+
+def collate_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    # The same tensors the TensorDataset path hands out: float32 x, int64 y.
+    t = torch.stack(rows)
+    return t[:, :FEATURES].contiguous(), t[:, FEATURES].long()
+
+
+def sharded_stream(
+    directory: str, data: TensorDataset, batch_size: int, steps: int, seed: int
+) -> elastic.ShardedRecords:
+    """The rows the map-style run trains on, in its order, as a sharded stream."""
+    sampler = elastic.ElasticSampler(len(data), batch_size, seed=seed)
+    order: list[int] = []
+    for _ in range(steps):
+        order += sampler.global_batch()
+        sampler.advance()
+    urls = write_shards(directory, data, order)
+    return elastic.ShardedRecords(urls, read_shard, count=count_rows)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=60)
@@ -43,6 +132,12 @@ def main() -> int:
     p.add_argument("--step-time", type=float, default=0.0, help="extra seconds per step")
     p.add_argument("--metrics", default=None, help="append each step's lr and each eval here")
     p.add_argument("--out", default=None, help="final state_dict (torch.save)")
+    p.add_argument(
+        "--sharded-records",
+        metavar="DIR",
+        default=None,
+        help="write the training set as shard files in DIR and read it as a stream",
+    )
     args = p.parse_args()
 
     job = elastic.init()
@@ -58,14 +153,25 @@ def main() -> int:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     opt = job.optimizer(opt, model)
+    epochs = 10
+    train_set: Any = make_data(1440, seed=1)
+    options: dict[str, Any] = {}
+    if args.sharded_records:
+        steps = min(args.steps, epochs * -(-len(train_set) // args.batch_size))
+        train_set = sharded_stream(
+            args.sharded_records, train_set, args.batch_size, steps, job.seed
+        )
+        epochs = 1  # the stream holds every epoch the map-style run trains on
+        options["collate_fn"] = collate_rows
     loader = job.loader(
-        make_data(1440, seed=1),
+        train_set,
         global_batch_size=args.batch_size,
         max_steps=args.steps,
-        epochs=10,
+        epochs=epochs,
         micro_batches=args.micro_batches,
         exact=args.exact,
         num_workers=args.num_workers,
+        **options,
     )
     val_set = make_data(300, seed=2)
     state = job.state(model=model, optimizer=opt, scheduler=sched, best_accuracy=0.0)
