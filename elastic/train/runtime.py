@@ -75,7 +75,7 @@ class Trainer:
         epochs: int = 1,
         max_steps: int | None = None,
         seed: int = 0,
-        shuffle: bool = True,
+        shuffle: bool | None = None,  # None: True for map-style data, False for a stream
         drop_last: bool = False,
         collate_fn: Callable[[list[Any]], Any] = default_collate,
         config: RuntimeConfig | None = None,

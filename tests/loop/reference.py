@@ -31,7 +31,10 @@ def metrics(path: str) -> tuple[dict[int, float], dict[int, dict]]:
     evals: dict[int, dict] = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the torn last line of a killed run
             if "lr" in rec:
                 assert lrs.setdefault(rec["step"], rec["lr"]) == rec["lr"], rec
             else:
@@ -55,14 +58,18 @@ def run_alone(tmp: str, *extra: str) -> tuple[str, str]:
     return final, log
 
 
+def assert_same_model(reference: str, final: str) -> None:
+    a, b = torch.load(reference), torch.load(final)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["best_accuracy"] == b["best_accuracy"]
+
+
 def assert_matches(reference: tuple[str, str], final: str, log: str, ledger_dir: str) -> None:
     """Bitwise the reference's parameters, learning rates and evaluations;
     training and validation samples each exactly once."""
     ref_final, ref_log = reference
-    a, b = torch.load(ref_final), torch.load(final)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert a["best_accuracy"] == b["best_accuracy"]
+    assert_same_model(ref_final, final)
     ref_lrs, ref_evals = metrics(ref_log)
     lrs, evals = metrics(log)
     assert lrs == ref_lrs  # every step, the reference's learning rate

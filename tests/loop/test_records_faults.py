@@ -10,35 +10,14 @@ every worker killed after a checkpoint and the job resumed from its
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
-import torch
-
 from elastic.train.ledger import check_ledger
-from tests.loop.reference import ARGS, BATCH, OWN_LOOP, STEPS
+from tests.loop.reference import ARGS, BATCH, OWN_LOOP, STEPS, assert_same_model, metrics
 from tests.runtime.harness import Job
 
 STREAM = STEPS * BATCH  # the positions of the sharded stream: every step's global batch
-
-
-def _metrics(path: str) -> tuple[dict[int, float], dict[int, dict]]:
-    """The lr per step and the metrics per evaluation a run logged (a killed
-    run's log may end in a torn line)."""
-    lrs: dict[int, float] = {}
-    evals: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "lr" in rec:
-                assert lrs.setdefault(rec["step"], rec["lr"]) == rec["lr"], rec
-            else:
-                assert evals.setdefault(rec["step"], rec["eval"]) == rec["eval"], rec
-    return lrs, evals
 
 
 def _sharded(tmp_path, etcd_url, log, shards, *, nproc, extra) -> Job:
@@ -50,13 +29,6 @@ def _sharded(tmp_path, etcd_url, log, shards, *, nproc, extra) -> Job:
         script_args=[*ARGS, "--metrics", log, "--sharded-records", shards],
         extra=extra,
     )
-
-
-def _assert_same_model(reference: str, final: str) -> None:
-    a, b = torch.load(reference), torch.load(final)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert a["best_accuracy"] == b["best_accuracy"]
 
 
 def test_sigkill_while_reading_shards_matches_the_map_style_run_alone_bitwise(
@@ -71,8 +43,8 @@ def test_sigkill_while_reading_shards_matches_the_map_style_run_alone_bitwise(
     os.kill(job.pid_of(job.world()[1]), signal.SIGKILL)
     assert job.wait(240) == 0, job.log_tail()
     ref_final, ref_log = alone
-    _assert_same_model(ref_final, job.out)
-    assert _metrics(log) == _metrics(ref_log)  # the lr of every step, every evaluation
+    assert_same_model(ref_final, job.out)
+    assert metrics(log) == metrics(ref_log)  # the lr of every step, every evaluation
     assert [e for e in job.events() if e["event"] == "failure"], "the kill went unnoticed"
     report = check_ledger(job.ledger_dir, STREAM, epochs=[0])
     assert not report.missing and not report.duplicated, (report.missing, report.duplicated)
@@ -114,13 +86,13 @@ def test_all_workers_killed_then_resume_reads_on_from_the_checkpointed_shard_cur
     assert restore and restore[0]["step"] >= 20, restore
     start = restore[0]["step"]
     ref_final, ref_log = alone
-    _assert_same_model(ref_final, resumed.out)
-    ref_lrs, ref_evals = _metrics(ref_log)
+    assert_same_model(ref_final, resumed.out)
+    ref_lrs, ref_evals = metrics(ref_log)
     for log in (first_log, resumed_log):
-        lrs, evals = _metrics(log)
+        lrs, evals = metrics(log)
         assert lrs and all(ref_lrs[s] == lr for s, lr in lrs.items())
         assert all(ref_evals[s] == m for s, m in evals.items())
-    lrs, evals = _metrics(resumed_log)
+    lrs, evals = metrics(resumed_log)
     assert sorted(lrs) == list(range(start + 1, STEPS + 1))
     assert sorted(evals) == [s for s in (20, 40, 60) if s > start]
     # The resumed job read exactly the positions after the cursor, each once.
