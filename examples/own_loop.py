@@ -3,6 +3,7 @@
     elastic run -n 3 examples/own_loop.py --out final.pt
     python examples/own_loop.py                       # alone: one worker
     elastic run -n 3 examples/own_loop.py --sharded-records shards/ --out final.pt
+    elastic run -n 2 examples/own_loop.py --width 1024 --depth 4 --timing t.jsonl
 
 AdamW with a warmup + cosine learning-rate schedule, gradient clipping on the
 averaged gradient, gradient accumulation (micro-batches, one all-reduce per
@@ -18,6 +19,12 @@ read in order, so it is shuffled beforehand: the shards hold the rows in the
 order the map-style run visits them (its sampler's epochs, walked once here),
 and with ``--exact`` the result is bitwise that of the run without the option
 (when ``--batch-size`` divides the 1440 rows, as the default 48 does).
+
+``--width`` and ``--depth`` size the MLP (the defaults are the small model the
+loop tests compare bitwise); ``--timing PATH`` appends rank 0's clock after
+every optimizer step and, at the end, each rank's peak RSS, as JSON lines
+(benchmarks/loop.py compares them with the same loop under plain DDP,
+benchmarks/ddp_loop.py).
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
+import time
 from array import array
 from collections.abc import Iterator
 from typing import Any
@@ -121,6 +130,21 @@ def sharded_stream(
     return elastic.ShardedRecords(urls, read_shard, count=count_rows)
 
 
+def make_model(width: int, depth: int) -> torch.nn.Sequential:
+    """``depth`` hidden layers of ``width`` units; (64, 1) is the tests' model,
+    its modules built in the same order (the same draws from the seeded RNG)."""
+    layers: list[torch.nn.Module] = [torch.nn.Linear(FEATURES, width), torch.nn.GELU()]
+    for _ in range(depth - 1):
+        layers += [torch.nn.Linear(width, width), torch.nn.GELU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, 3))
+
+
+def peak_rss_line(rank: int) -> str:
+    """This process's peak resident set (KiB on Linux), as a --timing line."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return json.dumps({"rank": rank, "pid": os.getpid(), "max_rss_kib": peak}) + "\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=60)
@@ -128,10 +152,19 @@ def main() -> int:
     p.add_argument("--micro-batches", type=int, default=6, help="accumulation: per global batch")
     p.add_argument("--exact", action="store_true", help="bitwise the same for any world size")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the 1440 rows at most")
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--step-time", type=float, default=0.0, help="extra seconds per step")
     p.add_argument("--metrics", default=None, help="append each step's lr and each eval here")
     p.add_argument("--out", default=None, help="final state_dict (torch.save)")
+    p.add_argument("--width", type=int, default=64, help="hidden units per layer")
+    p.add_argument("--depth", type=int, default=1, help="hidden layers")
+    p.add_argument(
+        "--timing",
+        metavar="PATH",
+        default=None,
+        help="append rank 0's clock after each optimizer step and every rank's peak RSS",
+    )
     p.add_argument(
         "--sharded-records",
         metavar="DIR",
@@ -139,10 +172,12 @@ def main() -> int:
         help="write the training set as shard files in DIR and read it as a stream",
     )
     args = p.parse_args()
+    if args.width < 1 or args.depth < 1:
+        p.error(f"--width and --depth must be >= 1, got {args.width} and {args.depth}")
 
     job = elastic.init()
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 3))
+    model = make_model(args.width, args.depth)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     warmup = 10
 
@@ -153,7 +188,7 @@ def main() -> int:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     opt = job.optimizer(opt, model)
-    epochs = 10
+    epochs = args.epochs
     train_set: Any = make_data(1440, seed=1)
     options: dict[str, Any] = {}
     if args.sharded_records:
@@ -185,6 +220,8 @@ def main() -> int:
         }
 
     log = open(args.metrics, "a") if args.metrics else None  # noqa: SIM115
+    timing = open(args.timing, "a", buffering=1) if args.timing else None  # noqa: SIM115
+    rank = job.rank
     for step_batches in loader:
         for x, y in step_batches:
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -192,12 +229,13 @@ def main() -> int:
             loss.backward()
             job.report_loss(loss.detach())
         if args.step_time:
-            import time
-
             time.sleep(args.step_time)  # stands in for a bigger model
         job.clip_grad_norm_(1.0)
         lr = opt.param_groups[0]["lr"]
         opt.step()
+        rank = job.rank
+        if timing and rank == 0:
+            timing.write(json.dumps({"step": job.step, "t": time.perf_counter()}) + "\n")
         sched.step()
         opt.zero_grad()
         if log and job.rank == 0 and job.every(1):
@@ -221,6 +259,9 @@ def main() -> int:
             tmp,
         )
         os.replace(tmp, args.out)
+    if timing:
+        timing.write(peak_rss_line(rank))
+        timing.close()
     return job.exit_code
 
 
