@@ -114,11 +114,15 @@ class Rendezvous:
         *,
         session: Session | None = None,
         lead: bool = True,
+        on_evict: Callable[[str, str], None] | None = None,
     ) -> None:
         self.client = client
         self.keys = keys
         self.member = member
         self.config = config or RendezvousConfig()
+        # Told of each member this one fences (member, reason): the coordination
+        # layer has no event log of its own.
+        self.on_evict = on_evict
         self._own_session = session is None
         self.session = session
         self.lead = lead
@@ -277,6 +281,8 @@ class Rendezvous:
     def evict(self, member_id: str, reason: str) -> None:
         """Fence a member out of the job (its lease revoked); its launcher kills it."""
         evict(self.client, self.keys, member_id, reason, by=self.id, timeout=self.config.op_timeout)
+        if self.on_evict is not None:
+            self.on_evict(member_id, reason)
 
     def fenced_txn(self, generation: int, ops: Sequence[Any]) -> bool:
         """Run ``ops`` in one etcd transaction only if ``generation`` is current."""

@@ -174,7 +174,15 @@ class Job:
         member = Member(
             self.config.member_id, address=self.config.advertise_host, store=self.store_host.address
         )
-        rdzv = Rendezvous(self.client, self.keys, member, self.config.rendezvous).start()
+        rdzv = Rendezvous(
+            self.client,
+            self.keys,
+            member,
+            self.config.rendezvous,
+            on_evict=lambda m, why: self.events.emit(
+                Event.EVICT, f"evicted {m}: {why}", members=[m], reason=why
+            ),
+        ).start()
         # The launcher revokes this lease the moment it sees the process die,
         # so survivors need not wait for the TTL.
         retry_call(

@@ -179,3 +179,24 @@ def test_standby_beyond_max_workers_joins_when_a_member_leaves(
     wait_until(lambda: converged([b, c], world_log, 2), 15, "c to replace a")
     assert world_log.current().ids == ("b", "c")
     check_history(world_log, [a, b, c], survivors={"b", "c"})
+
+
+def test_a_member_fenced_by_the_rendezvous_is_told_to_its_caller(
+    client: Any, keys: Keyspace
+) -> None:
+    # The last-call eviction of a hung member happens in the coordination
+    # layer; the job's event log learns of it through on_evict.
+    told: list[tuple[str, str]] = []
+    cfg = RendezvousConfig(lease_ttl=2, settle_s=0.0)
+    with (
+        Rendezvous(
+            client, keys, Member("a"), cfg, on_evict=lambda m, why: told.append((m, why))
+        ) as a,
+        Rendezvous(client, keys, Member("b"), cfg, lead=False) as b,
+    ):
+        client.put(keys.lease_of("b"), str(b.session.lease_id))  # as the job records it
+        a.evict("b", "hung")
+        record = json.loads(client.get(keys.evicted + "b")[0])
+        assert record["reason"] == "hung" and record["by"] == "a"
+        assert told == [("b", "hung")]
+        wait_until(lambda: b.session.lost.is_set(), 10, "b's lease revoked")

@@ -12,6 +12,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from chaos import netbed
 from tests.runtime.harness import REPO
 
@@ -21,6 +23,10 @@ def _bed_names(owner: int) -> list[str]:
     return [n for n in netbed._netns_names() + netbed._link_names() if n.startswith(prefix)]
 
 
+# Over five minutes on CI's two cores: the slow suite's (`-m slow`); the fast
+# suite covers a pulled link in tests/multihost/test_host_failures.py.
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_link_down_and_etcd_leader_loss_on_three_hosts_keep_every_invariant(
     bed_available: None, tmp_path
 ) -> None:
