@@ -130,6 +130,7 @@ class PauseWorker(WorkerFault):
     """
 
     name = "pause-worker"
+    needs_peer = True
     summary = "SIGSTOP one worker past its lease TTL, SIGCONT once evicted"
 
     def act(
@@ -214,6 +215,7 @@ class HangWorker(WorkerFault):
     name = "hang-worker"
     summary = "one worker's training thread hangs while its lease stays alive"
     expects = "an evict event naming it (from a peer) and evicted (its launcher killed it)"
+    needs_peer = True
     signal = signal.SIGPWR  # SIGUSR1/SIGUSR2 are taken by step-exception and slow-rank
 
     def in_worker(self, worker: Any) -> None:

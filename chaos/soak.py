@@ -165,13 +165,18 @@ def draw(
 ) -> FaultSpec:
     """The next fault for ``live`` workers (``world`` of them in the World) on ``hosts``
     running launchers."""
+    # Removals count the World as well as the live workers: workers still
+    # starting may never arrive (the 1200-fault soak removed its last worker
+    # while two joiners were counted), and a fault only a peer can find needs a
+    # World with a peer in it.
     size = live
     allowed = [
         k
         for k in cfg.kinds
-        if not (k in REMOVES and size <= cfg.low)
+        if not (k in REMOVES and min(size, world) <= cfg.low)
         and not (k == "kill-host" and hosts < 2)
         and not (k == "join" and size >= cfg.high)
+        and not (KINDS[k].needs_peer and world < 2)
     ]
     if (size < cfg.low and "join" in cfg.kinds) or not allowed:
         allowed = ["join"]

@@ -178,6 +178,9 @@ class FaultKind:
     # What ``expect`` checks, in words ("" when it checks nothing beyond the
     # invariants); ``elastic chaos list --kinds`` prints it next to ``summary``.
     expects: ClassVar[str] = ""
+    # Found only by a peer (a hang, a freeze): a World of one has nobody to
+    # find it, so a random schedule (the soak) aims it only at larger Worlds.
+    needs_peer: ClassVar[bool] = False
 
     def validate(self, spec: FaultSpec) -> None:
         if self.needs_rank and (spec.rank is None or spec.rank < JOINER):

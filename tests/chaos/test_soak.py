@@ -42,10 +42,27 @@ def test_a_low_world_gets_a_join_and_a_single_launcher_is_never_killed() -> None
     cfg = soak.SoakConfig(10, workers=4)
     rng = random.Random(1)
     assert {soak.draw(rng, cfg, 0, live=1, world=1, hosts=2).kind for _ in range(50)} == {"join"}
-    drawn = [soak.draw(rng, cfg, 0, live=5, world=3, hosts=1) for _ in range(200)]
+    drawn = [soak.draw(rng, cfg, 0, live=5, world=4, hosts=1) for _ in range(200)]
     assert "kill-host" not in {d.kind for d in drawn} and "leave" in {d.kind for d in drawn}
     # Worker faults aim at a rank of the World, not at a worker still starting.
-    assert {d.rank for d in drawn if d.rank is not None} == {0, 1, 2}
+    assert {d.rank for d in drawn if d.rank is not None} == {0, 1, 2, 3}
+
+
+def test_workers_still_starting_do_not_make_room_for_a_removal() -> None:
+    # The 1200-fault soak killed the host of its last worker while two
+    # joiners still starting were counted as live.
+    cfg = soak.SoakConfig(10, workers=3)  # low mark 2
+    rng = random.Random(3)
+    drawn = {soak.draw(rng, cfg, 0, live=4, world=2, hosts=3).kind for _ in range(300)}
+    assert not drawn & set(soak.REMOVES), drawn
+    assert "kill-worker" in drawn
+
+
+def test_a_fault_only_a_peer_can_find_is_not_aimed_at_a_world_of_one() -> None:
+    cfg = soak.SoakConfig(10, workers=2, kinds=("kill-worker", "freeze-worker", "hang-worker"))
+    rng = random.Random(5)
+    drawn = {soak.draw(rng, cfg, 0, live=2, world=1, hosts=2).kind for _ in range(100)}
+    assert drawn == {"kill-worker"}, drawn
 
 
 def test_the_run_is_long_enough_for_every_fault() -> None:
