@@ -67,6 +67,7 @@ from ..coord.membership import Member
 from ..coord.rendezvous import Rendezvous, RendezvousConfig
 from .config import CONFIG_ENV, RuntimeConfig
 from .exithook import install_exit_hook
+from .grads import StepGradients
 from .group import StoreHost, WorkerGroup, local_device
 from .ledger import LedgerWriter
 from .loader import ElasticLoader, Part, plan
@@ -117,7 +118,7 @@ class Job:
         self._snapshot: dict[str, Any] | None = None
         self._parts: list[Part] = []
         self._taken = self._folded = 0
-        self._acc: torch.Tensor | None = None
+        self._grads: StepGradients | None = None  # built at the first step
         self._local_loss = 0.0
         self._flags: list[float] = []
         self._leave = threading.Event()
@@ -353,19 +354,43 @@ class Job:
             self.registry.sampler, self.group.rank, self.group.size, self._loader.micro
         )
         self._taken = self._folded = 0
-        self._acc = None
+        self._step_grads().begin()
         self._local_loss = 0.0
         self._phase = "open"
         return self._parts
 
     def set_part(self, i: int) -> None:
+        """The loader hands out the step's part ``i`` (its batch or micro-batch)."""
         self._taken = i + 1
+        self._step_grads().prepare(self._parts[i].weight)
 
     def fold_micro_batch(self) -> None:
         """Add the gradient of the micro-batch just computed to the step's sum."""
         while self._folded < self._taken:
-            self._fold(self._parts[self._folded])
+            self._step_grads().fold(self._parts[self._folded].weight)
             self._folded += 1
+
+    def _step_grads(self) -> StepGradients:
+        if self._grads is None:
+            exact = self._loader is not None and self._loader.exact
+            self._grads = StepGradients(self._train_params(), exact=exact, device=self.device)
+        return self._grads
+
+    def zero_grad(self, wrapped: ElasticOptimizer, set_to_none: bool) -> None:
+        """``wrapped.zero_grad()``: gradients bound to the step's buffer are
+        zeroed in place (they stay views of it); others as torch does."""
+        rest = self._grads.zero(wrapped.params) if self._grads is not None else wrapped.params
+        for p in rest:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
 
     def _train_params(self) -> list[torch.nn.Parameter]:
         if self._params is None:
@@ -380,30 +405,6 @@ class Job:
                 raise ConfigError("the wrapped optimizers hold no parameter that requires grad")
             self._params = params
         return self._params
-
-    def _fold(self, part: Part) -> None:
-        params = self._train_params()
-        exact = self._loader is not None and self._loader.exact
-        n = sum(p.numel() for p in params)
-        grads = [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params
-        ]
-        if self._acc is None:
-            dtype = torch.float64 if exact else params[0].dtype
-            # One slot more: the step's loss rides on the same all-reduce.
-            self._acc = torch.zeros(n + 1, dtype=dtype, device=self.device)
-            if not exact:
-                torch.cat(grads, out=self._acc[:n])
-                self._acc[:n].mul_(part.weight)
-            else:
-                self._acc[:n].add_(torch.cat(grads).double(), alpha=part.weight)
-        else:
-            # A sum of a few float32 values is exact in float64, so the order
-            # in which ranks and micro-batches are added is irrelevant.
-            g = torch.cat(grads)
-            self._acc[:n].add_(g.double() if exact else g, alpha=part.weight)
-        for p in params:
-            p.grad = None
 
     def sync_gradients(self) -> bool:
         """The step's gradient exchange (once per step); False when it failed here."""
@@ -429,12 +430,9 @@ class Job:
                 "compute every micro-batch the loader yields before optimizer.step()"
             )
         self.fold_micro_batch()
-        if self._acc is None:  # no micro-batch for this rank (more ranks than micro-batches)
-            params = self._train_params()
-            dtype = torch.float64 if self._loader.exact else params[0].dtype
-            self._acc = torch.zeros(
-                sum(p.numel() for p in params) + 1, dtype=dtype, device=self.device
-            )
+        grads = self._step_grads()
+        # No micro-batch for this rank (more ranks than micro-batches): zeros.
+        flat = grads.finish(self._local_loss, computed=bool(self._parts))
         group, state = self.group, self.registry
         ids = [i for part in self._parts if part.weight > 0 for i in part.ids]
         if self.ledger is not None:
@@ -446,22 +444,15 @@ class Job:
                 world_size=group.size,
                 ids=ids,
             )
-        flat = self._acc
-        flat[-1] = self._local_loss
         watch = self._step_watch(group, state.step)
         try:
             header = self._header(_STEP, watch)
             group.all_reduce(flat, watch=watch)
         except WorkerGroupError as exc:
+            grads.failed()
             self._on_failure(exc)
             return False
-        self._acc = None
-        offset = 0
-        for p in self._train_params():
-            n = p.numel()
-            # flat is fresh every step, so a view is safe when dtypes match.
-            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
-            offset += n
+        grads.averaged()
         self.loss = float(flat[-1]) / len(state.sampler.global_batch())
         self._flags = header
         state.step += 1

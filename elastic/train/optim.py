@@ -90,7 +90,9 @@ class ElasticOptimizer:
             self._stepping = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        # Not the wrapped optimizer's: it would drop the gradients that are
+        # views of the step's all-reduce buffer (elastic/train/grads.py).
+        self._job.zero_grad(self, set_to_none)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
