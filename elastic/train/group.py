@@ -289,6 +289,30 @@ class WorkerGroup:
         self._pending.remove(work)
         work.wait()  # raises the collective's error, if it failed
 
+    def start_all_reduce(self, tensor: torch.Tensor) -> tuple[dist.Work, float]:
+        """Start a SUM all-reduce and return at once (gradient buckets launched
+        from backward hooks); finish it with :meth:`finish`."""
+        t0 = time.monotonic()
+        try:
+            work = dist.all_reduce(tensor, async_op=True)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise self._error_after(t0)(
+                f"all_reduce failed in generation {self.generation} (rank {self.rank}): {exc}"
+            ) from exc
+        self._pending.append(work)  # parked, not dropped, if the group closes first
+        return work, t0
+
+    def finish(self, started: tuple[dist.Work, float], watch: Watch | None = None) -> None:
+        """Wait for an all-reduce :meth:`start_all_reduce` began, as a blocking one waits."""
+        work, t0 = started
+        self._pending.remove(work)
+        try:
+            self._wait("all_reduce", work, watch or self.watch)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise self._error_after(t0)(
+                f"all_reduce failed in generation {self.generation} (rank {self.rank}): {exc}"
+            ) from exc
+
     def all_reduce(
         self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, watch: Watch | None = None
     ) -> None:

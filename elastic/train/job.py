@@ -119,6 +119,11 @@ class Job:
         self._parts: list[Part] = []
         self._taken = self._folded = 0
         self._grads: StepGradients | None = None  # built at the first step
+        self._opened = False  # this step's header was exchanged
+        self._watch: Any = None  # this step's hang watch
+        # All-reduce gradient buckets during the last micro-batch's backward
+        # (grads.py); off for a loop that runs backward twice per micro-batch.
+        self.overlap = True
         self._local_loss = 0.0
         self._flags: list[float] = []
         self._leave = threading.Event()
@@ -354,6 +359,7 @@ class Job:
             self.registry.sampler, self.group.rank, self.group.size, self._loader.micro
         )
         self._taken = self._folded = 0
+        self._opened = False
         self._step_grads().begin()
         self._local_loss = 0.0
         self._phase = "open"
@@ -362,7 +368,13 @@ class Job:
     def set_part(self, i: int) -> None:
         """The loader hands out the step's part ``i`` (its batch or micro-batch)."""
         self._taken = i + 1
-        self._step_grads().prepare(self._parts[i].weight)
+        grads = self._step_grads()
+        grads.prepare(self._parts[i].weight)
+        if i == len(self._parts) - 1 and self._phase == "open":
+            # The last part: agree on the step now, so that its backward can
+            # all-reduce gradient buckets as they fill (grads.py).
+            if self._open_exchange() and self.overlap:
+                grads.overlap(self.group.start_all_reduce)
 
     def fold_micro_batch(self) -> None:
         """Add the gradient of the micro-batch just computed to the step's sum."""
@@ -430,35 +442,50 @@ class Job:
                 "compute every micro-batch the loader yields before optimizer.step()"
             )
         self.fold_micro_batch()
-        grads = self._step_grads()
-        # No micro-batch for this rank (more ranks than micro-batches): zeros.
-        flat = grads.finish(self._local_loss, computed=bool(self._parts))
+        if not self._opened and not self._open_exchange():
+            return False
+        grads, group, state = self._step_grads(), self.group, self.registry
+        try:
+            # No micro-batch for this rank (more ranks than micro-batches): zeros.
+            started = grads.exchange(
+                self._local_loss, bool(self._parts), launch=group.start_all_reduce
+            )
+            for handle in started:
+                group.finish(handle, watch=self._watch)
+        except WorkerGroupError as exc:
+            grads.failed()
+            self._on_failure(exc)
+            return False
+        grads.averaged()
+        self.loss = float(grads.buf[-1]) / len(state.sampler.global_batch())
+        state.step += 1
+        state.sampler.advance()
+        self.clock.mark()
+        self._phase = "synced"
+        return True
+
+    def _open_exchange(self) -> bool:
+        """The step's ledger line and header (once per step, before any of its
+        gradient leaves); False when the header failed."""
+        self._opened = True
         group, state = self.group, self.registry
-        ids = [i for part in self._parts if part.weight > 0 for i in part.ids]
         if self.ledger is not None:
+            # Before anything is sent: a rank that dies after contributing has logged.
             self.ledger.record(
                 step=state.step,
                 epoch=state.sampler.epoch,
                 generation=group.generation,
                 rank=group.rank,
                 world_size=group.size,
-                ids=ids,
+                ids=[i for part in self._parts if part.weight > 0 for i in part.ids],
             )
-        watch = self._step_watch(group, state.step)
+        self._watch = self._step_watch(group, state.step)
         try:
-            header = self._header(_STEP, watch)
-            group.all_reduce(flat, watch=watch)
+            self._flags = self._header(_STEP, self._watch)
         except WorkerGroupError as exc:
-            grads.failed()
+            self._step_grads().failed()
             self._on_failure(exc)
             return False
-        grads.averaged()
-        self.loss = float(flat[-1]) / len(state.sampler.global_batch())
-        self._flags = header
-        state.step += 1
-        state.sampler.advance()
-        self.clock.mark()
-        self._phase = "synced"
         return True
 
     def _header(self, kind: float, watch: Any = None) -> list[float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from elastic.base.errors import ConfigError, WorkerGroupError
 from elastic.train.grads import StepGradients
 
 CPU = torch.device("cpu")
@@ -21,18 +22,45 @@ def _grads_of(model, x, y) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
-def _run(model, batches, weights, exact) -> tuple[StepGradients, torch.Tensor]:
+class Wire:
+    """Stands in for the group: records each all-reduce started (the slices, in
+    order); a sum over one rank leaves them as they are."""
+
+    def __init__(self) -> None:
+        self.started: list[torch.Tensor] = []
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        self.started.append(t)
+        return t
+
+
+def _exchange(g: StepGradients, loss: float = 0.0, computed: bool = True) -> torch.Tensor:
+    g.exchange(loss, computed, launch=Wire())
+    return g.buf
+
+
+def _unreverse(model, flat) -> list[torch.Tensor]:
+    # The buffer holds the last parameters first.
+    params = list(reversed(list(model.parameters())))
+    parts = torch.split(flat[:-1], [p.numel() for p in params])
+    return list(reversed(parts))
+
+
+def _run(model, batches, weights, exact, bucket_bytes=1 << 20):
     params = list(model.parameters())
-    g = StepGradients(params, exact=exact, device=CPU)
+    g = StepGradients(params, exact=exact, device=CPU, bucket_bytes=bucket_bytes)
     g.begin()
+    wire = Wire()
     for i, ((x, y), w) in enumerate(zip(batches, weights, strict=True)):
         if i:
             g.fold(weights[i - 1])
         g.prepare(w)
+        if i == len(weights) - 1:
+            g.overlap(wire)
         torch.nn.functional.mse_loss(model(x), y).backward()
     g.fold(weights[-1])
-    flat = g.finish(1.5, computed=True)
-    return g, flat
+    g.exchange(1.5, True, launch=wire)
+    return g, g.buf, wire
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["in-place", "exact"])
@@ -45,8 +73,8 @@ def test_the_buffer_is_the_weighted_sum_of_the_micro_batch_gradients(exact, weig
         for acc, gr in zip(want, _grads_of(model, x, y), strict=True):
             acc.add_(gr.double(), alpha=w)
     model.zero_grad(set_to_none=True)
-    g, flat = _run(model, batches, weights, exact)
-    got = torch.split(flat[:-1], [p.numel() for p in model.parameters()])
+    g, flat, _ = _run(model, batches, weights, exact)
+    got = _unreverse(model, flat)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.double(), b.reshape(-1), rtol=1e-6, atol=1e-7)
     assert flat[-1] == 1.5  # the loss slot, not scaled
@@ -63,9 +91,9 @@ def test_in_place_gradients_are_views_of_the_buffer_and_zero_grad_keeps_them():
     torch.nn.functional.mse_loss(model(torch.randn(3, 5)), torch.randn(3, 2)).backward()
     buf_ptr = g.buf.data_ptr()
     assert all(p.grad.data_ptr() >= buf_ptr for p in params)
-    flat = g.finish(0.0, computed=True)
+    flat = _exchange(g)
     flat.mul_(2.0)  # what an all-reduce of two equal ranks does, in place
-    assert torch.equal(params[0].grad.reshape(-1), flat[: params[0].numel()])
+    assert torch.equal(params[0].grad.reshape(-1), _unreverse(model, flat)[0])
     assert g.zero(params) == []  # zeroed in place
     assert all(p.grad is not None and not p.grad.any() for p in params)
 
@@ -82,8 +110,9 @@ def test_a_gradient_the_script_replaced_is_still_counted():
     torch.nn.functional.mse_loss(model(x), y).backward()
     g.prepare(1.0)
     g.fold(1.0)
-    flat = g.finish(0.0, computed=True)
-    torch.testing.assert_close(flat[:-1], torch.cat([w.reshape(-1) for w in want]))
+    flat = _exchange(g)
+    for a, b in zip(_unreverse(model, flat), want, strict=True):
+        torch.testing.assert_close(a, b.reshape(-1))
 
 
 def test_a_failed_exchange_leaves_the_old_buffer_to_the_abandoned_collective():
@@ -92,7 +121,7 @@ def test_a_failed_exchange_leaves_the_old_buffer_to_the_abandoned_collective():
     g = StepGradients(params, exact=False, device=CPU)
     g.begin()
     torch.nn.functional.mse_loss(model(torch.randn(3, 5)), torch.randn(3, 2)).backward()
-    old = g.finish(0.0, computed=True)
+    old = _exchange(g)
     g.failed()
     old.fill_(7.0)  # a late write of the parked collective
     assert g.buf.data_ptr() != old.data_ptr()
@@ -106,4 +135,73 @@ def test_a_rank_without_a_share_contributes_zeros():
     g = StepGradients(list(model.parameters()), exact=False, device=CPU)
     g.begin()
     torch.nn.functional.mse_loss(model(torch.randn(3, 5)), torch.randn(3, 2)).backward()
-    assert not g.finish(0.0, computed=False).any()
+    assert not _exchange(g, computed=False).any()
+
+
+def _wide() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(4)))
+
+
+def test_buckets_start_during_backward_in_order_and_the_loss_bucket_at_the_exchange():
+    model = _wide()  # 4 layers of 16.6 KB: 4 KB buckets, one per tensor or so
+    g, flat, wire = _run(
+        model, [(torch.randn(8, 64), torch.randn(8, 64))], [1.0], False, bucket_bytes=4096
+    )
+    buckets = len(g._buckets)
+    assert buckets >= 4  # a weight and the next layer's bias each
+    assert len(wire.started) == buckets  # every bucket, each once
+    offsets = [t.data_ptr() for t in wire.started]
+    assert offsets == sorted(offsets)  # in buffer order, the last layers first
+    assert wire.started[-1].numel() - 1 >= 0 and wire.started[-1][-1] == 1.5  # the loss slot
+
+
+def test_buckets_started_from_backward_are_not_scaled_twice():
+    model = _wide()
+    x, y = torch.randn(8, 64), torch.randn(8, 64)
+    want = _grads_of(model, x, y)
+    model.zero_grad(set_to_none=True)
+    _, flat, _ = _run(model, [(x, y)], [0.25], False, bucket_bytes=4096)
+    for a, b in zip(_unreverse(model, flat), want, strict=True):
+        torch.testing.assert_close(a, 0.25 * b.reshape(-1))
+
+
+def test_two_backward_passes_in_the_last_micro_batch_are_refused():
+    model = _wide()
+    g = StepGradients(list(model.parameters()), exact=False, device=CPU, bucket_bytes=4096)
+    g.begin()
+    g.prepare(1.0)
+    g.overlap(Wire())
+    x = torch.randn(8, 64)
+    model(x).sum().backward()
+    model(x).sum().backward()
+    with pytest.raises(ConfigError, match="accumulated twice"):
+        g.exchange(0.0, True, launch=Wire())
+
+
+def test_a_failure_to_start_a_bucket_in_backward_is_raised_at_the_exchange():
+    model = _wide()
+    g = StepGradients(list(model.parameters()), exact=False, device=CPU, bucket_bytes=4096)
+    g.begin()
+    g.prepare(1.0)
+
+    def broken(t):
+        raise WorkerGroupError("peer gone")
+
+    g.overlap(broken)
+    model(torch.randn(8, 64)).sum().backward()  # does not raise inside backward
+    with pytest.raises(WorkerGroupError, match="peer gone"):
+        g.exchange(0.0, True, launch=Wire())
+
+
+def test_every_bucket_but_the_last_has_started_when_backward_ends():
+    model = _wide()
+    g = StepGradients(list(model.parameters()), exact=False, device=CPU, bucket_bytes=4096)
+    g.begin()
+    g.prepare(1.0)
+    wire = Wire()
+    g.overlap(wire)
+    model(torch.randn(8, 64)).sum().backward()
+    assert len(wire.started) == len(g._buckets) - 1  # overlapped with backward
+    g.exchange(0.0, True, launch=wire)
+    assert len(wire.started) == len(g._buckets)
