@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import procs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -19,6 +21,9 @@ SCRIPT = os.path.join(REPO, "benchmarks", "loop.py")
 TIMEOUT = 240  # about 30 s on two loaded cores: four short jobs
 
 
+# Slow suite (CI's time budget); the fast suite covers this path in
+# tests/loop (the own loop it times).
+@pytest.mark.slow
 def test_quick_run_measures_both_sides_for_each_loader_setting(tmp_path):
     out = tmp_path / "out"
     work = tmp_path / "work"

@@ -365,6 +365,9 @@ def test_freeze_host_expects_a_world_without_it_its_workers_out_and_back() -> No
     assert not _held("freeze-host", rec, FakeRun(*ok[:-1]), rank=0, duration_s=6.0)
 
 
+# Slow suite (CI's time budget); the fast suite covers this path in
+# the freeze-host unit tests above and link-down in tests/multihost.
+@pytest.mark.slow
 def test_a_frozen_host_is_left_behind_and_fenced_out_when_it_wakes(
     chaos_reference: Reference, tmp_path: Any
 ) -> None:

@@ -12,6 +12,8 @@ import json
 import os
 import signal
 
+import pytest
+
 from tests.loop.reference import ARGS, OWN_LOOP, assert_matches
 from tests.runtime.harness import Job
 
@@ -26,6 +28,9 @@ def _own_loop(tmp_path, etcd_url, log, **kw) -> Job:
     )
 
 
+# Slow suite (CI's time budget); the fast suite covers this path in
+# tests/runtime/test_failures.py (the same step protocol).
+@pytest.mark.slow
 def test_a_worker_frozen_past_its_lease_is_evicted_and_the_result_is_the_same(
     tmp_path, etcd_url, jobs, alone
 ):
@@ -38,6 +43,9 @@ def test_a_worker_frozen_past_its_lease_is_evicted_and_the_result_is_the_same(
     assert_matches(alone, job.out, log, job.ledger_dir)
 
 
+# Slow suite (CI's time budget); the fast suite covers this path in
+# tests/runtime/test_failures.py (the same step protocol).
+@pytest.mark.slow
 def test_a_worker_joining_trains_on_from_its_peers_state(tmp_path, etcd_url, jobs, alone):
     log = str(tmp_path / "metrics.jsonl")
     # Slower steps: the joiner needs seconds to import torch and reach the job.
@@ -107,6 +115,9 @@ def _merge_ledgers(first: str, second: str, restored: int, into: str) -> None:
                 dst.write(src.read())
 
 
+# Slow suite (CI's time budget); the fast suite covers this path in
+# tests/runtime/test_failures.py (the same step protocol).
+@pytest.mark.slow
 def test_every_worker_killed_then_resume_ends_as_the_run_alone(tmp_path, etcd_url, jobs, alone):
     log = str(tmp_path / "metrics.jsonl")
     ck = ["--checkpoint", f"file://{tmp_path}/ck", "--checkpoint-every", "10"]

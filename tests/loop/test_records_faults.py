@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from elastic.train.ledger import check_ledger
 from tests.loop.reference import ARGS, BATCH, OWN_LOOP, STEPS, assert_same_model, metrics
 from tests.runtime.harness import Job
@@ -51,6 +53,9 @@ def test_sigkill_while_reading_shards_matches_the_map_style_run_alone_bitwise(
     assert report.epochs[0] == STREAM
 
 
+# Slow suite (CI's time budget); the fast suite covers this path in
+# the (shard, offset) round trip in tests/loop/test_records.py.
+@pytest.mark.slow
 def test_all_workers_killed_then_resume_reads_on_from_the_checkpointed_shard_cursor(
     tmp_path, etcd_url, jobs, alone
 ):
