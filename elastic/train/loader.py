@@ -61,14 +61,23 @@ def plan(sampler: ElasticSampler, rank: int, size: int, micro: int | None) -> li
 class _Batches:
     """Batch sampler of one World: the index lists of every future step, in order."""
 
-    def __init__(self, sampler: ElasticSampler, rank: int, size: int, micro: int | None) -> None:
+    def __init__(
+        self, sampler: ElasticSampler, rank: int, size: int, micro: int | None, merge: bool
+    ) -> None:
         self.sampler = copy.deepcopy(sampler)
-        self.rank, self.size, self.micro = rank, size, micro
+        self.rank, self.size, self.micro, self.merge = rank, size, micro, merge
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:
-            for part in plan(self.sampler, self.rank, self.size, self.micro):
-                yield part.ids
+            parts = plan(self.sampler, self.rank, self.size, self.micro)
+            if self.merge:
+                # One fetch for the step's micro-batches: a DataLoader worker
+                # hands each batch over through shared memory, per tensor.
+                if parts:
+                    yield [i for part in parts for i in part.ids]
+            else:
+                for part in parts:
+                    yield part.ids
             self.sampler.advance()
 
 
@@ -175,8 +184,13 @@ class ElasticLoader:
             self.total_steps = min(self.total_steps, max_steps)
         self.micro = micro_batches
         self.exact = exact
+        # A TensorDataset's batch is a list of tensors batched on dim 0: the
+        # step's micro-batches are fetched as one and cut here (a collate_fn of
+        # the script's may pad per batch, so its batches are fetched one by one).
+        self._merge = False
         if isinstance(dataset, TensorDataset) and collate_fn is default_collate:
             self._dataset, self._collate = _TensorRows(dataset), _already_batched
+            self._merge = micro_batches is not None
         else:
             self._dataset, self._collate = dataset, collate_fn
         self._loader_args: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory}
@@ -211,11 +225,18 @@ class ElasticLoader:
         # Until every micro-batch of the step is taken, the DataLoader's stream
         # is mid-step: a loop body that breaks out early gets a fresh iterator.
         self._mid_step = bool(parts)
+        pieces: list[list[torch.Tensor]] = []
         for i in range(len(parts)):
             if i:
                 self.job.fold_micro_batch()  # the previous one's gradient, before the next
             self.job.set_part(i)
-            yield self._to_device(next(it))
+            if not self._merge:
+                yield self._to_device(next(it))
+                continue
+            if not i:
+                sizes = [len(part.ids) for part in parts]
+                pieces = [list(t.split(sizes)) for t in self._to_device(next(it))]
+            yield [field[i] for field in pieces]
         self._mid_step = False
 
     def _data_iter(self) -> Iterator[Any]:
@@ -231,7 +252,9 @@ class ElasticLoader:
             self.drop()
             loader = DataLoader(
                 self._dataset,
-                batch_sampler=_Batches(self.sampler, group.rank, group.size, self.micro),
+                batch_sampler=_Batches(
+                    self.sampler, group.rank, group.size, self.micro, self._merge
+                ),
                 collate_fn=self._collate,
                 **self._loader_args,
             )
