@@ -23,8 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn, TypeVar
 
-import etcd3
-import grpc
+# Read by gRPC when it loads. A DataLoader forks its workers while the etcd
+# client's threads are live; the children never touch gRPC, so its fork
+# handlers have nothing to protect, and with them on every fork logs "Other
+# threads are currently calling into gRPC, skipping fork() handlers".
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import etcd3  # noqa: E402
+import grpc  # noqa: E402
 import tenacity
 from etcd3 import exceptions as etcd_exc
 

@@ -55,6 +55,8 @@ def run_alone(tmp: str, *extra: str) -> tuple[str, str]:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    # DataLoader workers fork beside the etcd client: no gRPC fork chatter.
+    assert "fork() handlers" not in done.stderr, done.stderr[-2000:]
     return final, log
 
 
