@@ -660,13 +660,15 @@ class Job:
                 Event.GENERATION,
                 f"generation {self._gen}: {world.size} worker(s) {list(world.ids)} at step "
                 f"{self.registry.step}"
-                + (f", state from rank {src}" if src is not None else "")
+                + (_synced(src, self.registry.last_sync) if src is not None else "")
                 + (", restored from checkpoint" if restored else ""),
                 gen=self._gen,
                 world=list(world.ids),
                 step=self.registry.step,
                 form_s=round(time.monotonic() - t_form, 4),
                 src=src,
+                sync_bytes=self.registry.last_sync[0] if src is not None else 0,
+                sync_s=round(self.registry.last_sync[1], 4) if src is not None else 0.0,
                 total_steps=self.total_steps,
                 global_batch=self.registry.sampler.global_batch_size,
             )
@@ -933,3 +935,19 @@ def init(config: RuntimeConfig | None = None, **options: Any) -> Job:
     """Join the elastic job this process was started for (``elastic run``), or,
     started alone, a one-worker job on an embedded etcd."""
     return Job(config, **options)
+
+
+def _synced(src: int, sync: tuple[int, float] | None) -> str:
+    """', state from rank 1 (309.0 MB in 0.21 s, 1.47 GB/s)'."""
+    if not sync:
+        return f", state from rank {src}"
+    moved, took = sync
+    rate = moved / took if took > 0 else 0.0
+    return f", state from rank {src} ({_size(moved)} in {took:.2f} s, {_size(rate)}/s)"
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"

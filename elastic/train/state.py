@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import io
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -61,6 +62,8 @@ class JobState:
         # ids of modules whose tensors change only through a wrapped optimizer's
         # step (so a failed step leaves them as they were: no copy needed)
         object.__setattr__(self, "_committed_only", set())
+        # (bytes, seconds) of the last peer sync that moved state
+        object.__setattr__(self, "last_sync", None)
 
     # -- registration -------------------------------------------------------
 
@@ -207,9 +210,15 @@ class JobState:
         if all(s == best for s in steps):
             return None
         src = steps.index(best)
+        t0 = time.monotonic()
+        moved = 0
         modules = self.modules
         for module in modules:
-            _broadcast_module(group, module, src)
+            moved += _broadcast_module(group, module, src)
+        # The rest (optimizers, schedulers, scalers, values, the sampler) goes
+        # as tensors, flattened per (device, dtype) into a few buffers; only
+        # what is left without its tensors, a small skeleton, is serialized.
+        tensors: list[torch.Tensor] = []
         payload = None
         if group.rank == src:
             rest = {
@@ -222,19 +231,93 @@ class JobState:
             if self.sampler is not None:
                 rest["sampler"] = self.sampler.state_dict()
             buf = io.BytesIO()
-            torch.save(rest, buf)
+            torch.save(_skeleton(rest, tensors), buf)
             payload = buf.getvalue()
         data = group.broadcast_bytes(payload, src)
+        moved += len(data)
+        # Peers are trusted processes of our own job, but a received payload is
+        # still loaded without executing code.
         if group.rank != src:
-            device = _device_of(modules)
-            # Peers are trusted processes of our own job, but a received
-            # payload is still loaded without executing code.
-            rest = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+            skeleton = torch.load(io.BytesIO(data), weights_only=True)
+            tensors = _allocate(skeleton["meta"], _device_of(modules))
+        moved += _broadcast_tensors(group, tensors, src)
+        if group.rank != src:
+            rest = _fill(skeleton["tree"], tensors)
             for name, obj in self._objects.items():
                 if not isinstance(obj, torch.nn.Module):
                     obj.load_state_dict(rest[name])
             self._load_rest(rest)
+        object.__setattr__(self, "last_sync", (moved, time.monotonic() - t0))
         return src
+
+
+_TENSOR = "\x00elastic-tensor"  # a placeholder key no state_dict uses
+
+
+def _skeleton(tree: Any, tensors: list[torch.Tensor]) -> dict[str, Any]:
+    """``tree`` with each tensor replaced by its index in ``tensors``, and what a
+    receiver needs to allocate them (shape, dtype, on an accelerator or not)."""
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors.append(x.detach())
+            return {_TENSOR: len(tensors) - 1}
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(walk(v) for v in x)
+        return x
+
+    out = walk(tree)
+    meta = [
+        (list(t.shape), str(t.dtype).removeprefix("torch."), t.device.type != "cpu")
+        for t in tensors
+    ]
+    return {"tree": out, "meta": meta}
+
+
+def _allocate(meta: list[tuple[list[int], str, bool]], device: torch.device) -> list[torch.Tensor]:
+    # An optimizer's CPU tensors (Adam's step counts) stay on the CPU.
+    return [
+        torch.empty(shape, dtype=getattr(torch, dtype), device=device if on_acc else "cpu")
+        for shape, dtype, on_acc in meta
+    ]
+
+
+def _fill(tree: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {_TENSOR}:
+            return tensors[tree[_TENSOR]]
+        return {k: _fill(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_fill(v, tensors) for v in tree)
+    return tree
+
+
+def _broadcast_tensors(group: WorkerGroup, tensors: list[torch.Tensor], src: int) -> int:
+    """One broadcast per (device, dtype); returns the bytes moved."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        buckets[(t.device, t.dtype)].append(t)
+    moved = 0
+    with torch.no_grad():
+        # The same order on every rank: by the first tensor's index.
+        for bucket in buckets.values():
+            if group.rank == src:
+                flat = torch.cat([t.reshape(-1) for t in bucket])
+            else:
+                flat = torch.empty(
+                    sum(t.numel() for t in bucket), dtype=bucket[0].dtype, device=bucket[0].device
+                )
+            group.broadcast(flat, src)
+            moved += flat.numel() * flat.element_size()
+            if group.rank != src:
+                offset = 0
+                for t in bucket:
+                    n = t.numel()
+                    t.copy_(flat[offset : offset + n].view_as(t))
+                    offset += n
+    return moved
 
 
 def _device_of(modules: list[torch.nn.Module]) -> torch.device:
@@ -244,18 +327,21 @@ def _device_of(modules: list[torch.nn.Module]) -> torch.device:
     return torch.device("cpu")
 
 
-def _broadcast_module(group: WorkerGroup, module: torch.nn.Module, src: int) -> None:
+def _broadcast_module(group: WorkerGroup, module: torch.nn.Module, src: int) -> int:
     # One collective per (device, dtype) bucket instead of one per tensor.
     buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for t in module.state_dict().values():
         buckets[(t.device, t.dtype)].append(t)
+    moved = 0
     with torch.no_grad():
         for tensors in buckets.values():
             flat = torch.cat([t.reshape(-1) for t in tensors])
             group.broadcast(flat, src)
+            moved += flat.numel() * flat.element_size()
             if group.rank != src:
                 offset = 0
                 for t in tensors:
                     n = t.numel()
                     t.copy_(flat[offset : offset + n].view_as(t))
                     offset += n
+    return moved
