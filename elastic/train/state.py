@@ -328,20 +328,5 @@ def _device_of(modules: list[torch.nn.Module]) -> torch.device:
 
 
 def _broadcast_module(group: WorkerGroup, module: torch.nn.Module, src: int) -> int:
-    # One collective per (device, dtype) bucket instead of one per tensor.
-    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-    for t in module.state_dict().values():
-        buckets[(t.device, t.dtype)].append(t)
-    moved = 0
-    with torch.no_grad():
-        for tensors in buckets.values():
-            flat = torch.cat([t.reshape(-1) for t in tensors])
-            group.broadcast(flat, src)
-            moved += flat.numel() * flat.element_size()
-            if group.rank != src:
-                offset = 0
-                for t in tensors:
-                    n = t.numel()
-                    t.copy_(flat[offset : offset + n].view_as(t))
-                    offset += n
-    return moved
+    # Receivers copy into their own parameters and buffers, in place.
+    return _broadcast_tensors(group, list(module.state_dict().values()), src)
