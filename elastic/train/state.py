@@ -196,6 +196,26 @@ class JobState:
 
     # -- peer sync ---------------------------------------------------------------
 
+    def _rest_state(self) -> dict[str, Any]:
+        """The state dicts of everything but the modules (their tensors by reference)."""
+        return {
+            name: obj.state_dict()
+            for name, obj in self._objects.items()
+            if not isinstance(obj, torch.nn.Module)
+        }
+
+    def _receive_into(self, skeleton: dict[str, Any], device: torch.device) -> list[torch.Tensor]:
+        """Where a sync's tensors land: this rank's own state tensors when they
+        have the sender's shapes (a survivor one step behind: no allocation,
+        and loading them back is no copy), else new ones (a joiner)."""
+        own: list[torch.Tensor] = []
+        mine = _skeleton(self._rest_state(), own)
+        if mine["paths"] == skeleton["paths"] and mine["meta"] == [
+            tuple(m) for m in skeleton["meta"]
+        ]:
+            return own
+        return _allocate(skeleton["meta"], device)
+
     def sync(self, group: WorkerGroup) -> int | None:
         """Bring every rank to the newest state any rank holds.
 
@@ -216,16 +236,12 @@ class JobState:
         for module in modules:
             moved += _broadcast_module(group, module, src)
         # The rest (optimizers, schedulers, scalers, values, the sampler) goes
-        # as tensors, flattened per (device, dtype) into a few buffers; only
+        # as tensors, big ones as themselves, small ones flattened per (device, dtype); only
         # what is left without its tensors, a small skeleton, is serialized.
         tensors: list[torch.Tensor] = []
         payload = None
         if group.rank == src:
-            rest = {
-                name: obj.state_dict()
-                for name, obj in self._objects.items()
-                if not isinstance(obj, torch.nn.Module)
-            }
+            rest = self._rest_state()
             rest["step"] = self.step
             rest["values"] = dict(self._values)
             if self.sampler is not None:
@@ -239,7 +255,7 @@ class JobState:
         # still loaded without executing code.
         if group.rank != src:
             skeleton = torch.load(io.BytesIO(data), weights_only=True)
-            tensors = _allocate(skeleton["meta"], _device_of(modules))
+            tensors = self._receive_into(skeleton, _device_of(modules))
         moved += _broadcast_tensors(group, tensors, src)
         if group.rank != src:
             rest = _fill(skeleton["tree"], tensors)
@@ -256,24 +272,30 @@ _TENSOR = "\x00elastic-tensor"  # a placeholder key no state_dict uses
 
 def _skeleton(tree: Any, tensors: list[torch.Tensor]) -> dict[str, Any]:
     """``tree`` with each tensor replaced by its index in ``tensors``, and what a
-    receiver needs to allocate them (shape, dtype, on an accelerator or not)."""
+    receiver needs to allocate them: ``meta`` (shape, dtype, on an accelerator
+    or not) and ``paths`` (where each sits in the tree)."""
+    paths: list[str] = []
 
-    def walk(x: Any) -> Any:
+    def walk(x: Any, path: str) -> Any:
         if isinstance(x, torch.Tensor):
             tensors.append(x.detach())
+            paths.append(path)
             return {_TENSOR: len(tensors) - 1}
         if isinstance(x, dict):
-            return {k: walk(v) for k, v in x.items()}
+            return {k: walk(v, f"{path}/{k}") for k, v in x.items()}
         if isinstance(x, (list, tuple)):
-            return type(x)(walk(v) for v in x)
+            return type(x)(walk(v, f"{path}/{i}") for i, v in enumerate(x))
         return x
 
-    out = walk(tree)
-    meta = [
+    out = walk(tree, "")
+    return {"tree": out, "meta": _meta(tensors), "paths": paths}
+
+
+def _meta(tensors: list[torch.Tensor]) -> list[tuple[list[int], str, bool]]:
+    return [
         (list(t.shape), str(t.dtype).removeprefix("torch."), t.device.type != "cpu")
         for t in tensors
     ]
-    return {"tree": out, "meta": meta}
 
 
 def _allocate(meta: list[tuple[list[int], str, bool]], device: torch.device) -> list[torch.Tensor]:
@@ -294,14 +316,26 @@ def _fill(tree: Any, tensors: list[torch.Tensor]) -> Any:
     return tree
 
 
+# A tensor this big goes by itself, straight from and into its own storage: a
+# copy into a flat buffer and out again costs more than the collective's
+# per-call overhead. Smaller ones share one buffer per (device, dtype).
+DIRECT_BYTES = 1 << 20
+
+
 def _broadcast_tensors(group: WorkerGroup, tensors: list[torch.Tensor], src: int) -> int:
-    """One broadcast per (device, dtype); returns the bytes moved."""
+    """Broadcast ``tensors`` from ``src`` into every rank's own; returns the bytes moved."""
     buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-    for t in tensors:
-        buckets[(t.device, t.dtype)].append(t)
     moved = 0
     with torch.no_grad():
-        # The same order on every rank: by the first tensor's index.
+        # The same order on every rank: the tensors' own order, then buckets
+        # in the order of their first tensor.
+        for t in tensors:
+            nbytes = t.numel() * t.element_size()
+            if nbytes >= DIRECT_BYTES and t.is_contiguous():
+                group.broadcast(t, src)
+                moved += nbytes
+            else:
+                buckets[(t.device, t.dtype)].append(t)
         for bucket in buckets.values():
             if group.rank == src:
                 flat = torch.cat([t.reshape(-1) for t in bucket])

@@ -48,3 +48,20 @@ def test_optimizer_state_round_trips_through_skeleton_and_flat_tensors():
             assert torch.equal(opt2.state_dict()["state"][k][name], t), (k, name)
     assert opt2.param_groups[0]["betas"] == (0.9, 0.95)
     assert got["scheduler"] == sched.state_dict() and got["step"] == 3
+
+
+def test_a_survivor_receives_into_its_own_state_tensors_and_a_joiner_allocates():
+    from elastic.train.state import JobState
+
+    _, src_opt, _ = _trained()
+    src = _skeleton({"optimizer": src_opt.state_dict()}, [])
+    _, own_opt, _ = _trained()  # same shapes: a survivor one step behind
+    state = JobState().register(optimizer=own_opt)
+    got = state._receive_into(src, torch.device("cpu"))
+    own_ptrs = {t.data_ptr() for st in own_opt.state.values() for t in st.values()}
+    assert {t.data_ptr() for t in got} == own_ptrs  # in place: no allocation
+
+    fresh = torch.optim.AdamW(torch.nn.Linear(256, 256).parameters())  # no state yet
+    joiner = JobState().register(optimizer=fresh)
+    new = joiner._receive_into(src, torch.device("cpu"))
+    assert len(new) == len(src["meta"]) and not {t.data_ptr() for t in new} & own_ptrs
