@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.amp.grad_scaler import OptState
 
 from ..base.errors import ConfigError
 
@@ -59,8 +60,6 @@ class ElasticOptimizer:
         """Refuse a GradScaler that unscaled this rank's local gradient: its
         inf/NaN check must see the averaged gradient, or ranks would decide
         differently whether to skip the step."""
-        from torch.amp.grad_scaler import OptState
-
         states = getattr(scaler, "_per_optimizer_states", {})
         for opt in (self, self.optimizer):
             st = states.get(id(opt))

@@ -64,12 +64,8 @@ def test_a_worker_joining_trains_on_from_its_peers_state(tmp_path, etcd_url, job
         script_args=slow,
     )
     jobs.append(joiner)
-    grown = job.wait_for(
-        lambda evs: [e for e in evs if e["event"] == "generation" and len(e["world"]) == 3],
-        90,
-        "a World of 3",
-    )
-    assert grown[0]["src"] is not None, "the joiner must receive state from a peer"
+    grown = job.wait_world_of(3, 90)
+    assert grown["src"] is not None, "the joiner must receive state from a peer"
     assert job.wait(240) == 0, job.log_tail()
     assert joiner.wait(60) == 0, joiner.log_tail()
     assert_matches(alone, job.out, log, job.ledger_dir)

@@ -125,6 +125,14 @@ class Job:
     def worker_pids(self) -> set[int]:
         return {e["pid"] for e in self.events() if e["event"] == "spawn" and "pid" in e}
 
+    def wait_world_of(self, size: int, timeout: float = 60.0) -> dict:
+        """The first generation event with ``size`` members."""
+        return self.wait_for(
+            lambda evs: [e for e in evs if e["event"] == "generation" and len(e["world"]) == size],
+            timeout,
+            f"a World of {size}",
+        )[0]
+
     def freeze_until_evicted(self, member: str, timeout: float = 60.0) -> None:
         """SIGSTOP ``member`` until a World without it forms, then SIGCONT it."""
         pid = self.pid_of(member)

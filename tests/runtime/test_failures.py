@@ -147,12 +147,8 @@ def test_worker_joining_a_running_job_gets_state_from_peers(tmp_path, etcd_url, 
     job.wait_step(5)
     joiner = Job(tmp_path, nproc=1, etcd_url=etcd_url, job=job.job, name="joiner", out="joiner.pt")
     jobs.append(joiner)
-    grown = job.wait_for(
-        lambda evs: [e for e in evs if e["event"] == "generation" and len(e["world"]) == 3],
-        60,
-        "a World of 3",
-    )
-    assert grown[0]["src"] is not None, "the joiner must receive state from a peer"
+    grown = job.wait_world_of(3, 60)
+    assert grown["src"] is not None, "the joiner must receive state from a peer"
     assert job.wait(120) == 0, job.log_tail()
     assert joiner.wait(60) == 0, joiner.log_tail()
     assert_matches_reference(job, reference)
