@@ -274,11 +274,14 @@ class KillHost(WorkerFault):
         if host is None:
             return False
         launcher, workers = host
-        procutil.send_signal(launcher, signal.SIGKILL)
+        # Workers first, while their launcher is stopped: none of them is reparented
+        # or replaced before its kill is sent.
         for p in workers:
             procutil.send_signal(p, signal.SIGCONT)  # a stopped process must see the kill
             procutil.send_signal(p, signal.SIGKILL)
+        procutil.send_signal(launcher, signal.SIGKILL)
         record.update(
+            workers_killed=sorted(workers),
             launchers_killed=[launcher],
             members=[m for m, p in target.spawned_by(launcher) if p in workers],
         )

@@ -274,8 +274,15 @@ def test_kill_host_kills_the_launcher_and_every_worker_it_started() -> None:
         assert launcher.wait(10) == -signal.SIGKILL
         deadline = time.monotonic() + 10
         while any(procs.alive(p) for p in target.pids):
-            assert time.monotonic() < deadline, "a worker of the killed host survived"
+            left = [p for p in target.pids if procs.alive(p)]
+            assert time.monotonic() < deadline, (
+                f"worker(s) {left} of the killed host survived; the fault killed "
+                f"{record.get('workers_killed')}, token kept by "
+                f"{[p for p in left if procs.belongs(p, target.token)]}, parents "
+                f"{[procs.parent(p) for p in left]}"
+            )
             time.sleep(0.05)
+        assert record["workers_killed"] == sorted(target.pids)
         assert record["launchers_killed"] == [launcher.pid]
         assert sorted(record["members"]) == ["m-0", "m-1"]
 
