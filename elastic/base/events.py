@@ -51,6 +51,7 @@ class Event(str, Enum):
     STEP = "step"  # rank 0 finished a step: step, gen, world (size), loss
     RECOVERED = "recovered"  # rank 0's first step after a failure: seconds, step, gen
     FAILURE = "failure"  # this rank's generation failed: gen, rank, step, error, error_type
+    JOINED = "joined"  # a live join's state is in (on the joiner): gen, step, bytes, seconds, peers
     REJOIN = "rejoin"  # this member's lease was lost, it registers again: gen
     RESTORE = "restore"  # state loaded from the checkpoint: step
     EVICT = "evict"  # ranks found hung were evicted: members, step, gen, reason

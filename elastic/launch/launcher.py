@@ -98,6 +98,11 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
         "--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint"
     )
     p.add_argument(
+        "--pause-joins",
+        action="store_true",
+        help="the World waits while a joiner receives the state (default: it trains on)",
+    )
+    p.add_argument(
         "--checkpoint-key-file",
         default=None,
         metavar="PATH",
@@ -547,6 +552,7 @@ class ElasticLauncher:
             checkpoint_every=args.checkpoint_every,
             checkpoint_key_file=args.checkpoint_key_file,
             resume=args.resume,
+            live_join=not args.pause_joins,
             event_log=os.path.abspath(args.event_log or f"elastic-{self.job}.events.jsonl"),
             ledger_dir=os.path.abspath(args.ledger_dir) if args.ledger_dir else None,
             advertise_host=host,

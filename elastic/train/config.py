@@ -49,6 +49,10 @@ class RuntimeConfig:
     checkpoint_timeout: float = 120.0
     checkpoint_key_file: str | None = None
     resume: bool = False
+    # A joiner receives the state while the World trains its next step
+    # (livesync.py); False: the World waits for the transfer (the old way,
+    # kept to measure the difference).
+    live_join: bool = True
     event_log: str | None = None
     ledger_dir: str | None = None
     advertise_host: str = "127.0.0.1"

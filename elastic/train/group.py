@@ -154,6 +154,9 @@ class WorkerGroup:
         self._client_store: dist.TCPStore | None = None
         self._store_host = store_host
         self._pending: list[dist.Work] = []
+        # Side groups (state sent to a joiner beside the step's collectives)
+        # and the transfers started on them.
+        self._side: list[tuple[object, list[dist.Work]]] = []
         self.closed = False
 
     @property
@@ -232,6 +235,10 @@ class WorkerGroup:
             pending = [w for w in self._pending if not w.is_completed()]
             if pending:
                 graveyard.park(dist.distributed_c10d._get_default_group(), pending)
+            for pg, works in self._side:
+                left = [w for w in works if not w.is_completed()]
+                if left:
+                    graveyard.park(pg, left)
             try:
                 if torch.cuda.is_available():
                     dist.distributed_c10d._abort_process_group()
@@ -240,6 +247,7 @@ class WorkerGroup:
             except Exception as exc:  # the group is gone either way
                 log.debug("tearing down generation %d: %r", self.generation, exc)
         self._pending = []
+        self._side = []
         self._client_store = None
         graveyard.reap()
 
@@ -339,6 +347,55 @@ class WorkerGroup:
         if buf.numel():
             self.broadcast(buf, src)
         return buf.numpy().tobytes()
+
+    # -- point-to-point transfers on a side group ------------------------------
+
+    def side_group(self) -> object:
+        """A second group over the same ranks, so that a transfer runs beside the
+        step's collectives instead of queued behind or between them (a collective
+        of every rank: all of them call it, in the same order)."""
+        t0 = time.monotonic()
+        try:
+            pg = dist.new_group(
+                ranks=list(range(self.size)),
+                backend=self.backend,
+                timeout=datetime.timedelta(seconds=self.timeout),
+            )
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise self._error_after(t0)(
+                f"forming a side group in generation {self.generation} (rank {self.rank}) "
+                f"failed: {exc}"
+            ) from exc
+        self._side.append((pg, []))
+        return pg
+
+    def start_p2p(self, pg: object, tensor: torch.Tensor, peer: int, tag: int, send: bool):
+        """Start sending ``tensor`` to (or receiving it from) rank ``peer`` on
+        side group ``pg``; wait for it with :meth:`wait_p2p`."""
+        t0 = time.monotonic()
+        op = dist.isend if send else dist.irecv
+        try:
+            work = op(tensor, peer, group=pg, tag=tag)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise self._error_after(t0)(
+                f"{'send to' if send else 'receive from'} rank {peer} failed in generation "
+                f"{self.generation} (rank {self.rank}): {exc}"
+            ) from exc
+        for side, works in self._side:
+            if side is pg:
+                works.append(work)
+        return work, t0
+
+    def wait_p2p(self, started: list, watch: Watch | None = None) -> None:
+        """Wait for transfers :meth:`start_p2p` began, as a collective is waited on."""
+        for work, t0 in started:
+            try:
+                self._wait("state transfer", work, watch or self.watch)
+            except (RuntimeError, ValueError, OSError) as exc:
+                raise self._error_after(t0)(
+                    f"state transfer failed in generation {self.generation} "
+                    f"(rank {self.rank}): {exc}"
+                ) from exc
 
 
 def local_device() -> torch.device:

@@ -70,6 +70,7 @@ from .exithook import install_exit_hook
 from .grads import StepGradients
 from .group import StoreHost, WorkerGroup, local_device
 from .ledger import LedgerWriter
+from .livesync import LiveSync, live_sync
 from .loader import ElasticLoader, Part, plan
 from .optim import ElasticOptimizer
 from .state import JobState
@@ -121,6 +122,7 @@ class Job:
         self._grads: StepGradients | None = None  # built at the first step
         self._opened = False  # this step's header was exchanged
         self._watch: Any = None  # this step's hang watch
+        self._live: LiveSync | None = None  # a live join's transfers, until its first update
         # All-reduce gradient buckets during the last micro-batch's backward
         # (grads.py); off for a loop that runs backward twice per micro-batch.
         self.overlap = True
@@ -356,7 +358,11 @@ class Job:
         self._snapshot = self.registry.light_snapshot()
         self._reseed(self.seed * 7919 + self.registry.step * 104_729 + self.group.rank)
         self._parts = plan(
-            self.registry.sampler, self.group.rank, self.group.size, self._loader.micro
+            self.registry.sampler,
+            self.group.rank,
+            self.group.size,
+            self._loader.micro,
+            self.catchup_holders(),
         )
         self._taken = self._folded = 0
         self._opened = False
@@ -365,9 +371,44 @@ class Job:
         self._phase = "open"
         return self._parts
 
+    def catchup_holders(self) -> list[int] | None:
+        """The ranks that train this step alone: a live join's first step, while
+        the joiners receive the state (livesync.py); else None."""
+        live = self._live
+        if live is None or live.done or self.registry.step != live.step:
+            return None
+        return live.holders
+
+    def _finish_live(self) -> None:
+        """Wait for a live join's transfers (before any update of its first
+        step, or a joiner's first forward). WorkerGroupError when one failed."""
+        live, self._live = self._live, None
+        if live is None:
+            return
+        moved, took = live.finish(self._watch)
+        if live.joining:
+            peers = len(live.holders)
+            rate = moved / took if took > 0 else 0.0
+            self.events.emit(
+                Event.JOINED,
+                f"joined: {_size(moved)} from {peers} peer(s) in {took:.2f} s ({_size(rate)}/s)",
+                gen=live.group.generation,
+                step=live.step,
+                bytes=moved,
+                seconds=round(took, 4),
+                peers=peers,
+            )
+
     def set_part(self, i: int) -> None:
         """The loader hands out the step's part ``i`` (its batch or micro-batch)."""
         self._taken = i + 1
+        if self._live is not None and self._live.joining and self._phase == "open":
+            # A joiner's weight-0 sample: computed on its state, once that is in.
+            try:
+                self._finish_live()
+            except WorkerGroupError as exc:
+                self._step_grads().failed()
+                self._on_failure(exc)
         grads = self._step_grads()
         grads.prepare(self._parts[i].weight)
         if i == len(self._parts) - 1 and self._phase == "open":
@@ -452,6 +493,8 @@ class Job:
             )
             for handle in started:
                 group.finish(handle, watch=self._watch)
+            # Nothing is updated before a live join's state is sent and in.
+            self._finish_live()
         except WorkerGroupError as exc:
             grads.failed()
             self._on_failure(exc)
@@ -580,6 +623,7 @@ class Job:
 
     def _close_group(self) -> None:
         group, self.group = self.group, None
+        self._live = None  # its transfers are parked with the group's
         if self._loader is not None:
             self._loader.drop()
         if group is not None:
@@ -644,7 +688,9 @@ class Job:
         try:
             group.form()
             restored = self._ensure_state(group)
-            src = self.registry.sync(group)
+            steps = self.registry.gather_steps(group)
+            live = live_sync(self.registry, group, steps) if cfg.live_join else None
+            src = live.holders[0] if live is not None else self.registry.sync(group, steps)
         except WorkerGroupError as exc:
             self._gen = world.generation
             self._report_failure(exc, rank, world.generation)
@@ -655,20 +701,29 @@ class Job:
             raise
         self._gen = world.generation
         self.group = group
+        self._live = live
+        paused = src is not None and live is None  # the World waited for a sync
         if rank == 0:
             self.events.emit(
                 Event.GENERATION,
                 f"generation {self._gen}: {world.size} worker(s) {list(world.ids)} at step "
                 f"{self.registry.step}"
-                + (_synced(src, self.registry.last_sync) if src is not None else "")
+                + (
+                    f", joiner(s) {live.joiners} receiving the state while the World trains"
+                    if live is not None
+                    else _synced(src, self.registry.last_sync)
+                    if src is not None
+                    else ""
+                )
                 + (", restored from checkpoint" if restored else ""),
                 gen=self._gen,
                 world=list(world.ids),
                 step=self.registry.step,
                 form_s=round(time.monotonic() - t_form, 4),
                 src=src,
-                sync_bytes=self.registry.last_sync[0] if src is not None else 0,
-                sync_s=round(self.registry.last_sync[1], 4) if src is not None else 0.0,
+                sync_bytes=self.registry.last_sync[0] if paused else 0,
+                sync_s=round(self.registry.last_sync[1], 4) if paused else 0.0,
+                live=live is not None,
                 total_steps=self.total_steps,
                 global_batch=self.registry.sampler.global_batch_size,
             )

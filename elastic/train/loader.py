@@ -45,8 +45,22 @@ class Part:
     weight: float  # len(ids) / B; 0 for a stand-in (a rank with no share)
 
 
-def plan(sampler: ElasticSampler, rank: int, size: int, micro: int | None) -> list[Part]:
-    """The batches rank ``rank`` of ``size`` computes at the sampler's current step."""
+def plan(
+    sampler: ElasticSampler,
+    rank: int,
+    size: int,
+    micro: int | None,
+    holders: list[int] | None = None,
+) -> list[Part]:
+    """The batches rank ``rank`` of ``size`` computes at the sampler's current step.
+
+    ``holders``: the first step of a live join (livesync.py), trained by these
+    ranks alone; a joiner computes nothing (one sample of weight 0 without
+    micro-batches, so that it runs the script's loop body alike)."""
+    if holders is not None:
+        if rank not in holders:
+            return [] if micro else [Part(sampler.global_batch()[:1], 0.0)]
+        rank, size = holders.index(rank), len(holders)
     if micro:
         parts, b = sampler.micro_shards(rank, size, micro)
         return [Part(ids, len(ids) / b) for ids in parts]
@@ -62,14 +76,23 @@ class _Batches:
     """Batch sampler of one World: the index lists of every future step, in order."""
 
     def __init__(
-        self, sampler: ElasticSampler, rank: int, size: int, micro: int | None, merge: bool
+        self,
+        sampler: ElasticSampler,
+        rank: int,
+        size: int,
+        micro: int | None,
+        merge: bool,
+        holders: list[int] | None = None,
     ) -> None:
         self.sampler = copy.deepcopy(sampler)
         self.rank, self.size, self.micro, self.merge = rank, size, micro, merge
+        self.holders = holders  # of its first step only (a live join's)
 
     def __iter__(self) -> Iterator[list[int]]:
+        holders = self.holders
         while True:
-            parts = plan(self.sampler, self.rank, self.size, self.micro)
+            parts = plan(self.sampler, self.rank, self.size, self.micro, holders)
+            holders = None
             if self.merge:
                 # One fetch for the step's micro-batches: a DataLoader worker
                 # hands each batch over through shared memory, per tensor.
@@ -253,7 +276,12 @@ class ElasticLoader:
             loader = DataLoader(
                 self._dataset,
                 batch_sampler=_Batches(
-                    self.sampler, group.rank, group.size, self.micro, self._merge
+                    self.sampler,
+                    group.rank,
+                    group.size,
+                    self.micro,
+                    self._merge,
+                    self.job.catchup_holders(),
                 ),
                 collate_fn=self._collate,
                 **self._loader_args,

@@ -216,14 +216,42 @@ class JobState:
             return own
         return _allocate(skeleton["meta"], device)
 
-    def sync(self, group: WorkerGroup) -> int | None:
+    def gather_steps(self, group: WorkerGroup) -> list[int]:
+        """Every rank's step, -1 for a rank without state."""
+        return group.all_gather_int(self.step if self.has_state else -1)
+
+    def sync_tree(self) -> dict[str, Any]:
+        """What a peer sync sends: every object's state dict but the modules',
+        the step, the plain values and the data cursor (tensors by reference)."""
+        rest = self._rest_state()
+        rest["step"] = self.step
+        rest["values"] = dict(self._values)
+        if self.sampler is not None:
+            rest["sampler"] = self.sampler.state_dict()
+        return rest
+
+    def load_light(self, tree: dict[str, Any]) -> None:
+        """A joiner's step, values and data cursor from a live sync's skeleton,
+        before its tensors arrive: it can plan the step, it holds no state yet."""
+        self._load_rest(tree)
+        self.has_state = False
+
+    def load_received(self, rest: dict[str, Any]) -> None:
+        """The rest of a live sync, once its tensors are in: the state is whole."""
+        for name, obj in self._objects.items():
+            if not isinstance(obj, torch.nn.Module):
+                obj.load_state_dict(rest[name])
+        self.has_state = True
+
+    def sync(self, group: WorkerGroup, steps: list[int] | None = None) -> int | None:
         """Bring every rank to the newest state any rank holds.
 
         Returns the source rank, or None when every rank already held the same
         step (survivors of a failure: nothing to send). Ranks without state
         report -1; the caller guarantees at least one rank has state.
         """
-        steps = group.all_gather_int(self.step if self.has_state else -1)
+        if steps is None:
+            steps = self.gather_steps(group)
         best = max(steps)
         if best < 0:
             raise RuntimeError("state sync with no state on any rank")
@@ -241,13 +269,8 @@ class JobState:
         tensors: list[torch.Tensor] = []
         payload = None
         if group.rank == src:
-            rest = self._rest_state()
-            rest["step"] = self.step
-            rest["values"] = dict(self._values)
-            if self.sampler is not None:
-                rest["sampler"] = self.sampler.state_dict()
             buf = io.BytesIO()
-            torch.save(_skeleton(rest, tensors), buf)
+            torch.save(_skeleton(self.sync_tree(), tensors), buf)
             payload = buf.getvalue()
         data = group.broadcast_bytes(payload, src)
         moved += len(data)

@@ -66,6 +66,7 @@ def test_a_worker_joining_trains_on_from_its_peers_state(tmp_path, etcd_url, job
     jobs.append(joiner)
     grown = job.wait_world_of(3, 90)
     assert grown["src"] is not None, "the joiner must receive state from a peer"
+    assert grown["live"], "the World trains on while the joiner receives"
     assert job.wait(240) == 0, job.log_tail()
     assert joiner.wait(60) == 0, joiner.log_tail()
     assert_matches(alone, job.out, log, job.ledger_dir)

@@ -149,8 +149,12 @@ def test_worker_joining_a_running_job_gets_state_from_peers(tmp_path, etcd_url, 
     jobs.append(joiner)
     grown = job.wait_world_of(3, 60)
     assert grown["src"] is not None, "the joiner must receive state from a peer"
+    assert grown["live"], "the World trains on while the joiner receives"
     assert job.wait(120) == 0, job.log_tail()
     assert joiner.wait(60) == 0, joiner.log_tail()
+    joined = [e for e in joiner.events() if e["event"] == "joined"]
+    assert joined and joined[0]["peers"] == 2 and joined[0]["bytes"] > 0, joiner.log_tail()
+    assert joined[0]["gen"] == grown["gen"] and joined[0]["step"] == grown["step"]
     assert_matches_reference(job, reference)
     # The joiner trained on the same trajectory: its final model is identical.
     assert max_abs_diff(joiner.out, job.out) == 0.0
