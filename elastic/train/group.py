@@ -387,15 +387,47 @@ class WorkerGroup:
         return work, t0
 
     def wait_p2p(self, started: list, watch: Watch | None = None) -> None:
-        """Wait for transfers :meth:`start_p2p` began, as a collective is waited on."""
-        for work, t0 in started:
+        """Wait for transfers :meth:`start_p2p` began, in slices as a collective.
+
+        gloo's point-to-point works have no future and report completion only
+        from ``wait()``, which blocks: a thread waits on them (the backend's own
+        timeout ends it at the latest) while this one watches."""
+        if not started:
+            return
+        watch = watch or self.watch
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def waiter() -> None:
             try:
-                self._wait("state transfer", work, watch or self.watch)
-            except (RuntimeError, ValueError, OSError) as exc:
-                raise self._error_after(t0)(
-                    f"state transfer failed in generation {self.generation} "
-                    f"(rank {self.rank}): {exc}"
-                ) from exc
+                for work, _ in started:
+                    work.wait()
+            except BaseException as exc:  # handed to the watching thread
+                errors.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=waiter, name="elastic-transfer-wait", daemon=True).start()
+        t0 = started[0][1]
+        waited_from = time.monotonic()
+        deadline = waited_from + self.timeout + 1.0
+        while not done.wait(WATCH_SLICE_S):
+            waited = time.monotonic() - waited_from
+            reason = watch(waited) if watch is not None else None
+            error: type[WorkerGroupError] = WorkerGroupError
+            if reason is None and time.monotonic() > deadline:
+                reason = f"no completion within the collective timeout ({self.timeout}s)"
+                error = CollectiveTimeoutError
+            if reason is not None:
+                raise error(
+                    f"state transfer abandoned in generation {self.generation} "
+                    f"(rank {self.rank}) after {waited:.2f}s: {reason}"
+                )
+        if errors:
+            raise self._error_after(t0)(
+                f"state transfer failed in generation {self.generation} "
+                f"(rank {self.rank}): {errors[0]}"
+            ) from errors[0]
 
 
 def local_device() -> torch.device:

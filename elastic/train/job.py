@@ -70,7 +70,7 @@ from .exithook import install_exit_hook
 from .grads import StepGradients
 from .group import StoreHost, WorkerGroup, local_device
 from .ledger import LedgerWriter
-from .livesync import LiveSync, live_sync
+from .livesync import LiveSync, live_sync, wants_live
 from .loader import ElasticLoader, Part, plan
 from .optim import ElasticOptimizer
 from .state import JobState
@@ -123,6 +123,7 @@ class Job:
         self._opened = False  # this step's header was exchanged
         self._watch: Any = None  # this step's hang watch
         self._live: LiveSync | None = None  # a live join's transfers, until its first update
+        self._live_failed = False  # this rank's last live join failed: the next one waits
         # All-reduce gradient buckets during the last micro-batch's backward
         # (grads.py); off for a loop that runs backward twice per micro-batch.
         self.overlap = True
@@ -385,7 +386,11 @@ class Job:
         live, self._live = self._live, None
         if live is None:
             return
-        moved, took = live.finish(self._watch)
+        try:
+            moved, took = live.finish(self._watch)
+        except WorkerGroupError:
+            self._live_failed = True
+            raise
         if live.joining:
             peers = len(live.holders)
             rate = moved / took if took > 0 else 0.0
@@ -689,7 +694,14 @@ class Job:
             group.form()
             restored = self._ensure_state(group)
             steps = self.registry.gather_steps(group)
-            live = live_sync(self.registry, group, steps) if cfg.live_join else None
+            live = None
+            if cfg.live_join and wants_live(steps):
+                # After a live join failed (a peer died mid-transfer, or the
+                # transfer itself cannot work here), the next World waits for an
+                # ordinary sync: a failure that repeats cannot loop.
+                if not any(group.all_gather_int(int(self._live_failed))):
+                    live = live_sync(self.registry, group, steps)
+            self._live_failed = False
             src = live.holders[0] if live is not None else self.registry.sync(group, steps)
         except WorkerGroupError as exc:
             self._gen = world.generation

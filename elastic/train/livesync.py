@@ -80,15 +80,20 @@ class LiveSync:
         return self.moved, time.monotonic() - self.t0
 
 
-def live_sync(state: JobState, group: WorkerGroup, steps: list[int]) -> LiveSync | None:
-    """Start a live join for ``steps`` (every rank's step, -1 without state), or
-    None when the ordinary sync applies: everyone at one step, a survivor behind
-    (its state must not lag while it trains), or a fresh start (nobody trains yet)."""
+def wants_live(steps: list[int]) -> bool:
+    """Whether ``steps`` (every rank's step, -1 without state) call for a live
+    join: not when everyone is at one step, nor when a survivor is behind (its
+    state must not lag while it trains), nor at a fresh start (nobody trains yet)."""
+    best = max(steps)
+    joiners = [s for s in steps if s != best]
+    return best > 0 and bool(joiners) and all(s == -1 for s in joiners)
+
+
+def live_sync(state: JobState, group: WorkerGroup, steps: list[int]) -> LiveSync:
+    """Start a live join (``wants_live(steps)`` holds)."""
     best = max(steps)
     holders = [r for r, s in enumerate(steps) if s == best]
     joiners = [r for r, s in enumerate(steps) if s != best]
-    if best <= 0 or not joiners or any(steps[r] != -1 for r in joiners):
-        return None
     live = LiveSync(group, holders, joiners, best, t0=time.monotonic())
     src, rank = holders[0], group.rank
     modules = state.modules

@@ -137,11 +137,12 @@ class JobState:
     # -- checkpoints ----------------------------------------------------------
 
     def checkpoint_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {name: obj.state_dict() for name, obj in self._objects.items()}
-        out["step"] = self.step
-        out["values"] = dict(self._values)
-        if self.sampler is not None:
-            out["sampler"] = self.sampler.state_dict()
+        out: dict[str, Any] = {
+            name: obj.state_dict()
+            for name, obj in self._objects.items()
+            if isinstance(obj, torch.nn.Module)
+        }
+        out.update(self.sync_tree())  # the rest as a peer sync sends it
         return out
 
     def load_checkpoint_dict(self, state: dict[str, Any]) -> None:
