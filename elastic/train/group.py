@@ -278,6 +278,12 @@ class WorkerGroup:
         done = threading.Event()
         work.get_future().then(lambda _f: done.set())
         self._pending.append(work)
+        self._watch_until(done, what, watch)
+        self._pending.remove(work)
+        work.wait()  # raises the collective's error, if it failed
+
+    def _watch_until(self, done: threading.Event, what: str, watch: Watch | None) -> None:
+        """Wait for ``done`` in slices; between them ``watch`` may abandon the wait."""
         t0 = time.monotonic()
         # The backend's own timeout fails the work; the extra second only
         # covers a backend that does not honour it.
@@ -294,8 +300,6 @@ class WorkerGroup:
                     f"{what} abandoned in generation {self.generation} (rank {self.rank}) "
                     f"after {waited:.2f}s: {reason}"
                 )
-        self._pending.remove(work)
-        work.wait()  # raises the collective's error, if it failed
 
     def start_all_reduce(self, tensor: torch.Tensor) -> tuple[dist.Work, float]:
         """Start a SUM all-reduce and return at once (gradient buckets launched
@@ -394,7 +398,6 @@ class WorkerGroup:
         timeout ends it at the latest) while this one watches."""
         if not started:
             return
-        watch = watch or self.watch
         done = threading.Event()
         errors: list[BaseException] = []
 
@@ -408,23 +411,9 @@ class WorkerGroup:
                 done.set()
 
         threading.Thread(target=waiter, name="elastic-transfer-wait", daemon=True).start()
-        t0 = started[0][1]
-        waited_from = time.monotonic()
-        deadline = waited_from + self.timeout + 1.0
-        while not done.wait(WATCH_SLICE_S):
-            waited = time.monotonic() - waited_from
-            reason = watch(waited) if watch is not None else None
-            error: type[WorkerGroupError] = WorkerGroupError
-            if reason is None and time.monotonic() > deadline:
-                reason = f"no completion within the collective timeout ({self.timeout}s)"
-                error = CollectiveTimeoutError
-            if reason is not None:
-                raise error(
-                    f"state transfer abandoned in generation {self.generation} "
-                    f"(rank {self.rank}) after {waited:.2f}s: {reason}"
-                )
+        self._watch_until(done, "state transfer", watch or self.watch)
         if errors:
-            raise self._error_after(t0)(
+            raise self._error_after(started[0][1])(
                 f"state transfer failed in generation {self.generation} "
                 f"(rank {self.rank}): {errors[0]}"
             ) from errors[0]

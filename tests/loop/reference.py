@@ -45,6 +45,9 @@ def metrics(path: str) -> tuple[dict[int, float], dict[int, dict]]:
 def run_alone(tmp: str, *extra: str) -> tuple[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIC_")}
     env["PYTHONPATH"] = REPO
+    # One intra-op thread, as the launcher gives every worker: a wide layer's
+    # matmul splits its reduction by thread count (not bitwise otherwise).
+    env["OMP_NUM_THREADS"] = "1"
     final, log = os.path.join(tmp, "final.pt"), os.path.join(tmp, "metrics.jsonl")
     done = subprocess.run(
         [sys.executable, OWN_LOOP, *ARGS, *extra, "--out", final, "--metrics", log],
