@@ -75,13 +75,30 @@ def _step_reached(n: int):
 
 
 def _world_without(member: str):
-    return lambda evs: [e for e in evs if e["event"] == "generation" and member not in e["world"]]
+    """A World formed without ``member`` after it was in one (the first World
+    may form before a slow host's worker registers: that one does not count)."""
+
+    def worlds(evs):
+        gens = [e for e in evs if e["event"] == "generation"]
+        joined = [e["gen"] for e in gens if member in e["world"]]
+        return [e for e in gens if joined and e["gen"] > joined[0] and member not in e["world"]]
+
+    return worlds
 
 
 def _running(bed, tmp_path, job_id: str, etcd: str) -> list[HostLauncher]:
-    """A launcher on every host of ``bed``, once the job trained 15 steps."""
+    """A launcher on every host of ``bed``, once the job trained 15 steps, the
+    last of them with every host's worker."""
     launchers = _start(bed, tmp_path, job_id, etcd)
-    _wait(launchers, _step_reached(15), 180, "step 15")
+    everyone = len(launchers)
+    _wait(
+        launchers,
+        lambda evs: [
+            e for e in evs if e["event"] == "step" and e["step"] >= 15 and e["world"] == everyone
+        ],
+        180,
+        f"step 15 with all {everyone} hosts",
+    )
     return launchers
 
 
