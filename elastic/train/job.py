@@ -695,7 +695,9 @@ class Job:
             restored = self._ensure_state(group)
             steps = self.registry.gather_steps(group)
             live = None
-            if cfg.live_join and wants_live(steps):
+            # Not at the last step: there is no next step to overlap with, and
+            # the final checkpoint needs every rank's state at once.
+            if cfg.live_join and wants_live(steps) and max(steps) < self.total_steps:
                 # After a live join failed (a peer died mid-transfer, or the
                 # transfer itself cannot work here), the next World waits for an
                 # ordinary sync: a failure that repeats cannot loop.
@@ -867,6 +869,7 @@ class Job:
 
     def _eval_header(self) -> None:
         """The evaluation's header: fails (WorkerGroupError) or refuses a mismatch."""
+        self._finish_live()  # a joiner evaluates its state, not what is still arriving
         self._header(_EVAL)
 
     def _mark_broken(self, exc: WorkerGroupError) -> None:
