@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from recovery import Group, wait_for  # noqa: E402
+from recovery import Group, elastic_run, wait_for  # noqa: E402
 
 from elastic.base.events import Event, read_events  # noqa: E402
 from elastic.coord.etcd import EmbeddedEtcd  # noqa: E402
@@ -46,21 +46,9 @@ def depth_for(state_bytes: float) -> int:
 
 def cmd(job: str, etcd: str, log: str, n: int, depth: int, pause: bool) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "elastic.cli",
-        "run",
-        "-n",
-        str(n),
-        "--job",
-        job,
-        "--etcd",
-        etcd,
-        "--event-log",
-        log,
-        "--join-timeout",
-        "300",
-        *(["--pause-joins"] if pause else []),
+        *elastic_run(
+            job, etcd, log, n, "--join-timeout", "300", *(["--pause-joins"] if pause else [])
+        ),
         SCRIPT,
         "--width",
         str(WIDTH),

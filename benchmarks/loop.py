@@ -47,7 +47,7 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from benchmarks.recovery import Group  # noqa: E402
+from benchmarks.recovery import Group, elastic_run  # noqa: E402
 from elastic.coord.etcd import EmbeddedEtcd  # noqa: E402
 
 OWN_LOOP = os.path.join(REPO, "examples", "own_loop.py")
@@ -158,25 +158,10 @@ class Setup:
 def side_cmd(side: str, setup: Setup, cfg: BenchConfig, etcd: str, tmp: str, tag: str) -> list[str]:
     args = setup.script_args(cfg, os.path.join(tmp, f"{tag}.timing.jsonl"))
     if side == "elastic":
-        return [
-            sys.executable,
-            "-m",
-            "elastic.cli",
-            "run",
-            "-n",
-            str(cfg.workers),
-            "--job",
-            tag,
-            "--etcd",
-            etcd,
-            "--event-log",
-            os.path.join(tmp, f"{tag}.events.jsonl"),
-            "--no-checkpoint",
-            "--max-restarts",
-            "0",  # torchrun's default: a crash is an error, not a hidden restart
-            OWN_LOOP,
-            *args,
-        ]
+        events = os.path.join(tmp, f"{tag}.events.jsonl")
+        # --max-restarts 0, torchrun's default: a crash is an error, not a hidden restart.
+        options = ("--no-checkpoint", "--max-restarts", "0")
+        return [*elastic_run(tag, etcd, events, cfg.workers, *options), OWN_LOOP, *args]
     return [
         sys.executable,
         "-m",

@@ -90,16 +90,9 @@ class Group:
                 pass
 
 
-def elastic_cmd(
-    job: str,
-    etcd: str,
-    events: str,
-    n: int,
-    steps: int,
-    step_time: float,
-    extra: list[str] | None = None,
-    script_args: list[str] | None = None,
-) -> list[str]:
+def elastic_run(job: str, etcd: str, events: str, n: int, *options: str) -> list[str]:
+    """``elastic run -n N`` of job ``job`` on ``etcd``, events to ``events``; the
+    script and its arguments follow."""
     return [
         sys.executable,
         "-m",
@@ -113,7 +106,22 @@ def elastic_cmd(
         etcd,
         "--event-log",
         events,
-        *(extra or []),
+        *options,
+    ]
+
+
+def elastic_cmd(
+    job: str,
+    etcd: str,
+    events: str,
+    n: int,
+    steps: int,
+    step_time: float,
+    extra: list[str] | None = None,
+    script_args: list[str] | None = None,
+) -> list[str]:
+    return [
+        *elastic_run(job, etcd, events, n, *(extra or [])),
         WORKLOAD,
         "elastic",
         "--steps",
