@@ -103,6 +103,26 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
         help="the World waits while a joiner receives the state (default: it trains on)",
     )
     p.add_argument(
+        "--shard-state",
+        action="store_true",
+        help="shard the optimizer state over the workers, each shard on --replicas of them",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="K",
+        help="copies of each shard with --shard-state; any K-1 lost owners lose "
+        f"nothing (default {default_of(RuntimeConfig, 'replicas')})",
+    )
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=default_of(RuntimeConfig, "shards"),
+        metavar="S",
+        help="shards the optimizer state is cut into with --shard-state (default %(default)s)",
+    )
+    p.add_argument(
         "--checkpoint-key-file",
         default=None,
         metavar="PATH",
@@ -226,6 +246,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError("--no-checkpoint contradicts --checkpoint/--checkpoint-every")
     if args.stop_grace <= 0:
         raise ConfigError("--stop-grace must be > 0")
+    _check_sharding(args)
     check_credentials(args)
     _check_configs(args)
     if args.event_log is not None:
@@ -234,6 +255,33 @@ def _validate(args: argparse.Namespace) -> None:
         _check_directory("--ledger-dir", args.ledger_dir)
     if args.host is not None:
         local_address(args.host)  # before anything starts; the route needs etcd's URL
+
+
+def _check_sharding(args: argparse.Namespace) -> None:
+    if args.replicas is not None and not args.shard_state:
+        raise ConfigError("--replicas needs --shard-state (it counts the copies of each shard)")
+    if args.shards != default_of(RuntimeConfig, "shards") and not args.shard_state:
+        raise ConfigError("--shards needs --shard-state")
+    k = args.replicas if args.replicas is not None else default_of(RuntimeConfig, "replicas")
+    if not args.shard_state or k < 1:
+        return  # k < 1: refused by the config, naming the flag
+    if args.max_workers is not None and k > args.max_workers:
+        raise ConfigError(
+            f"--replicas {k} is more than --max-workers {args.max_workers}: each copy of a "
+            "shard needs its own owner"
+        )
+
+
+def _check_owners(args: argparse.Namespace) -> None:
+    """A new job must start with enough owners for every copy (a launcher
+    joining a running job adds owners: it may start fewer)."""
+    k = _replicas(args)
+    if args.shard_state and k > max(args.nproc, args.min_workers):
+        raise ConfigError(
+            f"--replicas {k} is more than the {args.nproc} worker(s) this launch starts "
+            f"(--min-workers {args.min_workers}): each copy of a shard needs its own owner; "
+            "start more, or raise --min-workers when other hosts add the rest"
+        )
 
 
 def _check_configs(args: argparse.Namespace) -> None:
@@ -266,8 +314,14 @@ def _check_configs(args: argparse.Namespace) -> None:
         ("--checkpoint", "checkpoint", args.checkpoint),
         ("--checkpoint-every", "checkpoint_every", args.checkpoint_every),
         ("--resume", "resume", args.resume),
+        ("--replicas", "replicas", _replicas(args)),
+        ("--shards", "shards", args.shards),
     )
     _grow(ProgressConfig, {}, ("--progress-every", "interval_s", args.progress_every))
+
+
+def _replicas(args: argparse.Namespace) -> int:
+    return args.replicas if args.replicas is not None else default_of(RuntimeConfig, "replicas")
 
 
 # Stands in for the embedded etcd a launch without --etcd starts (its port is not known yet).
@@ -450,6 +504,8 @@ class ElasticLauncher:
                     "(with --etcd there is no default)"
                 )
             _check_checkpoint(args, joining, self.job, self.client, self.keys)
+            if not joining:
+                _check_owners(args)
             self.base_config = self._runtime_config(etcd_url, joining)
             self.progress = ProgressView(
                 self.base_config.event_log,
@@ -553,6 +609,9 @@ class ElasticLauncher:
             checkpoint_key_file=args.checkpoint_key_file,
             resume=args.resume,
             live_join=not args.pause_joins,
+            shard_state=args.shard_state,
+            replicas=_replicas(args),
+            shards=args.shards,
             event_log=os.path.abspath(args.event_log or f"elastic-{self.job}.events.jsonl"),
             ledger_dir=os.path.abspath(args.ledger_dir) if args.ledger_dir else None,
             advertise_host=host,

@@ -53,6 +53,10 @@ class RuntimeConfig:
     # (livesync.py); False: the World waits for the transfer (the old way,
     # kept to measure the difference).
     live_join: bool = True
+    # Sharded optimizer state (sharded.py): each shard on `replicas` owners.
+    shard_state: bool = False
+    replicas: int = 2
+    shards: int = 16
     event_log: str | None = None
     ledger_dir: str | None = None
     advertise_host: str = "127.0.0.1"
@@ -73,6 +77,10 @@ class RuntimeConfig:
         for name in ("collective_timeout", "join_timeout", "etcd_outage", "checkpoint_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.replicas < 1:
+            raise ConfigError(f"replicas must be >= 1, got {self.replicas}")
+        if not 1 <= self.shards <= 62:
+            raise ConfigError(f"shards must be 1..62, got {self.shards}")
         if self.resume and not self.checkpoint:
             raise ConfigError("resume needs a checkpoint location")
 

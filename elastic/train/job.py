@@ -73,6 +73,7 @@ from .ledger import LedgerWriter
 from .livesync import LiveSync, live_sync, wants_live
 from .loader import ElasticLoader, Part, plan
 from .optim import ElasticOptimizer
+from .sharded import ShardedState, assemble
 from .state import JobState
 
 if TYPE_CHECKING:
@@ -82,8 +83,12 @@ log = logging.getLogger(__name__)
 
 # What a rank is doing at a collective of its loop, exchanged in every header:
 # ranks that disagree (evaluate() called by some ranks only) are told so.
-_STEP, _EVAL = 1.0, 2.0
-_KIND_NAMES = {_STEP: "the optimizer step", _EVAL: "evaluate()"}
+_STEP, _EVAL, _APPLY = 1.0, 2.0, 3.0
+_KIND_NAMES = {
+    _STEP: "the optimizer step",
+    _EVAL: "evaluate()",
+    _APPLY: "optimizer.step() (the sharded update)",
+}
 _H_KIND, _H_NEG_KIND, _H_REFORM, _H_STOP, _H_LEAVE = range(5)
 
 
@@ -113,7 +118,9 @@ class Job:
         self._optimizers: list[ElasticOptimizer] = []
         self._loader: ElasticLoader | None = None
         self._params: list[torch.nn.Parameter] | None = None
-        self._phase = "idle"  # idle | open | synced | failed
+        self._phase = "idle"  # idle | open | reduced (sharded) | synced | failed
+        self._sharded: ShardedState | None = None  # --shard-state: this rank's shards
+        self._grad_loss = 0.0
         self._gen = 0
         self._failed_at: float | None = None
         self._snapshot: dict[str, Any] | None = None
@@ -340,6 +347,11 @@ class Job:
             # The body did not step (a GradScaler skip, or no step at all): the
             # exchange still runs, so every rank takes part in it alike.
             self.sync_gradients()
+        if self._phase == "reduced":
+            # Sharded, and the body did not call optimizer.step() (a
+            # GradScaler skip: the same decision on every rank, from the
+            # averaged gradient): the step counts, nothing is applied.
+            self._commit()
         if self._phase == "synced":
             self._after_commit()
         elif self._phase == "failed":
@@ -466,7 +478,7 @@ class Job:
 
     def sync_gradients(self) -> bool:
         """The step's gradient exchange (once per step); False when it failed here."""
-        if self._phase == "synced":
+        if self._phase in ("synced", "reduced"):
             return True
         if self._phase == "failed":
             return False
@@ -490,7 +502,7 @@ class Job:
         self.fold_micro_batch()
         if not self._opened and not self._open_exchange():
             return False
-        grads, group, state = self._step_grads(), self.group, self.registry
+        grads, group = self._step_grads(), self.group
         try:
             # No micro-batch for this rank (more ranks than micro-batches): zeros.
             started = grads.exchange(
@@ -505,12 +517,47 @@ class Job:
             self._on_failure(exc)
             return False
         grads.averaged()
-        self.loss = float(grads.buf[-1]) / len(state.sampler.global_batch())
+        self._grad_loss = float(grads.buf[-1])
+        if self._sharded is not None:
+            # Committed at the optimizer step's own header (sharded_step).
+            self._phase = "reduced"
+            return True
+        self._commit()
+        return True
+
+    def _commit(self) -> None:
+        state = self.registry
+        self.loss = self._grad_loss / len(state.sampler.global_batch())
         state.step += 1
         state.sampler.advance()
         self.clock.mark()
+        if self._sharded is not None:
+            self._sharded.step = state.step
         self._phase = "synced"
-        return True
+
+    @property
+    def sharded(self) -> bool:
+        return self._sharded is not None
+
+    def sharded_step(self) -> None:
+        """``optimizer.step()`` with sharded state (sharded.py): the commit
+        header, this rank's shards updated, the parameters exchanged."""
+        sh, group = self._sharded, self.group
+        try:
+            self._header(_APPLY, self._watch)
+        except WorkerGroupError as exc:
+            # Perhaps committed elsewhere: the gradient stays for a roll-forward.
+            sh.pending = True
+            self._on_failure(exc)
+            return
+        self._commit()
+        sh.apply()
+        try:
+            sh.exchange_params(group, sh.step_sources(sh.owners), watch=self._watch)
+        except WorkerGroupError as exc:
+            # The step is committed; the next World puts the parameters right.
+            sh.stale = True
+            self._report_failure(exc, group.rank, group.generation, " (parameter exchange)")
 
     def _open_exchange(self) -> bool:
         """The step's ledger line and header (once per step, before any of its
@@ -596,6 +643,9 @@ class Job:
             self._finish_pending_save(raise_errors=False)
         if self.on_step is not None:
             self.on_step(state.step, self.loss)
+        if self._sharded is not None and self._sharded.stale:
+            self._reform()  # before any checkpoint: some parameters are not in yet
+            return
         if flags[_H_STOP] > 0:
             self._checkpoint(final=True)
             self.outcome = "stopped"
@@ -681,6 +731,8 @@ class Job:
             self.outcome = "finished" if ended.reason == "finished" else "stopped"
             return
         rank = world.rank_of(cfg.member_id)
+        if cfg.shard_state and self._sharded is None:
+            self._sharded = self._make_sharded()
         group = WorkerGroup(
             world,
             rank,
@@ -693,11 +745,17 @@ class Job:
         try:
             group.form()
             restored = self._ensure_state(group)
+            resharded = self._reshard(group, world) if self._sharded is not None else None
             steps = self.registry.gather_steps(group)
             live = None
             # Not at the last step: there is no next step to overlap with, and
             # the final checkpoint needs every rank's state at once.
-            if cfg.live_join and wants_live(steps) and max(steps) < self.total_steps:
+            if (
+                cfg.live_join
+                and self._sharded is None  # shards move at the re-form (_reshard)
+                and wants_live(steps)
+                and max(steps) < self.total_steps
+            ):
                 # After a live join failed (a peer died mid-transfer, or the
                 # transfer itself cannot work here), the next World waits for an
                 # ordinary sync: a failure that repeats cannot loop.
@@ -729,7 +787,8 @@ class Job:
                     if src is not None
                     else ""
                 )
-                + (", restored from checkpoint" if restored else ""),
+                + (", restored from checkpoint" if restored else "")
+                + _resharded(resharded),
                 gen=self._gen,
                 world=list(world.ids),
                 step=self.registry.step,
@@ -740,7 +799,76 @@ class Job:
                 live=live is not None,
                 total_steps=self.total_steps,
                 global_batch=self.registry.sampler.global_batch_size,
+                **({"shards": resharded} if resharded is not None else {}),
             )
+
+    # -- sharded state --------------------------------------------------------------------
+
+    def _make_sharded(self) -> ShardedState:
+        if len(self._optimizers) != 1:
+            raise ConfigError(
+                f"--shard-state shards one optimizer; this script wraps {len(self._optimizers)}"
+            )
+        cfg = self.config
+        return ShardedState(self._optimizers[0].optimizer, replicas=cfg.replicas, shards=cfg.shards)
+
+    def _reshard(self, group: WorkerGroup, world: Any) -> dict[str, Any]:
+        """The new World's placement of the shards, reached by peer transfers
+        (storage only when every copy of a shard died)."""
+        members = [(m.id, m.address or m.id) for m in world.members]
+        my_step = self.registry.step if self.registry.has_state else -1
+
+        def restore(lost: list[int]) -> int | None:
+            if self._checkpoints is None or self._checkpoints.latest() is None:
+                return None
+            loaded = self._checkpoints.load_checkpoint()
+            self._load_checkpoint(loaded)
+            if group.rank == 0:
+                self.events.emit(
+                    Event.RESTORE,
+                    f"shard(s) {lost} lost every copy: restored step {loaded.step} from "
+                    f"{self.config.checkpoint}",
+                    step=loaded.step,
+                    lost_shards=lost,
+                )
+            return loaded.step
+
+        out = self._sharded.reform(group, members, my_step, restore)
+        if out["k"] < self.config.replicas and group.rank == 0:
+            log.warning(
+                "%d owner(s) in generation %d: %d cop(ies) of each shard instead of %d",
+                group.size,
+                world.generation,
+                out["k"],
+                self.config.replicas,
+            )
+        return out
+
+    def _load_checkpoint(self, loaded: Any) -> None:
+        """A checkpoint into this rank's state, whichever way it was saved: a
+        sharded one's parts assembled, a replicated one's state sliced."""
+        state = dict(loaded.state)
+        opt = self._optimizers[0].optimizer if len(self._optimizers) == 1 else None
+        name = self.registry.name_of(opt) if opt is not None else None
+        parts = [
+            tree[_SHARDS_KEY] for _, tree in sorted(loaded.per_rank.items()) if _SHARDS_KEY in tree
+        ]
+        if parts and name is None:
+            raise ConfigError(
+                "the checkpoint holds sharded optimizer state, and this script does not "
+                "wrap exactly one optimizer to load it into"
+            )
+        if name is not None and name in state:
+            saved = dict(state[name])
+            params = [p for g in opt.param_groups for p in g["params"]]
+            full = assemble(parts, params) if parts else dict(saved.get("state", {}))
+            if self._sharded is not None:
+                saved["state"] = {}
+                self._sharded.load_full(full, int(loaded.step))
+            else:
+                saved["state"] = full
+            state[name] = saved
+        self.registry.load_checkpoint_dict(state)
 
     def _rejoin(self) -> Rendezvous:
         """Register again; while etcd is out of reach (a partition), keep trying
@@ -798,7 +926,7 @@ class Job:
                 # No committed checkpoint verifies: a restarted worker would
                 # read the same bytes and fail the same way.
                 raise ConfigError(f"cannot restore from {cfg.checkpoint}: {exc}") from exc
-            self.registry.load_checkpoint_dict(loaded.state)
+            self._load_checkpoint(loaded)
             self.events.emit(
                 Event.RESTORE,
                 f"restored step {loaded.step} from {cfg.checkpoint}",
@@ -927,6 +1055,9 @@ class Job:
             # commit, and a dead rank's part never comes: stop waiting.
             abandon=lambda: self.rdzv.generation() > gen,
         )
+        if self._sharded is not None:
+            # Each shard once, by its first owner (not once per copy).
+            kwargs["per_rank_state"] = {_SHARDS_KEY: self._sharded.part(self.config.member_id)}
         if group.rank == 0:
             _attach_claim(
                 self._checkpoints, self.client, self.keys, self.config.etcd.connect_timeout
@@ -1005,6 +1136,20 @@ def init(config: RuntimeConfig | None = None, **options: Any) -> Job:
     """Join the elastic job this process was started for (``elastic run``), or,
     started alone, a one-worker job on an embedded etcd."""
     return Job(config, **options)
+
+
+_SHARDS_KEY = "optimizer_shards"  # a sharded checkpoint's per-rank part
+
+
+def _resharded(out: dict[str, Any] | None) -> str:
+    if not out:
+        return ""
+    text = f", shards {'moved ' + _size(out['moved']) if out['moved'] else 'in place'}"
+    if out.get("rolled"):
+        text += f", step rolled forward on {out['rolled']} rank(s)"
+    if out.get("lost"):
+        text += f", shards {out['lost']} lost every copy: restored step {out['restored']}"
+    return text
 
 
 def _synced(src: int, sync: tuple[int, float] | None) -> str:

@@ -82,6 +82,10 @@ class ElasticOptimizer:
             )
         if not self._job.sync_gradients():
             return None  # the step failed: nothing applied here, redone in the new World
+        if self._job.sharded:
+            # Each owner updates its shards; the wrapped optimizer holds no state.
+            self._job.sharded_step()
+            return None
         self._stepping = True
         try:
             return self.optimizer.step()

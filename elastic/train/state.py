@@ -98,6 +98,13 @@ class JobState:
             name = f"{base}{n}"
         self.register(**{name: obj})
 
+    def name_of(self, obj: Any) -> str | None:
+        """The name ``obj`` is registered under, or None."""
+        for name, other in self._objects.items():
+            if other is obj:
+                return name
+        return None
+
     def objects_of(self, kind: type) -> list[Any]:
         """The registered objects that are instances of ``kind``."""
         return [o for o in self._objects.values() if isinstance(o, kind)]
