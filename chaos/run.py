@@ -399,6 +399,7 @@ class Run:
             str(self.scenario.min_workers),
             "--join-timeout",
             str(max(30.0, self.bound_s)),
+            *self.scenario.launcher_args,
         ]
         if seg.resume and role == "main":
             cmd.append("--resume")

@@ -152,6 +152,7 @@ class Scenario:
     collective_timeout: float | None = None  # None: the suite's setting
     etcd_members: int = 1  # > 1: an etcd cluster (chaos.etcdcluster) instead of one member
     needs_hosts: bool = False  # only under `elastic chaos run --hosts N` (a link to cut)
+    launcher_args: tuple[str, ...] = ()  # more `elastic run` flags (--shard-state ...)
 
     def __post_init__(self) -> None:
         for name in self.expect:
@@ -487,6 +488,9 @@ def kill_all_resume_twice(rng: random.Random, s: Shape) -> Schedule:
     return Schedule((FaultSpec("kill-all-resume", first), FaultSpec("kill-all-resume", second)))
 
 
+SHARDED = ("--shard-state", "--replicas", "2")
+
+
 def _scenarios() -> dict[str, Scenario]:
     all_ = [
         Scenario("kill-worker", "SIGKILL one worker (any rank) mid-run", kill_worker, smoke=True),
@@ -672,6 +676,31 @@ def _scenarios() -> dict[str, Scenario]:
             step_time=0.25,
             train=TrainConfig(epochs=4),
             bound_s=240.0,
+        ),
+        Scenario(
+            "kill-owner",
+            "sharded optimizer state, 2 copies of each shard: SIGKILL one owner "
+            "mid-run; its shards are copied from the other copies, no storage read",
+            kill_worker,
+            smoke=True,
+            launcher_args=SHARDED,
+        ),
+        Scenario(
+            "kill-both-owners",
+            "sharded state, 2 copies: SIGKILL two of three owners at the same step "
+            "(some shard loses both copies): the newest checkpoint is restored",
+            kill_two,
+            launcher_args=SHARDED,
+        ),
+        Scenario(
+            "join-owner",
+            "sharded state, 2 copies: two workers join; shards are re-placed onto them",
+            join_burst,
+            workers=2,
+            step_time=0.3,
+            expect=(EXPECT_JOINED,),
+            settle_s=1.0,
+            launcher_args=SHARDED,
         ),
         Scenario(
             "etcd-leader-loss",

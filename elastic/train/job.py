@@ -539,6 +539,19 @@ class Job:
     def sharded(self) -> bool:
         return self._sharded is not None
 
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state (tensors) this rank holds: with
+        --shard-state its shards only, about K/W of the replicated size."""
+        if self._sharded is not None:
+            return self._sharded.state_bytes()
+        return sum(
+            v.numel() * v.element_size()
+            for w in self._optimizers
+            for st in w.optimizer.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor)
+        )
+
     def sharded_step(self) -> None:
         """``optimizer.step()`` with sharded state (sharded.py): the commit
         header, this rank's shards updated, the parameters exchanged."""
