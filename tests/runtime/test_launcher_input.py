@@ -45,6 +45,14 @@ def run_cli(*args: str, cwd: str, timeout: float = 60.0) -> tuple[int, str, floa
         ),
         (["--job", "bad job!", CLASSIFIER], "--job: invalid job id 'bad job!'"),
         (["--etcd", "localhost:2379", CLASSIFIER], "malformed URL 'localhost:2379'"),
+        (["--replicas", "2", CLASSIFIER], "--replicas needs --shard-state"),
+        (["--shards", "4", CLASSIFIER], "--shards needs --shard-state"),
+        (["--shard-state", "--replicas", "0", CLASSIFIER], "--replicas: replicas must be >= 1"),
+        (["--shard-state", "--shards", "99", CLASSIFIER], "--shards: shards must be 1..62"),
+        (
+            ["--shard-state", "--replicas", "3", "--max-workers", "2", CLASSIFIER],
+            "--replicas 3 is more than --max-workers 2",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_starts(tmp_path, args, expected):
@@ -281,3 +289,11 @@ def test_min_workers_above_the_local_workers_says_what_it_waits_for(tmp_path):
 
         os.killpg(proc.pid, _signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+def test_more_replicas_than_the_owners_a_new_job_starts_is_refused(tmp_path):
+    rc, err, _ = run_cli(
+        "-n", "2", "--shard-state", "--replicas", "3", CLASSIFIER, cwd=str(tmp_path)
+    )
+    assert rc != 0
+    assert "--replicas 3 is more than the 2 worker(s) this launch starts" in err, err
