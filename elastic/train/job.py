@@ -559,8 +559,8 @@ class Job:
         try:
             self._header(_APPLY, self._watch)
         except WorkerGroupError as exc:
-            # Perhaps committed elsewhere: the gradient stays for a roll-forward.
-            sh.pending = True
+            # Perhaps committed elsewhere: the gradient is kept for a roll-forward.
+            sh.keep_gradient()
             self._on_failure(exc)
             return
         self._commit()

@@ -106,6 +106,8 @@ class ShardedState:
         self.pending = False  # committed nowhere known: kept the gradient for a roll-forward
         self.stale = False  # applied its shards, the parameter exchange failed
         self.shadow: torch.optim.Optimizer | None = None
+        self._kept: dict[tuple[str, int, int], torch.Tensor] | None = None
+        self._me = ""  # this rank's member id
         self._views: dict[tuple[str, int, int], torch.nn.Parameter] = {}
         self._flat: dict[torch.dtype, torch.Tensor] = {}
         self._offset: dict[str, int] = {}
@@ -146,6 +148,7 @@ class ShardedState:
 
     def _rebuild(self, member_id: str) -> None:
         """The shadow optimizer over this rank's owned pieces, with their state."""
+        self._me = member_id
         groups: dict[int, list[torch.nn.Parameter]] = {}
         states: list[tuple[torch.nn.Parameter, dict[str, Any]]] = []
         for i in self.owned(member_id):
@@ -167,9 +170,23 @@ class ShardedState:
 
     # -- the step ----------------------------------------------------------------------
 
+    def keep_gradient(self) -> None:
+        """The commit header failed here: keep this rank's shards' slices of the
+        gradient (the script may zero ``.grad`` before the next World forms)."""
+        self.pending = True
+        self._kept = {}
+        for i in self.owned(self._me):
+            for piece in self.shards[i].pieces:
+                g = self.params[piece.name].grad
+                if g is not None:
+                    key = (piece.name, piece.start, piece.stop)
+                    self._kept[key] = g.detach().reshape(-1)[piece.start : piece.stop].clone()
+
     def apply(self) -> None:
-        """Run the optimizer on this rank's shards with the gradient in ``.grad``."""
+        """Run the optimizer on this rank's shards with the gradient in
+        ``.grad`` (or the one kept by :meth:`keep_gradient`)."""
         self.pending = False
+        kept, self._kept = self._kept, None
         if self.shadow is None:
             return
         for shadow_group, gi in zip(self.shadow.param_groups, self._shadow_groups, strict=True):
@@ -177,6 +194,9 @@ class ShardedState:
                 if k != "params":
                     shadow_group[k] = v  # a scheduler changed lr on the wrapped one
         for (name, start, stop), view in self._views.items():
+            if kept is not None:
+                view.grad = kept.get((name, start, stop))
+                continue
             g = self.params[name].grad
             view.grad = None if g is None else g.detach().reshape(-1)[start:stop]
         self.shadow.step()
@@ -240,7 +260,7 @@ class ShardedState:
             self.apply()
             self.step = target
             rolled = True
-        self.pending = False
+        self.pending, self._kept = False, None
         if my_step < 0:
             self.held, self.step = {}, -1
         valid = target if self.step == target else None

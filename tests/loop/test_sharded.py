@@ -24,7 +24,7 @@ def _sharded(tmp_path, etcd_url, log, extra=(), **kw) -> Job:
     return Job(
         tmp_path,
         etcd_url=etcd_url,
-        script=OWN_LOOP,
+        script=kw.pop("script", OWN_LOOP),
         script_args=[*ARGS, "--metrics", log, *kw.pop("script_args", [])],
         extra=[*SHARD, *extra],
         **kw,
@@ -50,6 +50,32 @@ def test_a_killed_owner_is_recovered_from_the_surviving_copy(tmp_path, etcd_url,
     assert smaller["shards"]["moved"] > 0, smaller
     assert not [e for e in job.events() if e["event"] == "restore"], "no storage read"
     assert_matches(alone, job.out, log, job.ledger_dir)
+
+
+FAULT_SCRIPT = os.path.join(os.path.dirname(__file__), "sharded_fault.py")
+
+
+@pytest.mark.parametrize(
+    "fault,rolled",
+    [("pending:20:1", True), ("die:20:1", False)],
+    ids=["commit-header-failed-on-one-rank", "owner-died-before-the-exchange"],
+)
+def test_a_step_committed_anywhere_is_rolled_forward_not_redone(
+    tmp_path, etcd_url, jobs, alone, monkeypatch, fault, rolled
+):
+    log = str(tmp_path / "metrics.jsonl")
+    monkeypatch.setenv("SHARD_FAULT", fault)
+    job = _sharded(tmp_path, etcd_url, log, nproc=3, script=FAULT_SCRIPT)
+    jobs.append(job)
+    assert job.wait(240) == 0, job.log_tail()
+    assert os.path.exists(os.path.join(job.dir, "shard-fault.fired")), "the fault never fired"
+    gens = _generations(job)
+    assert len(gens) >= 2, "the fault must have re-formed the World"
+    after = gens[1]
+    assert after["step"] == 21, after  # the step of the fault counts, on every rank
+    assert bool(after["shards"]["rolled"]) == rolled, after
+    assert not [e for e in job.events() if e["event"] == "restore"], "no storage read"
+    assert_matches(alone, job.out, log, job.ledger_dir)  # no sample twice: no step redone
 
 
 def test_a_joiner_takes_shards_from_their_owners(tmp_path, etcd_url, jobs, alone):
