@@ -35,6 +35,11 @@ class RendezvousTimeoutError(RendezvousError):
     """No World including this member formed within the timeout."""
 
 
+class ShardLostError(ElasticError):
+    """Every copy of a shard of the optimizer state died and there is no
+    checkpoint to restore it from: a restarted worker cannot bring it back."""
+
+
 class WorkerGroupError(ElasticError):
     """A collective or the process group of a generation failed."""
 

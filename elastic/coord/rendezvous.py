@@ -527,7 +527,8 @@ class Coordinator:
         members = []
         for mid in chosen:
             rec = Member.from_json(live[mid].value)
-            members.append(WorldMember(rec.id, rec.address, rec.store))
+            role = rec.meta.get("role", "worker") if isinstance(rec.meta, dict) else "worker"
+            members.append(WorldMember(rec.id, rec.address, rec.store, role))
         world = World(keys.job, gen + 1, tuple(members), time.time())
         cmp = [tx.value(keys.leader) == self.rdzv.id.encode()]
         cmp.append(

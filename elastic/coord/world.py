@@ -11,6 +11,9 @@ class WorldMember:
     id: str
     address: str = ""
     store: str = ""  # host:port of the store this member hosts
+    # "worker" computes gradients; "server" (--servers) only holds shards of
+    # the optimizer state (elastic/train/sharded.py) and computes nothing.
+    role: str = "worker"
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,11 @@ class World:
     @property
     def size(self) -> int:
         return len(self.members)
+
+    @property
+    def servers(self) -> list[int]:
+        """Ranks of the members that hold state and compute nothing."""
+        return [r for r, m in enumerate(self.members) if m.role == "server"]
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -52,7 +60,8 @@ class World:
                 "generation": self.generation,
                 "formed_at": self.formed_at,
                 "members": [
-                    {"id": m.id, "address": m.address, "store": m.store} for m in self.members
+                    {"id": m.id, "address": m.address, "store": m.store, "role": m.role}
+                    for m in self.members
                 ],
             },
             sort_keys=True,
@@ -66,6 +75,9 @@ class World:
             generation=int(d["generation"]),
             formed_at=float(d.get("formed_at", 0.0)),
             members=tuple(
-                WorldMember(m["id"], m.get("address", ""), m.get("store", "")) for m in d["members"]
+                WorldMember(
+                    m["id"], m.get("address", ""), m.get("store", ""), m.get("role", "worker")
+                )
+                for m in d["members"]
             ),
         )

@@ -108,6 +108,14 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
         help="shard the optimizer state over the workers, each shard on --replicas of them",
     )
     p.add_argument(
+        "--servers",
+        type=int,
+        default=0,
+        metavar="S",
+        help="also start S server processes that hold the sharded optimizer state and "
+        "compute nothing (the parameter-server model; implies --shard-state)",
+    )
+    p.add_argument(
         "--replicas",
         type=int,
         default=None,
@@ -258,6 +266,10 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _check_sharding(args: argparse.Namespace) -> None:
+    if args.servers < 0:
+        raise ConfigError(f"--servers must be >= 0, got {args.servers}")
+    if args.servers:
+        args.shard_state = True  # servers hold shards: --servers implies --shard-state
     if args.replicas is not None and not args.shard_state:
         raise ConfigError("--replicas needs --shard-state (it counts the copies of each shard)")
     if args.shards != default_of(RuntimeConfig, "shards") and not args.shard_state:
@@ -276,7 +288,12 @@ def _check_owners(args: argparse.Namespace) -> None:
     """A new job must start with enough owners for every copy (a launcher
     joining a running job adds owners: it may start fewer)."""
     k = _replicas(args)
-    if args.shard_state and k > max(args.nproc, args.min_workers):
+    if args.servers and k > args.servers:
+        raise ConfigError(
+            f"--replicas {k} is more than the {args.servers} server(s) of --servers: only "
+            "servers own shards when there are servers, each copy on its own"
+        )
+    if args.shard_state and not args.servers and k > max(args.nproc, args.min_workers):
         raise ConfigError(
             f"--replicas {k} is more than the {args.nproc} worker(s) this launch starts "
             f"(--min-workers {args.min_workers}): each copy of a shard needs its own owner; "
@@ -509,7 +526,7 @@ class ElasticLauncher:
             self.base_config = self._runtime_config(etcd_url, joining)
             self.progress = ProgressView(
                 self.base_config.event_log,
-                nproc=args.nproc,
+                nproc=args.nproc + args.servers,  # the processes it starts
                 config=ProgressConfig(interval_s=args.progress_every),
             )
             self.events = EventLog(
@@ -520,6 +537,7 @@ class ElasticLauncher:
             self.events.emit(
                 Event.LAUNCH,
                 f"job {self.job} on etcd {etcd_url}: starting {args.nproc} worker(s)"
+                + (f" and {args.servers} server(s)" if args.servers else "")
                 + (" (joining a running job)" if joining else "")
                 + f"; add workers with: elastic run --job {self.job} --etcd {etcd_url} -n 1 "
                 + args.script
@@ -545,6 +563,8 @@ class ElasticLauncher:
                 signal.signal(sig, self._on_signal)
             for i in range(args.nproc):
                 self._spawn(i, f"{self.launch_id}-{i}")
+            for j in range(args.servers):
+                self._spawn(args.nproc + j, f"{self.launch_id}-s{j}")
             rc = self._supervise()
             self.progress.finish(rc)
             return rc
@@ -588,7 +608,7 @@ class ElasticLauncher:
         )
         if not ok:
             job_conf = json.loads(resp[0][0][0])
-        initial = 0 if joining else min(args.nproc, job_conf["max_workers"])
+        initial = 0 if joining else min(args.nproc + args.servers, job_conf["max_workers"])
         return RuntimeConfig(
             job=self.job,
             member_id=f"{self.launch_id}-0",
@@ -623,7 +643,9 @@ class ElasticLauncher:
     def _spawn(self, local_rank: int, member_id: str) -> None:
         from dataclasses import replace
 
-        cfg = replace(self.base_config, member_id=member_id)
+        # Local ranks past -n are the servers (--servers), restarts included.
+        role = "server" if local_rank >= self.args.nproc else "worker"
+        cfg = replace(self.base_config, member_id=member_id, role=role)
         env = dict(os.environ)
         env.update(cfg.to_env())
         env["LOCAL_RANK"] = str(local_rank)
@@ -644,9 +666,10 @@ class ElasticLauncher:
         threading.Thread(target=lambda: self.exits.put((worker, proc.wait())), daemon=True).start()
         self.events.emit(
             Event.SPAWN,
-            f"started worker {member_id} (pid {proc.pid})",
+            f"started {role} {member_id} (pid {proc.pid})",
             member=member_id,
             pid=proc.pid,
+            role=role,
         )
 
     def _revoke(self, member_id: str) -> None:

@@ -57,6 +57,7 @@ class RuntimeConfig:
     shard_state: bool = False
     replicas: int = 2
     shards: int = 16
+    role: str = "worker"  # or "server": holds shards, computes nothing (--servers)
     event_log: str | None = None
     ledger_dir: str | None = None
     advertise_host: str = "127.0.0.1"
@@ -79,6 +80,10 @@ class RuntimeConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.replicas < 1:
             raise ConfigError(f"replicas must be >= 1, got {self.replicas}")
+        if self.role not in ("worker", "server"):
+            raise ConfigError(f"role must be 'worker' or 'server', got {self.role!r}")
+        if self.role == "server" and not self.shard_state:
+            raise ConfigError("a server holds shards of the optimizer state: it needs shard_state")
         if not 1 <= self.shards <= 62:
             raise ConfigError(f"shards must be 1..62, got {self.shards}")
         if self.resume and not self.checkpoint:

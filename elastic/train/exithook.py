@@ -14,7 +14,13 @@ import os
 import sys
 from types import TracebackType
 
-from ..base.errors import ConfigError, ElasticError, EtcdRequestError, EtcdUnavailableError
+from ..base.errors import (
+    ConfigError,
+    ElasticError,
+    EtcdRequestError,
+    EtcdUnavailableError,
+    ShardLostError,
+)
 from ..base.exitcodes import EXIT_FAILED, EXIT_FATAL
 
 _ETCD_HINT = (
@@ -26,7 +32,8 @@ _ETCD_HINT = (
 def exit_code_for(exc: ElasticError) -> int:
     # A setting or a refused etcd request fails the same way after a restart;
     # an unreachable etcd may come back, and the launcher checks that itself.
-    return EXIT_FATAL if isinstance(exc, (ConfigError, EtcdRequestError)) else EXIT_FAILED
+    fatal = (ConfigError, EtcdRequestError, ShardLostError)
+    return EXIT_FATAL if isinstance(exc, fatal) else EXIT_FAILED
 
 
 def error_line(exc: ElasticError) -> str:

@@ -188,7 +188,10 @@ class Job:
 
     def _join(self) -> Rendezvous:
         member = Member(
-            self.config.member_id, address=self.config.advertise_host, store=self.store_host.address
+            self.config.member_id,
+            address=self.config.advertise_host,
+            store=self.store_host.address,
+            meta={"role": self.config.role},
         )
         rdzv = Rendezvous(
             self.client,
@@ -389,8 +392,17 @@ class Job:
         the joiners receive the state (livesync.py); else None."""
         live = self._live
         if live is None or live.done or self.registry.step != live.step:
-            return None
+            return self.compute_ranks()
         return live.holders
+
+    def compute_ranks(self) -> list[int] | None:
+        """The ranks that compute gradients: the workers when the World also
+        holds servers (--servers); None (every rank) otherwise, and when only
+        servers are left (they compute then, so the job goes on)."""
+        world = self.group.world if self.group is not None else None
+        if world is None or not world.servers or len(world.servers) == world.size:
+            return None
+        return [r for r in range(world.size) if r not in world.servers]
 
     def _finish_live(self) -> None:
         """Wait for a live join's transfers (before any update of its first
@@ -846,11 +858,12 @@ class Job:
                 )
             return loaded.step
 
-        out = self._sharded.reform(group, members, my_step, restore)
+        servers = [world.members[r].id for r in world.servers]
+        out = self._sharded.reform(group, members, my_step, restore, owners=servers or None)
         if out["k"] < self.config.replicas and group.rank == 0:
             log.warning(
                 "%d owner(s) in generation %d: %d cop(ies) of each shard instead of %d",
-                group.size,
+                len(servers) or group.size,
                 world.generation,
                 out["k"],
                 self.config.replicas,

@@ -54,8 +54,10 @@ def plan(
 ) -> list[Part]:
     """The batches rank ``rank`` of ``size`` computes at the sampler's current step.
 
-    ``holders``: the first step of a live join (livesync.py), trained by these
-    ranks alone; a joiner computes nothing (one sample of weight 0 without
+    ``holders``: the ranks that compute the step: those of a live join's
+    first step (livesync.py), or the workers beside servers (--servers,
+    which hold optimizer state and compute nothing); any other rank computes
+    nothing (one sample of weight 0 without
     micro-batches, so that it runs the script's loop body alike)."""
     if holders is not None:
         if rank not in holders:
@@ -83,16 +85,18 @@ class _Batches:
         micro: int | None,
         merge: bool,
         holders: list[int] | None = None,
+        compute: list[int] | None = None,
     ) -> None:
         self.sampler = copy.deepcopy(sampler)
+        self.compute = compute  # every step: the ranks that compute (None: all)
         self.rank, self.size, self.micro, self.merge = rank, size, micro, merge
         self.holders = holders  # of its first step only (a live join's)
 
     def __iter__(self) -> Iterator[list[int]]:
-        holders = self.holders
+        holders = self.holders if self.holders is not None else self.compute
         while True:
             parts = plan(self.sampler, self.rank, self.size, self.micro, holders)
-            holders = None
+            holders = self.compute
             if self.merge:
                 # One fetch for the step's micro-batches: a DataLoader worker
                 # hands each batch over through shared memory, per tensor.
@@ -237,7 +241,10 @@ class ElasticLoader:
             if parts is None:
                 self.drop()
                 return
-            it = self._data_iter()
+            # A rank with no micro-batch this step (a server, a live joiner)
+            # reads nothing: a DataLoader over steps that all plan nothing for
+            # it would spin in its batch sampler without ever yielding.
+            it = self._data_iter() if parts else iter(())
             if self.micro is None:
                 self.job.set_part(0)
                 yield self._to_device(next(it))
@@ -282,6 +289,7 @@ class ElasticLoader:
                     self.micro,
                     self._merge,
                     self.job.catchup_holders(),
+                    self.job.compute_ranks(),
                 ),
                 collate_fn=self._collate,
                 **self._loader_args,

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ..base.errors import ConfigError, ElasticError
+from ..base.errors import ConfigError, ShardLostError
 from .placement import Param, Placement, Shard, partition, place
 from .state import _allocate, _broadcast_tensors, _fill, _skeleton
 
@@ -54,10 +54,6 @@ ELEMENTWISE = tuple(
 
 DEFAULT_SHARDS = 16
 MAX_SHARDS = 62  # a rank's holdings travel as the bits of one int64
-
-
-class ShardLostError(ElasticError):
-    """Every copy of a shard died and there is no checkpoint to restore it from."""
 
 
 def _name(index: int) -> str:
@@ -241,10 +237,12 @@ class ShardedState:
         members: list[tuple[str, str]],
         my_step: int,
         restore: Any = None,
+        owners: list[str] | None = None,
     ) -> dict[str, Any]:
         """Reach the new World's placement; every rank of ``group`` calls it.
 
-        ``members``: (member id, host) by rank. ``my_step``: this rank's
+        ``members``: (member id, host) by rank; ``owners``: the member ids
+        that may own shards (the servers; None: every member). ``my_step``: this rank's
         committed step, -1 without state. ``restore()``, called on every rank
         when some shard lost every copy, loads the newest checkpoint into
         ``held`` (all shards, at the returned step) or raises ShardLostError.
@@ -283,14 +281,14 @@ class ShardedState:
                     f"shard(s) {lost} of the optimizer state lost every one of their "
                     f"{self.replicas} copies and there is no checkpoint to restore from"
                 )
-            out = self.reform(group, members, restored)
+            out = self.reform(group, members, restored, owners=owners)
             out.update(restored=restored, lost=lost)
             return out
         # The parameters: after a roll-forward or a failed exchange the
         # survivors' copies differ; each shard's values from one holder.
         if any(flags):
             self.exchange_params(group, {i: rs[0] for i, rs in holders.items()})
-        hosts = dict(members)
+        hosts = {m: h for m, h in members if owners is None or m in owners}
         k = min(self.replicas, len(hosts))
         previous = {i: tuple(members[r][0] for r in rs) for i, rs in holders.items()}
         self.placement = place(self.shards, hosts, k, previous)

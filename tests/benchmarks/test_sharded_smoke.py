@@ -35,7 +35,7 @@ def _run(cmd: list[str], work, timeout: float) -> subprocess.CompletedProcess:
         procs.end(procs.mentioning(str(work)))
 
 
-def _example_reports(work, name: str, *launcher: str) -> list[dict]:
+def _example_reports(work, name: str, *launcher: str, expect_world: int = 2) -> list[dict]:
     report = work / f"{name}.jsonl"
     cmd = [
         sys.executable,
@@ -60,8 +60,8 @@ def _example_reports(work, name: str, *launcher: str) -> list[dict]:
     proc = _run(cmd, work, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [json.loads(line) for line in report.read_text().splitlines()]
-    assert sorted(r["rank"] for r in lines) == [0, 1], lines
-    assert all(r["world"] == 2 and r["step"] == 5 for r in lines), lines
+    assert sorted(r["rank"] for r in lines) == list(range(expect_world)), lines
+    assert all(r["world"] == expect_world and r["step"] == 5 for r in lines), lines
     return lines
 
 
@@ -152,3 +152,22 @@ def test_benchmark_reports_every_case_and_the_state_per_worker(tmp_path):
         "| kill, k=1",
     ):
         assert label in table, table
+
+
+def test_servers_hold_the_optimizer_state_and_workers_none(tmp_path):
+    lines = _example_reports(
+        tmp_path, "servers", "--servers", "2", "--replicas", "1", expect_world=4
+    )
+    events = [json.loads(x) for x in (tmp_path / "servers.events.jsonl").read_text().splitlines()]
+    roles = {e["member"]: e["role"] for e in events if e["event"] == "spawn"}
+    gens = [e for e in events if e["event"] == "generation"]
+    by_rank = {r["rank"]: r for r in lines}
+    world = gens[0]["world"]
+    held = {roles[m]: [] for m in world}
+    for rank, member in enumerate(world):
+        held[roles[member]].append(by_rank[rank]["optimizer_state_bytes"])
+    total = by_rank[0]["replicated_bytes"]
+    assert held["worker"] == [0, 0], held
+    assert sum(held["server"]) >= total and all(
+        abs(b - total / 2) <= 0.1 * total for b in held["server"]
+    ), (held, total)

@@ -9,6 +9,7 @@ process, with no storage read. Real launcher, real workers, real etcd.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -76,6 +77,43 @@ def test_a_step_committed_anywhere_is_rolled_forward_not_redone(
     assert bool(after["shards"]["rolled"]) == rolled, after
     assert not [e for e in job.events() if e["event"] == "restore"], "no storage read"
     assert_matches(alone, job.out, log, job.ledger_dir)  # no sample twice: no step redone
+
+
+def test_servers_hold_the_state_and_a_killed_server_is_recovered(tmp_path, etcd_url, jobs, alone):
+    log = str(tmp_path / "metrics.jsonl")
+    job = _sharded(
+        tmp_path, etcd_url, log, nproc=2, extra=["--servers", "2", "--max-restarts", "0"]
+    )
+    jobs.append(job)
+    job.wait_step(20)
+    roles = {e["member"]: e["role"] for e in job.events() if e["event"] == "spawn"}
+    servers = sorted(m for m, r in roles.items() if r == "server")
+    assert len(servers) == 2 and len(roles) == 4, roles
+    os.kill(job.pid_of(servers[0]), signal.SIGKILL)
+    smaller = job.wait_world_of(3, 60)
+    assert job.wait(240) == 0, job.log_tail()
+    assert smaller["shards"]["k"] == 1, smaller  # one server left: one copy of each shard
+    assert not [e for e in job.events() if e["event"] == "restore"], "no storage read"
+    # Servers compute nothing: no sample in their ledger lines.
+    for name in os.listdir(job.ledger_dir):
+        if any(s in name for s in servers) and name.startswith("ledger"):
+            with open(os.path.join(job.ledger_dir, name), encoding="utf-8") as f:
+                assert all(not json.loads(line)["ids"] for line in f), name
+    assert_matches(alone, job.out, log, job.ledger_dir)
+
+
+def test_a_leaving_owner_hands_its_shards_on(tmp_path, etcd_url, jobs, alone):
+    log = str(tmp_path / "metrics.jsonl")
+    job = _sharded(tmp_path, etcd_url, log, nproc=3)
+    jobs.append(job)
+    job.wait_step(15)
+    leaver = job.world()[2]
+    os.kill(job.pid_of(leaver), signal.SIGTERM)
+    smaller = job.wait_world_of(2, 60)
+    assert job.wait(240) == 0, job.log_tail()
+    assert smaller["shards"]["moved"] > 0, smaller
+    assert not [e for e in job.events() if e["event"] in ("failure", "restore")], job.log_tail()
+    assert_matches(alone, job.out, log, job.ledger_dir)
 
 
 def test_a_joiner_takes_shards_from_their_owners(tmp_path, etcd_url, jobs, alone):

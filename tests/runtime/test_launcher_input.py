@@ -49,6 +49,7 @@ def run_cli(*args: str, cwd: str, timeout: float = 60.0) -> tuple[int, str, floa
         (["--shards", "4", CLASSIFIER], "--shards needs --shard-state"),
         (["--shard-state", "--replicas", "0", CLASSIFIER], "--replicas: replicas must be >= 1"),
         (["--shard-state", "--shards", "99", CLASSIFIER], "--shards: shards must be 1..62"),
+        (["--servers", "-1", CLASSIFIER], "--servers must be >= 0, got -1"),
         (
             ["--shard-state", "--replicas", "3", "--max-workers", "2", CLASSIFIER],
             "--replicas 3 is more than --max-workers 2",
@@ -297,3 +298,9 @@ def test_more_replicas_than_the_owners_a_new_job_starts_is_refused(tmp_path):
     )
     assert rc != 0
     assert "--replicas 3 is more than the 2 worker(s) this launch starts" in err, err
+
+
+def test_more_replicas_than_servers_is_refused(tmp_path):
+    rc, err, _ = run_cli("--servers", "2", "--replicas", "3", CLASSIFIER, cwd=str(tmp_path))
+    assert rc != 0
+    assert "--replicas 3 is more than the 2 server(s) of --servers" in err, err
