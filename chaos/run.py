@@ -32,7 +32,7 @@ from chaos.hosts import Hosts
 from chaos.netbed import Host
 from chaos.procs import TOKEN_ENV, belongs, processes_with_token
 from chaos.results import Reference, RunResult
-from chaos.spec import JOINER, KINDS, TRIGGERS, FaultSpec, inject
+from chaos.spec import JOINER, KINDS, SERVER, TRIGGERS, FaultSpec, inject
 from elastic.base.events import Event, LogFollower
 from elastic.base.exitcodes import EXIT_INTERRUPTED, EXIT_STOPPED
 from elastic.base.procutil import alive, dying_with_parent, environ_has, send_signal
@@ -286,6 +286,19 @@ class Run:
             if not outside:
                 return None
             member = outside[-1]
+        elif rank == SERVER:
+            # The spawn event names each process's role; servers are placed
+            # by the launcher after its workers, the World orders by member id.
+            servers = {
+                e["member"]
+                for seg in self.segments
+                for e in seg.tail.of(Event.SPAWN)
+                if e.get("role") == "server"
+            }
+            found = [m for m in world if m in servers]
+            if not found:
+                return None
+            member = found[0]
         elif not world:
             return None
         else:

@@ -32,7 +32,7 @@ from chaos.expectations import (
     EXPECTATIONS,
 )
 from chaos.faults import StorageFault, manifest_glob, part_glob, shard_glob
-from chaos.spec import JOINER, FaultSpec
+from chaos.spec import JOINER, SERVER, FaultSpec
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,10 @@ def _after_checkpoint(rng: random.Random, s: Shape, first: int = 0) -> tuple[int
 
 def kill_worker(rng: random.Random, s: Shape) -> Schedule:
     return Schedule((FaultSpec("kill-worker", _mid(rng, s), rank=rng.randrange(s.workers)),))
+
+
+def kill_server(rng: random.Random, s: Shape) -> Schedule:
+    return Schedule((FaultSpec("kill-worker", _mid(rng, s), rank=SERVER),))
 
 
 def kill_rank0(rng: random.Random, s: Shape) -> Schedule:
@@ -489,6 +493,8 @@ def kill_all_resume_twice(rng: random.Random, s: Shape) -> Schedule:
 
 
 SHARDED = ("--shard-state", "--replicas", "2")
+# Two server processes own every shard (a copy each); the workers compute.
+SERVERS = ("--servers", "2", "--replicas", "2")
 
 
 def _scenarios() -> dict[str, Scenario]:
@@ -691,6 +697,13 @@ def _scenarios() -> dict[str, Scenario]:
             "(some shard loses both copies): the newest checkpoint is restored",
             kill_two,
             launcher_args=SHARDED,
+        ),
+        Scenario(
+            "kill-server",
+            "parameter servers (--servers 2, 2 copies): SIGKILL a server mid-run; "
+            "the other holds every shard, the job goes on with no storage read",
+            kill_server,
+            launcher_args=SERVERS,
         ),
         Scenario(
             "join-owner",

@@ -23,6 +23,9 @@ from elastic.base.events import Event
 
 # Target rank meaning "the newest worker that is not in the World yet".
 JOINER = -1
+# Target rank meaning "a server (a process that owns shards and computes nothing,
+# ``elastic run --servers``) in the newest World".
+SERVER = -2
 
 T = TypeVar("T")
 
@@ -95,6 +98,8 @@ class FaultSpec:
         where = ""
         if self.rank == JOINER:
             where = "the joiner "
+        elif self.rank == SERVER:
+            where = "a server "
         elif self.rank is not None:
             where = f"rank {self.rank} "
         extra = ""
@@ -125,7 +130,8 @@ class Target(Protocol):
 
     def worker(self, rank: int) -> tuple[str, int] | None:
         """(member id, pid) of ``rank`` in the newest World (or of the newest worker
-        outside it, for ``JOINER``), if it is still running."""
+        outside it, for ``JOINER``; of a server in it, for ``SERVER``), if it is
+        still running."""
 
     def wait_evicted(self, member: str, longest_s: float) -> bool:
         """Wait until a World without ``member`` formed (at least one lease TTL)."""
@@ -183,9 +189,9 @@ class FaultKind:
     needs_peer: ClassVar[bool] = False
 
     def validate(self, spec: FaultSpec) -> None:
-        if self.needs_rank and (spec.rank is None or spec.rank < JOINER):
+        if self.needs_rank and (spec.rank is None or spec.rank < SERVER):
             raise ValueError(
-                f"fault {self.name} needs a target rank >= 0 (or JOINER), got {spec.rank!r}"
+                f"fault {self.name} needs a target rank >= 0 (or JOINER, SERVER), got {spec.rank!r}"
             )
         if self.duration_means and spec.duration_s <= 0:
             raise ValueError(

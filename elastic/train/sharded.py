@@ -307,7 +307,13 @@ class ShardedState:
         self.step = target
         self.owners = {m: r for r, (m, _) in enumerate(members)}
         self._rebuild(me)
-        return {"moved": moved, "rolled": sum(f & 1 for f in flags), "k": k}
+        return {
+            "moved": moved,
+            "rolled": sum(f & 1 for f in flags),
+            "k": k,
+            # Who owns which shard: operators (and tests) see where each copy lives.
+            "placement": {str(i): list(o) for i, o in sorted(self.placement.items())},
+        }
 
     def _send_shard(self, group: Any, i: int, src: int, keep: bool) -> int:
         """Shard ``i``'s state from rank ``src`` to every rank; ``keep`` on the new owners."""

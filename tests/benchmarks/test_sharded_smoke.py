@@ -154,6 +154,7 @@ def test_benchmark_reports_every_case_and_the_state_per_worker(tmp_path):
         assert label in table, table
 
 
+@pytest.mark.slow  # CI time; servers stay covered by tests/loop/test_sharded.py
 def test_servers_hold_the_optimizer_state_and_workers_none(tmp_path):
     lines = _example_reports(
         tmp_path, "servers", "--servers", "2", "--replicas", "1", expect_world=4

@@ -38,6 +38,7 @@ ZERO_OK = {
     "delay",
     "step",
     "every",
+    "servers",  # --servers 0: no server processes (the default)
 }
 
 

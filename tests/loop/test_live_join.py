@@ -94,7 +94,10 @@ def test_a_joiner_receives_from_every_holder_and_switches_in_bitwise(
     assert _diff(joiner.out, job.out) == 0.0  # bitwise the survivors' from the switch on
 
 
-@pytest.mark.parametrize("victim", ["joiner", "sender"])
+@pytest.mark.parametrize(
+    "victim",
+    ["joiner", pytest.param("sender", marks=pytest.mark.slow)],  # CI time: 44 s each
+)
 def test_a_join_killed_before_its_switch_leaves_the_world_exact(
     tmp_path, etcd_url, jobs, alone_wide, victim
 ):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.runtime.harness import REPO, Job, max_abs_diff
@@ -16,6 +17,7 @@ SEED = os.path.join(REPO, "examples", "seed_horovod.py")
 EPOCHS = ["--epochs", "60"]  # 480 steps of 64 samples
 
 
+@pytest.mark.slow  # CI time (24 s)
 def test_seed_horovod_alone_and_under_a_sigkill_end_at_the_same_parameters(
     tmp_path, etcd_url, jobs
 ):

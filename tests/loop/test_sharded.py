@@ -53,6 +53,27 @@ def test_a_killed_owner_is_recovered_from_the_surviving_copy(tmp_path, etcd_url,
     assert_matches(alone, job.out, log, job.ledger_dir)
 
 
+@pytest.mark.slow  # four workers on two cores: about 40 s
+def test_two_owners_of_different_shards_killed_at_once_lose_nothing(
+    tmp_path, etcd_url, jobs, alone
+):
+    log = str(tmp_path / "metrics.jsonl")
+    job = _sharded(tmp_path, etcd_url, log, nproc=4, extra=["--max-restarts", "0"])
+    jobs.append(job)
+    job.wait_step(20)
+    placement = _generations(job)[-1]["shards"]["placement"]
+    held = {m: {i for i, owners in placement.items() if m in owners} for m in job.world()}
+    # Two owners with no shard in common: every shard keeps a copy.
+    a, b = next((a, b) for a in held for b in held if a < b and not held[a] & held[b])
+    os.kill(job.pid_of(a), signal.SIGKILL)
+    os.kill(job.pid_of(b), signal.SIGKILL)
+    smaller = job.wait_world_of(2, 60)
+    assert job.wait(240) == 0, job.log_tail()
+    assert smaller["shards"]["moved"] > 0, smaller
+    assert not [e for e in job.events() if e["event"] == "restore"], "no storage read"
+    assert_matches(alone, job.out, log, job.ledger_dir)
+
+
 FAULT_SCRIPT = os.path.join(os.path.dirname(__file__), "sharded_fault.py")
 
 
@@ -102,6 +123,7 @@ def test_servers_hold_the_state_and_a_killed_server_is_recovered(tmp_path, etcd_
     assert_matches(alone, job.out, log, job.ledger_dir)
 
 
+@pytest.mark.slow  # CI time (15 s)
 def test_a_leaving_owner_hands_its_shards_on(tmp_path, etcd_url, jobs, alone):
     log = str(tmp_path / "metrics.jsonl")
     job = _sharded(tmp_path, etcd_url, log, nproc=3)
@@ -116,6 +138,7 @@ def test_a_leaving_owner_hands_its_shards_on(tmp_path, etcd_url, jobs, alone):
     assert_matches(alone, job.out, log, job.ledger_dir)
 
 
+@pytest.mark.slow  # CI time (19 s)
 def test_a_joiner_takes_shards_from_their_owners(tmp_path, etcd_url, jobs, alone):
     log = str(tmp_path / "metrics.jsonl")
     slow = ["--step-time", "0.15"]
@@ -181,7 +204,11 @@ def test_without_a_checkpoint_a_lost_shard_is_a_clear_error(tmp_path, etcd_url, 
     assert "lost every one of their 1 copies" in tail and "no checkpoint" in tail, tail
 
 
-@pytest.mark.parametrize("sharded_resume", [False, True], ids=["replicated-W2", "sharded-W3"])
+@pytest.mark.parametrize(
+    "sharded_resume",
+    [pytest.param(False, marks=pytest.mark.slow), True],  # CI time: 30 s each
+    ids=["replicated-W2", "sharded-W3"],
+)
 def test_a_sharded_checkpoint_resumes_at_another_size_with_or_without_sharding(
     tmp_path, etcd_url, jobs, alone, sharded_resume
 ):

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 from elastic.base.events import read_events
 from elastic.coord.etcd import EmbeddedEtcd
 from elastic.coord.keys import Keyspace
@@ -88,6 +90,7 @@ def test_a_bad_setting_in_every_worker_is_said_once_and_not_restarted(tmp_path: 
     assert len(gave_up) == 2
 
 
+@pytest.mark.slow  # CI time (24 s)
 def test_a_joining_worker_whose_etcd_vanished_is_not_restarted(
     fresh_etcd: EmbeddedEtcd, keys: Keyspace, make_client: Any, tmp_path: Any
 ) -> None:

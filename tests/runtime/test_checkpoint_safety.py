@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from storage import CheckpointStore, layout
 
 from .harness import CLASSIFIER, Job
@@ -129,6 +131,7 @@ def test_a_keyed_run_signs_its_checkpoints_and_resume_needs_a_signed_one(tmp_pat
     assert rc != 0 and "no committed checkpoint signed with the key" in err, err
 
 
+@pytest.mark.slow  # CI time (26 s)
 def test_a_launcher_joining_a_running_job_does_not_claim_its_location(tmp_path, etcd_url, jobs):
     # The first launcher claims the location and trains; the joiner adds a worker.
     # Were the joiner to claim, it would be refused instead of joining.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from storage import CheckpointStore
@@ -57,6 +58,7 @@ def test_a_job_on_an_external_etcd_has_no_default_location(tmp_path, etcd_url, j
     assert not (tmp_path / "elastic-checkpoints").exists()
 
 
+@pytest.mark.slow  # CI time (23 s)
 def test_resuming_a_finished_run_ends_at_once_on_its_final_checkpoint(tmp_path, etcd_url, jobs):
     # The restored step is the last one: the final save finds that step committed
     # already and must accept it, not crash-loop on "already committed".

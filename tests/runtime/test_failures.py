@@ -118,6 +118,7 @@ def test_rank_whose_training_thread_hangs_is_evicted_and_replaced(
     assert_matches_reference(job, reference)
 
 
+@pytest.mark.slow  # CI time (25 s)
 def test_slow_rank_is_not_evicted(tmp_path, etcd_url, reference, jobs):
     # One rank turns 0.5 s slower per step, at once more than 10 x the median
     # step time so far: its peers wait for it in every all-reduce, but it
@@ -140,6 +141,7 @@ def test_slow_rank_is_not_evicted(tmp_path, etcd_url, reference, jobs):
     assert not [e for e in job.events() if e["event"] in ("evict", "failure")], job.log_tail()
 
 
+@pytest.mark.slow  # CI time; joins stay covered by tests/loop/test_live_join.py
 def test_worker_joining_a_running_job_gets_state_from_peers(tmp_path, etcd_url, reference, jobs):
     # Slower steps: the joiner's interpreter needs seconds to import torch.
     job = Job(tmp_path, nproc=2, etcd_url=etcd_url, script_args=SLOW_ARGS)
@@ -241,6 +243,7 @@ def test_killing_the_launcher_takes_its_workers_and_etcd_along(tmp_path, jobs):
     )
 
 
+@pytest.mark.slow  # CI time (19 s)
 def test_a_worker_respawned_after_the_last_step_does_not_overwrite_the_result(
     tmp_path, etcd_url, reference, jobs
 ):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
+import pytest
+
 from elastic.coord.world import World, WorldMember
 
 
@@ -138,6 +140,7 @@ def _abandoner(rank: int, store_addr: str | None, queue, cycles: int) -> None:
     barrier("end")
 
 
+@pytest.mark.slow  # CI time (19 s)
 def test_abandoned_collectives_leave_bounded_threads_and_sockets():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
