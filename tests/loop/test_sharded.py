@@ -79,7 +79,7 @@ FAULT_SCRIPT = os.path.join(os.path.dirname(__file__), "sharded_fault.py")
 
 @pytest.mark.parametrize(
     "fault,rolled",
-    [("pending:20:1", True), ("die:20:1", False)],
+    [pytest.param("pending:20:1", True, marks=pytest.mark.slow), ("die:20:1", False)],  # CI time
     ids=["commit-header-failed-on-one-rank", "owner-died-before-the-exchange"],
 )
 def test_a_step_committed_anywhere_is_rolled_forward_not_redone(

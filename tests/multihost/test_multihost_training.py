@@ -7,6 +7,8 @@ job would not form. No --host and no environment variable is set by hand.
 
 from __future__ import annotations
 
+import pytest
+
 from storage import CheckpointStore
 from tests.runtime.harness import max_abs_diff
 
@@ -50,6 +52,7 @@ def test_two_hosts_form_one_job_and_match_the_single_host_result(
     _train_on_every_host(bed, tmp_path, job_id, etcd, reference)
 
 
+@pytest.mark.slow  # CI time (20 s)
 def test_three_hosts_on_a_three_member_etcd_with_one_member_dead_match_the_reference(
     make_bed, tmp_path, job_id, reference
 ):

@@ -84,6 +84,7 @@ def test_a_second_launch_of_the_same_job_on_the_same_location_is_refused(tmp_pat
     assert CheckpointStore(f"file://{tmp_path}/elastic-checkpoints/shared").list() == []
 
 
+@pytest.mark.slow  # CI time (19 s); signing stays covered by tests/storage/test_storage_trust.py
 def test_a_keyed_run_signs_its_checkpoints_and_resume_needs_a_signed_one(tmp_path, jobs):
     key = tmp_path / "key"
     key.write_bytes(os.urandom(32))
@@ -172,6 +173,7 @@ def test_a_launcher_joining_a_running_job_does_not_claim_its_location(tmp_path, 
     assert [c.step for c in CheckpointStore(ck).list()] == [300]
 
 
+@pytest.mark.slow  # CI time (19 s)
 def test_a_final_step_committed_with_other_contents_fails_the_run_loudly(tmp_path, etcd_url, jobs):
     # Step 8 is committed but its data is damaged, so the resumed run restores
     # step 4 and trains to 8 again: its final save meets that commit, which does

@@ -31,6 +31,7 @@ def test_periodic_checkpoint_on_the_last_step_is_the_final_one(tmp_path, etcd_ur
 SHORT = ["--max-steps", "8", "--step-time", "0.0"]
 
 
+@pytest.mark.slow  # CI time (20 s)
 def test_a_single_machine_job_checkpoints_locally_by_default(tmp_path, jobs):
     # Embedded etcd (no --etcd): every worker is on this machine, so the final
     # checkpoint goes to ./elastic-checkpoints/JOB without being asked for.
@@ -82,6 +83,7 @@ def test_resuming_a_finished_run_ends_at_once_on_its_final_checkpoint(tmp_path, 
     assert [c.step for c in CheckpointStore(ck).list()] == [8]
 
 
+@pytest.mark.slow  # CI time (20 s)
 def test_resume_from_a_checkpoint_that_does_not_verify_stops_without_restarts(tmp_path, jobs):
     import glob
     import os

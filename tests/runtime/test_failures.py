@@ -163,6 +163,7 @@ def test_worker_joining_a_running_job_gets_state_from_peers(tmp_path, etcd_url, 
     assert not any(e["event"] == "restore" for e in job.events()), "joiner read storage"
 
 
+@pytest.mark.slow  # CI time; leaves stay covered by tests/loop/test_own_loop_faults.py
 def test_worker_leaving_gracefully_on_sigterm(tmp_path, etcd_url, reference, jobs):
     job = Job(tmp_path, nproc=3, etcd_url=etcd_url)
     jobs.append(job)
