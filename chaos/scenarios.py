@@ -688,7 +688,7 @@ def _scenarios() -> dict[str, Scenario]:
             "sharded optimizer state, 2 copies of each shard: SIGKILL one owner "
             "mid-run; its shards are copied from the other copies, no storage read",
             kill_worker,
-            smoke=True,
+            # Not in smoke (CI time): tests/loop/test_sharded.py kills an owner.
             launcher_args=SHARDED,
         ),
         Scenario(

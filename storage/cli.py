@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from elastic.base.exitcodes import EXIT_FAILED, EXIT_USAGE
 from storage.errors import InvalidArgumentError, StorageError
+from storage.shards import with_full_optimizer
 
 if TYPE_CHECKING:
     from storage.store import CheckpointStore
@@ -202,7 +203,11 @@ def _check_out(store: CheckpointStore, out: str, force: bool) -> None:
 def cmd_export(args: argparse.Namespace, store: CheckpointStore) -> int:
     _check_out(store, args.out, args.force)
     loaded = store.load_checkpoint(args.step)
-    selected = _tensors_only(_select(loaded.state, args.key)) or {}
+    # A sharded run's optimizer state is in the ranks' parts: joined back in.
+    state, note = with_full_optimizer(loaded.state, loaded.per_rank)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    selected = _tensors_only(_select(state, args.key)) or {}
     tensors, nbytes = _count(selected)
     try:
         import fsspec

@@ -49,6 +49,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import default_collate
 
+from storage.shards import META_KEY as _SHARDS_META_KEY
+from storage.shards import SHARDS_KEY as _SHARDS_KEY
+
 from ..base.errors import (
     ConfigError,
     ElasticError,
@@ -870,6 +873,11 @@ class Job:
             )
         return out
 
+    def _shards_meta(self) -> dict[str, Any]:
+        opt = self._optimizers[0].optimizer
+        params = [p for g in opt.param_groups for p in g["params"]]
+        return {"optimizer": self.registry.name_of(opt), "shapes": [list(p.shape) for p in params]}
+
     def _load_checkpoint(self, loaded: Any) -> None:
         """A checkpoint into this rank's state, whichever way it was saved: a
         sharded one's parts assembled, a replicated one's state sliced."""
@@ -1083,7 +1091,11 @@ class Job:
         )
         if self._sharded is not None:
             # Each shard once, by its first owner (not once per copy).
-            kwargs["per_rank_state"] = {_SHARDS_KEY: self._sharded.part(self.config.member_id)}
+            kwargs["per_rank_state"] = {
+                _SHARDS_KEY: self._sharded.part(self.config.member_id),
+                # So that `elastic ckpt export` can join the pieces without the script.
+                _SHARDS_META_KEY: self._shards_meta(),
+            }
         if group.rank == 0:
             _attach_claim(
                 self._checkpoints, self.client, self.keys, self.config.etcd.connect_timeout
@@ -1162,9 +1174,6 @@ def init(config: RuntimeConfig | None = None, **options: Any) -> Job:
     """Join the elastic job this process was started for (``elastic run``), or,
     started alone, a one-worker job on an embedded etcd."""
     return Job(config, **options)
-
-
-_SHARDS_KEY = "optimizer_shards"  # a sharded checkpoint's per-rank part
 
 
 def _resharded(out: dict[str, Any] | None) -> str:

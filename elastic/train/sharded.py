@@ -39,6 +39,9 @@ from typing import Any
 
 import torch
 
+from storage.errors import CorruptCheckpointError
+from storage.shards import join_pieces
+
 from ..base.errors import ConfigError, ShardLostError
 from .placement import Param, Placement, Shard, partition, place
 from .state import _allocate, _broadcast_tensors, _fill, _skeleton
@@ -373,44 +376,7 @@ def assemble(parts: list[dict[str, Any]], params: list[torch.Tensor]) -> dict[in
     """A torch optimizer ``state`` from checkpoint parts of shards; ConfigError
     naming what is missing unless the pieces cover every parameter once.
     ``params``: the optimizer's parameters in state_dict order."""
-    pieces: dict[int, list[tuple[int, int, dict[str, Any]]]] = {}
-    for part in parts:
-        for key, st in part.items():
-            try:
-                name, start, stop = key.split(":")
-                index, a, b = int(name), int(start), int(stop)
-            except ValueError:
-                raise ConfigError(
-                    f"a checkpoint's shard key {key!r} is not NAME:START:STOP"
-                ) from None
-            pieces.setdefault(index, []).append((a, b, st))
-    out: dict[int, dict[str, Any]] = {}
-    extra = sorted(set(pieces) - set(range(len(params))))
-    if extra:
-        raise ConfigError(f"the checkpoint's shards name parameters the optimizer lacks: {extra}")
-    for index, p in enumerate(params):
-        spans = sorted(pieces.get(index, []), key=lambda s: s[0])
-        at = 0
-        for a, b, _ in spans:
-            if a != at:
-                raise ConfigError(
-                    f"the checkpoint's shards of parameter {index} leave "
-                    f"{'an overlap' if a < at else 'a gap'} at element {min(a, at)}"
-                )
-            at = b
-        if at != p.numel():
-            raise ConfigError(
-                f"the checkpoint's shards do not cover parameter {index}: elements "
-                f"{at}..{p.numel()} missing"
-            )
-        if not spans or not spans[0][2]:
-            continue  # never stepped: no state
-        first = spans[0][2]
-        full: dict[str, Any] = {}
-        for k, v in first.items():
-            if isinstance(v, torch.Tensor) and v.dim() and v.numel() == spans[0][1] - spans[0][0]:
-                full[k] = torch.cat([s[2][k].reshape(-1) for s in spans]).view_as(p)
-            else:
-                full[k] = v
-        out[index] = full
-    return out
+    try:
+        return join_pieces(parts, [tuple(p.shape) for p in params])
+    except CorruptCheckpointError as exc:
+        raise ConfigError(str(exc)) from None

@@ -27,7 +27,9 @@ def test_own_loop_alone_finishes_with_evaluations(alone):
     assert torch.load(final)["best_accuracy"] > 0.5
 
 
-@pytest.mark.parametrize("rank", [0, 1], ids=["rank0", "nonzero-rank"])
+@pytest.mark.parametrize(
+    "rank", [pytest.param(0, marks=pytest.mark.slow), 1], ids=["rank0", "nonzero-rank"]
+)  # CI time: rank 0 killed stays fast in tests/runtime/test_failures.py
 def test_sigkill_in_own_loop_matches_the_run_alone_bitwise(tmp_path, etcd_url, jobs, alone, rank):
     log = str(tmp_path / "metrics.jsonl")
     job = Job(

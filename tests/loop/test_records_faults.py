@@ -33,6 +33,7 @@ def _sharded(tmp_path, etcd_url, log, shards, *, nproc, extra) -> Job:
     )
 
 
+@pytest.mark.slow  # CI time (16 s)
 def test_sigkill_while_reading_shards_matches_the_map_style_run_alone_bitwise(
     tmp_path, etcd_url, jobs, alone
 ):

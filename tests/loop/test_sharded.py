@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from tests.loop.reference import ARGS, OWN_LOOP, assert_matches, assert_same_model
 from tests.runtime.harness import Job
@@ -222,6 +225,7 @@ def test_a_sharded_checkpoint_resumes_at_another_size_with_or_without_sharding(
         "checkpoint 20 committed",
     )
     first.kill_everything()
+    _export_holds_the_whole_optimizer_state(f"file://{tmp_path}/ck", str(tmp_path / "x.pt"))
     again = [*ck, "--resume"]
     resumed = Job(
         tmp_path / "b",
@@ -236,3 +240,22 @@ def test_a_sharded_checkpoint_resumes_at_another_size_with_or_without_sharding(
     (restore, *_) = [e for e in resumed.events() if e["event"] == "restore"]
     assert restore["step"] >= 20
     assert_same_model(alone[0], resumed.out)
+
+
+def _export_holds_the_whole_optimizer_state(url: str, out: str) -> None:
+    """`elastic ckpt export` of a sharded checkpoint: the optimizer entry holds
+    every parameter's state, joined from the ranks' shards, shaped as the model."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "elastic.cli", "ckpt", "export", url, "--out", out],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    exported = torch.load(out, weights_only=True)
+    (opt,) = [v for v in exported.values() if isinstance(v, dict) and "state" in v]
+    shapes = [p.shape for k, p in exported["model"].items() if k.endswith(("weight", "bias"))]
+    assert sorted(opt["state"]) == list(range(len(shapes)))
+    for index, shape in enumerate(shapes):
+        assert opt["state"][index]["exp_avg"].shape == shape, index
+        assert opt["state"][index]["exp_avg_sq"].abs().sum() > 0, index  # stepped, not zeros

@@ -10,6 +10,7 @@ from storage import CheckpointStore
 from .harness import Job, max_abs_diff
 
 
+@pytest.mark.slow  # CI time (30 s); the chaos checkpoint-on-last-step covers it
 def test_periodic_checkpoint_on_the_last_step_is_the_final_one(tmp_path, etcd_url, reference, jobs):
     ck = f"file://{tmp_path}/ck"
     # 96 steps, a checkpoint every 48: the periodic and the final one coincide.

@@ -89,7 +89,7 @@ def test_frozen_peer_is_abandoned_on_its_lease_not_the_collective_timeout(
     [
         # The hung rank keeps its lease (its keepalive thread runs): only the
         # progress detector can find it. Bound: max(2 s, 10 x median step).
-        [*LONG_COLLECTIVE, "--hang-floor", "2"],
+        pytest.param([*LONG_COLLECTIVE, "--hang-floor", "2"], marks=pytest.mark.slow),  # CI time
         # Collective timeout 4 s (FAST) below the default 5 s floor: the hang is
         # still judged (at 0.9 x 4 s), not left to a timed-out collective whose
         # re-form would wait for the hung rank's live lease.

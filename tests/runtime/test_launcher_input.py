@@ -249,6 +249,7 @@ def test_a_worker_receives_its_settings_as_one_value(tmp_path):
     assert (ttl, floor, collective, etcd_timeout) == (3.0, 4.0, 40.0, 7.0)
 
 
+@pytest.mark.slow  # CI time (13 s)
 def test_min_workers_above_the_local_workers_says_what_it_waits_for(tmp_path):
     log = str(tmp_path / "events.jsonl")
     proc = subprocess.Popen(

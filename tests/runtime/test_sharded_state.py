@@ -13,6 +13,7 @@ import torch
 
 from elastic.base.errors import ConfigError
 from elastic.train.sharded import ShardedState, ShardLostError, assemble
+from storage.shards import META_KEY, SHARDS_KEY, with_full_optimizer
 
 
 class OneRank:
@@ -136,3 +137,31 @@ def test_a_shard_without_any_copy_and_no_checkpoint_is_a_clear_error():
     # Step 5 reached, and nobody holds the shards (their owners died).
     with pytest.raises(ShardLostError, match="lost every one of their 1 copies"):
         sh.reform(OneRank(), [("a", "h")], my_step=5)
+
+
+def test_a_sharded_checkpoints_optimizer_state_is_joined_for_an_export():
+    """What `elastic ckpt export` writes for a sharded checkpoint: the optimizer
+    entry's state joined from the ranks' parts, bitwise the replicated state."""
+    model, opt = _trained()
+    full = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sh = ShardedState(torch.optim.AdamW(_model().parameters()), replicas=1, shards=4)
+    sh.load_full(full["state"], step=2)
+    sh.reform(OneRank(), [("a", "h")], my_step=2)
+    meta = {"optimizer": "opt", "shapes": [list(p.shape) for p in params]}
+    # The pieces as two ranks would write them, each its own half.
+    keys = sorted(sh.part("a"))
+    halves = [{k: sh.part("a")[k] for k in keys[::2]}, {k: sh.part("a")[k] for k in keys[1::2]}]
+    per_rank = {r: {SHARDS_KEY: half, META_KEY: meta} for r, half in enumerate(halves)}
+    replicated = {"model": model.state_dict(), "opt": {**full, "state": {}}}
+    joined, note = with_full_optimizer(replicated, per_rank)
+    assert note is None
+    assert sorted(joined["opt"]["state"]) == sorted(full["state"])
+    for index, st in full["state"].items():
+        for key, value in st.items():
+            assert torch.equal(joined["opt"]["state"][index][key], value), (index, key)
+    # A checkpoint written before the names were recorded: said, not guessed.
+    _, note = with_full_optimizer(replicated, {0: {SHARDS_KEY: sh.part("a")}})
+    assert note and "names no optimizer" in note
+    # Nothing sharded: the state as it was.
+    assert with_full_optimizer(replicated, {0: {}}) == (replicated, None)
