@@ -95,18 +95,27 @@ def with_full_optimizer(
     """``state`` with a sharded checkpoint's optimizer state joined back into
     its optimizer entry, and a note when it could not be (None when nothing was
     sharded or it was joined)."""
-    parts = [tree[SHARDS_KEY] for _, tree in sorted(per_rank.items()) if SHARDS_KEY in tree]
-    if not parts:
-        return dict(state), None
-    meta = next((tree[META_KEY] for _, tree in sorted(per_rank.items()) if META_KEY in tree), None)
+    # A damaged or foreign checkpoint may hold anything here: only dicts count.
+    trees = [tree for _, tree in sorted(per_rank.items()) if isinstance(tree, Mapping)]
+    parts = [tree[SHARDS_KEY] for tree in trees if SHARDS_KEY in tree]
+    if not parts or not isinstance(state, Mapping):
+        return dict(state) if isinstance(state, Mapping) else state, None
+    if not all(isinstance(p, Mapping) for p in parts):
+        raise CorruptCheckpointError(f"a checkpoint's {SHARDS_KEY!r} part is not a dict")
+    meta = next((tree[META_KEY] for tree in trees if META_KEY in tree), None)
     name = meta.get("optimizer") if isinstance(meta, Mapping) else None
-    if name is None or name not in state or not isinstance(state[name], Mapping):
+    if not isinstance(name, str) or name not in state or not isinstance(state[name], Mapping):
         return dict(state), (
             "the checkpoint's optimizer state is sharded and names no optimizer entry "
             "(saved before 2026-12-04): the export holds the model, not that state"
         )
+    shapes = meta.get("shapes")
+    if not isinstance(shapes, list) or not all(
+        isinstance(sh, list) and all(isinstance(d, int) and d >= 0 for d in sh) for sh in shapes
+    ):
+        raise CorruptCheckpointError(f"a checkpoint's {META_KEY!r} holds no list of shapes")
     out = dict(state)
     entry = dict(state[name])
-    entry["state"] = join_pieces(parts, meta["shapes"])
+    entry["state"] = join_pieces(parts, shapes)
     out[name] = entry
     return out, None
