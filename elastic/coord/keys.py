@@ -95,6 +95,14 @@ class Keyspace:
         return self.ctl + "broken"
 
     @property
+    def arrived(self) -> str:
+        """Where each member says which World's group formation it reached."""
+        return self.ctl + "arrived/"
+
+    def arrived_of(self, member_id: str) -> str:
+        return self.arrived + member_id
+
+    @property
     def waiting(self) -> str:
         return self.root + "waiting/"
 

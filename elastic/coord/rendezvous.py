@@ -219,14 +219,65 @@ class Rendezvous:
         Local reads of the mirrored ``ctl/`` keys: cheap enough to poll while a
         collective is pending.
         """
+        return self._broken_in(self.ctl.snapshot(), generation)
+
+    def _broken_in(self, snap: dict[str, KeyValue], generation: int) -> str | None:
         if self.session.lost.is_set():
             return f"member {self.id} lost its lease"
-        snap = self.ctl.snapshot()
         if int_value(snap.get(self.keys.gen)) > generation:
             return f"generation {int_value(snap.get(self.keys.gen))} formed"
         if int_value(snap.get(self.keys.broken), -1) >= generation:
             return f"generation {generation} lost a member"
         return None
+
+    def await_members(self, world: World, timeout: float) -> str | None:
+        """Wait until every member of ``world`` reached its group formation;
+        returns None then, else why not (the World broke, the wait timed out).
+
+        Forming a process group blocks in TCPStore and gloo calls that no
+        watch can interrupt (a store op to a frozen peer blocks past its own
+        timeout, measured). Meeting here first, in etcd under the membership
+        watch, leaves only the formation itself (milliseconds once every
+        member is there) unwatched: a member frozen or dead before it arrived
+        costs the lease TTL, not the collective timeout.
+        """
+        gen = world.generation
+        if self.session.lost.is_set():
+            return f"member {self.id} lost its lease"
+        try:
+            retry_call(
+                lambda: self.client.put(
+                    self.keys.arrived_of(self.id), str(gen), lease=self.session.lease_id
+                ),
+                what=f"announcing arrival at generation {gen}",
+                timeout=self.config.op_timeout,
+            )
+        except (EtcdUnavailableError, SessionLostError) as exc:
+            return f"cannot announce arrival: {exc}"
+
+        def arrived(mid: str, snap: dict[str, KeyValue]) -> bool:
+            return int_value(snap.get(self.keys.arrived_of(mid)), -1) >= gen
+
+        def ready(snap: dict[str, KeyValue]) -> str | bool | None:
+            if self._closed.is_set():
+                return f"member {self.id} left the job"
+            broken = self._broken_in(snap, gen)
+            if broken is not None:
+                return broken
+            return True if all(arrived(m, snap) for m in world.ids) else None
+
+        # No polling: a lost session and close() notify the ctl mirror.
+        got = self.ctl.wait_for(ready, timeout)
+        if got is True:
+            return None
+        if got is None:
+            snap = self.ctl.snapshot()
+            missing = [m for m in world.ids if not arrived(m, snap)]
+            return (
+                f"member(s) {missing} of generation {gen} did not reach its formation "
+                f"within {timeout:.1f}s"
+            )
+        return str(got)
 
     def next_world(self, after: int = 0, timeout: float = 300.0) -> World:
         """Block until a World newer than ``after`` that includes this member forms."""

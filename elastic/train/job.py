@@ -771,6 +771,11 @@ class Job:
         self.clock.reset()
         t_form = time.monotonic()
         try:
+            missing = self.rdzv.await_members(world, timeout=cfg.collective_timeout)
+            if missing is not None:
+                raise WorkerGroupError(
+                    f"forming generation {world.generation} (rank {rank}/{world.size}): {missing}"
+                )
             group.form()
             restored = self._ensure_state(group)
             resharded = self._reshard(group, world) if self._sharded is not None else None

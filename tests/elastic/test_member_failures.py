@@ -129,3 +129,53 @@ def test_member_frozen_past_its_ttl_is_evicted_and_then_fenced_out(
     # The resumed ex-leader wrote nothing: generations stay one World each.
     assert world_log.gens == list(range(1, len(world_log.gens) + 1))
     assert world_log.current().generation == nxt.generation
+
+
+def test_formation_meets_in_etcd_and_a_member_frozen_before_it_costs_the_ttl_not_the_timeout(
+    spawn_member: Any, world_log: WorldLog
+) -> None:
+    """Every member of a World meets in etcd before forming its process group
+    (whose TCPStore and gloo calls no watch can interrupt): a member frozen
+    before it arrived breaks the wait once its lease is gone, long before the
+    wait's own bound; when all arrive, each is told at once."""
+    members, world = start_world(spawn_member, world_log)
+    g = world.generation
+    victim = next(m for m in world.ids if m != world_log.leader())
+    others = [m for m in world.ids if m != victim]
+    members[victim].signal(signal.SIGSTOP)
+    try:
+        for mid in others:
+            members[mid].send(f"arrive {g} 30")
+        for mid in others:
+            got = members[mid].expect(
+                lambda m: m["event"] == "arrived" and m["generation"] == g, 30, f"{mid} released"
+            )
+            # Released by the membership (the lease gone: a new World or the
+            # old one marked broken), not by the 30 s bound.
+            assert got["reason"] is not None and "did not reach" not in got["reason"], got
+            assert got["took"] <= TTL + 1.5, got
+        nxt = wait_until(
+            lambda: (w := world_log.current()).generation > g and w,
+            10,
+            "a World without the frozen member",
+        )
+        assert victim not in nxt.ids
+    finally:
+        members[victim].signal(signal.SIGCONT)
+
+    # Control: the survivors' World, everyone arriving.
+    for mid in others:
+        members[mid].expect(
+            lambda m, g=nxt.generation: m["event"] == "world" and m["generation"] == g,
+            10,
+            f"{mid} holding generation {nxt.generation}",
+        )
+        members[mid].send(f"arrive {nxt.generation} 30")
+    for mid in others:
+        got = members[mid].expect(
+            lambda m, g=nxt.generation: m["event"] == "arrived" and m["generation"] == g,
+            15,
+            f"{mid} arrived",
+        )
+        assert got["reason"] is None, got
+        assert got["took"] < 5.0, got

@@ -7,6 +7,9 @@ when it can no longer take part (its session was lost). Commands on stdin:
     fence G S    with generation G, try a fenced transaction (writes probe_key, value
                  "g{G}-s{S}") and a checkpoint commit of step S; replies
                  {"event": "fence", "txn": bool, "commit": bool, "lost": bool}
+    arrive G T   wait up to T s for every member of World G to reach its group
+                 formation (Rendezvous.await_members); replies
+                 {"event": "arrived", "generation": G, "reason": str | None, "took": float}
     exit         leave the job and exit 0
 """
 
@@ -16,6 +19,7 @@ import argparse
 import json
 import sys
 import threading
+import time
 
 from elastic.coord.etcd import EtcdConfig, connect
 from elastic.coord.keys import Keyspace
@@ -93,6 +97,19 @@ def main() -> int:
                 txn=txn,
                 commit=commit,
                 lost=rdzv.session.lost.is_set(),
+            )
+        elif cmd[:1] == ["arrive"]:
+            gen, timeout = int(cmd[1]), float(cmd[2])
+            world = rdzv.current()
+            assert world is not None and world.generation == gen, (world, gen)
+            t0 = time.monotonic()
+            reason = rdzv.await_members(world, timeout)
+            emit(
+                event="arrived",
+                id=args.id,
+                generation=gen,
+                reason=reason,
+                took=time.monotonic() - t0,
             )
         elif cmd[:1] == ["exit"]:
             break
