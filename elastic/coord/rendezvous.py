@@ -35,6 +35,7 @@ from typing import Any
 
 from ..base.errors import (
     ConfigError,
+    ElasticError,
     EtcdUnavailableError,
     JobEnded,
     RendezvousTimeoutError,
@@ -230,7 +231,9 @@ class Rendezvous:
             return f"generation {generation} lost a member"
         return None
 
-    def await_members(self, world: World, timeout: float) -> str | None:
+    def await_members(
+        self, world: World, timeout: float, hang_bound_s: float | None = None
+    ) -> str | None:
         """Wait until every member of ``world`` reached its group formation;
         returns None then, else why not (the World broke, the wait timed out).
 
@@ -240,6 +243,11 @@ class Rendezvous:
         watch, leaves only the formation itself (milliseconds once every
         member is there) unwatched: a member frozen or dead before it arrived
         costs the lease TTL, not the collective timeout.
+
+        ``hang_bound_s``: a member whose lease lives but that has not arrived
+        this long after us (its training thread hung) is evicted, as a rank
+        missing from a step's all-reduce is (``coord.hangs``); the lowest-ranked
+        arrived member acts, the others a second later if it did not.
         """
         gen = world.generation
         if self.session.lost.is_set():
@@ -266,18 +274,47 @@ class Rendezvous:
                 return broken
             return True if all(arrived(m, snap) for m in world.ids) else None
 
-        # No polling: a lost session and close() notify the ctl mirror.
-        got = self.ctl.wait_for(ready, timeout)
-        if got is True:
-            return None
-        if got is None:
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        evicted: set[str] = set()
+        while True:
+            now = time.monotonic()
+            wait = deadline - now
+            if hang_bound_s is not None:
+                # Wake at the bound, then every half second to judge again.
+                wait = min(wait, max(t0 + hang_bound_s - now, 0.5))
+            # No polling: a lost session and close() notify the ctl mirror.
+            got = self.ctl.wait_for(ready, max(wait, 0.0))
+            if got is True:
+                return None
+            if got is not None:
+                return str(got)
+            waited = time.monotonic() - t0
             snap = self.ctl.snapshot()
             missing = [m for m in world.ids if not arrived(m, snap)]
-            return (
-                f"member(s) {missing} of generation {gen} did not reach its formation "
-                f"within {timeout:.1f}s"
+            if waited >= timeout:
+                return (
+                    f"member(s) {missing} of generation {gen} did not reach its formation "
+                    f"within {timeout:.1f}s"
+                )
+            if hang_bound_s is None or waited < hang_bound_s:
+                continue
+            here = [world.rank_of(m) for m in world.ids if arrived(m, snap)]
+            if world.rank_of(self.id) != min(here, default=-1) and waited < hang_bound_s + 1.0:
+                continue
+            reason = (
+                f"did not reach the formation of generation {gen} within "
+                f"{hang_bound_s:.1f}s of its peers"
             )
-        return str(got)
+            for mid in missing:
+                if mid not in evicted:
+                    try:
+                        self.evict(mid, reason)
+                    except ElasticError as exc:
+                        # etcd trouble is no verdict; the wait's own bound applies.
+                        log.warning("evicting %s at formation failed: %s", mid, exc)
+                        continue
+                    evicted.add(mid)
 
     def next_world(self, after: int = 0, timeout: float = 300.0) -> World:
         """Block until a World newer than ``after`` that includes this member forms."""

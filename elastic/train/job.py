@@ -771,7 +771,13 @@ class Job:
         self.clock.reset()
         t_form = time.monotonic()
         try:
-            missing = self.rdzv.await_members(world, timeout=cfg.collective_timeout)
+            missing = self.rdzv.await_members(
+                world,
+                timeout=cfg.collective_timeout,
+                # The step's hang bound: a member alive but not here (its
+                # training thread hung) is evicted, not waited for.
+                hang_bound_s=min(self.clock.bound(), 0.9 * cfg.collective_timeout),
+            )
             if missing is not None:
                 raise WorkerGroupError(
                     f"forming generation {world.generation} (rank {rank}/{world.size}): {missing}"

@@ -179,3 +179,29 @@ def test_formation_meets_in_etcd_and_a_member_frozen_before_it_costs_the_ttl_not
         )
         assert got["reason"] is None, got
         assert got["took"] < 5.0, got
+
+
+def test_a_member_alive_but_never_at_the_formation_is_evicted_after_the_hang_bound(
+    spawn_member: Any, client: Any, keys: Keyspace, world_log: WorldLog
+) -> None:
+    """A member whose lease lives but that never reaches the formation (its
+    training thread hung) is evicted by its peers after the hang bound, not
+    waited for until the wait's own bound."""
+    members, world = start_world(spawn_member, world_log)
+    g = world.generation
+    hung = world.ids[0]  # the leader's rank, to show a non-leader judges too
+    others = [m for m in world.ids if m != hung]
+    for mid in others:
+        members[mid].send(f"arrive {g} 30 1.5")
+    for mid in others:
+        got = members[mid].expect(
+            lambda m: m["event"] == "arrived" and m["generation"] == g, 30, f"{mid} released"
+        )
+        assert got["reason"] is not None and "did not reach its" not in got["reason"], got
+        assert got["took"] <= 1.5 + 2.5, got
+    record = client.get(keys.evicted + hung)[0]
+    assert record is not None and b"formation of generation" in record, record
+    nxt = wait_until(
+        lambda: (w := world_log.current()).generation > g and w, 10, "a World without it"
+    )
+    assert hung not in nxt.ids

@@ -7,8 +7,9 @@ when it can no longer take part (its session was lost). Commands on stdin:
     fence G S    with generation G, try a fenced transaction (writes probe_key, value
                  "g{G}-s{S}") and a checkpoint commit of step S; replies
                  {"event": "fence", "txn": bool, "commit": bool, "lost": bool}
-    arrive G T   wait up to T s for every member of World G to reach its group
-                 formation (Rendezvous.await_members); replies
+    arrive G T [B]
+                 wait up to T s for every member of World G to reach its group
+                 formation (Rendezvous.await_members, hang bound B s); replies
                  {"event": "arrived", "generation": G, "reason": str | None, "took": float}
     exit         leave the job and exit 0
 """
@@ -80,7 +81,10 @@ def main() -> int:
     if not member.started.wait(30):
         emit(event="error", id=args.id, error=repr(member.error))
         return 1
-    emit(event="started", id=args.id, lease=member.rdzv.session.lease_id)
+    # As a worker does: its lease published, so a peer can evict it (revoke it).
+    lease = member.rdzv.session.lease_id
+    client.put(keys.lease_of(args.id), str(lease), lease=lease)
+    emit(event="started", id=args.id, lease=lease)
     rdzv = member.rdzv
     for line in sys.stdin:
         cmd = line.split()
@@ -100,10 +104,11 @@ def main() -> int:
             )
         elif cmd[:1] == ["arrive"]:
             gen, timeout = int(cmd[1]), float(cmd[2])
+            bound = float(cmd[3]) if len(cmd) > 3 else None
             world = rdzv.current()
             assert world is not None and world.generation == gen, (world, gen)
             t0 = time.monotonic()
-            reason = rdzv.await_members(world, timeout)
+            reason = rdzv.await_members(world, timeout, hang_bound_s=bound)
             emit(
                 event="arrived",
                 id=args.id,
