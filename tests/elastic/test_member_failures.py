@@ -131,6 +131,20 @@ def test_member_frozen_past_its_ttl_is_evicted_and_then_fenced_out(
     assert world_log.current().generation == nxt.generation
 
 
+def released_early(members: dict[str, Any], mids: list[str], args: str, within: float) -> None:
+    """``arrive ARGS`` on each of ``mids``: each must be released with a reason
+    (the World broke) within ``within`` s, before the wait's own bound."""
+    g = int(args.split()[0])
+    for mid in mids:
+        members[mid].send(f"arrive {args}")
+    for mid in mids:
+        got = members[mid].expect(
+            lambda m: m["event"] == "arrived" and m["generation"] == g, 30, f"{mid} released"
+        )
+        assert got["reason"] is not None and "did not reach its" not in got["reason"], got
+        assert got["took"] <= within, got
+
+
 def test_formation_meets_in_etcd_and_a_member_frozen_before_it_costs_the_ttl_not_the_timeout(
     spawn_member: Any, world_log: WorldLog
 ) -> None:
@@ -144,16 +158,9 @@ def test_formation_meets_in_etcd_and_a_member_frozen_before_it_costs_the_ttl_not
     others = [m for m in world.ids if m != victim]
     members[victim].signal(signal.SIGSTOP)
     try:
-        for mid in others:
-            members[mid].send(f"arrive {g} 30")
-        for mid in others:
-            got = members[mid].expect(
-                lambda m: m["event"] == "arrived" and m["generation"] == g, 30, f"{mid} released"
-            )
-            # Released by the membership (the lease gone: a new World or the
-            # old one marked broken), not by the 30 s bound.
-            assert got["reason"] is not None and "did not reach" not in got["reason"], got
-            assert got["took"] <= TTL + 1.5, got
+        # Released by the membership (the lease gone: a new World or the old
+        # one marked broken), not by the 30 s bound.
+        released_early(members, others, f"{g} 30", TTL + 1.5)
         nxt = wait_until(
             lambda: (w := world_log.current()).generation > g and w,
             10,
@@ -191,14 +198,7 @@ def test_a_member_alive_but_never_at_the_formation_is_evicted_after_the_hang_bou
     g = world.generation
     hung = world.ids[0]  # the leader's rank, to show a non-leader judges too
     others = [m for m in world.ids if m != hung]
-    for mid in others:
-        members[mid].send(f"arrive {g} 30 1.5")
-    for mid in others:
-        got = members[mid].expect(
-            lambda m: m["event"] == "arrived" and m["generation"] == g, 30, f"{mid} released"
-        )
-        assert got["reason"] is not None and "did not reach its" not in got["reason"], got
-        assert got["took"] <= 1.5 + 2.5, got
+    released_early(members, others, f"{g} 30 1.5", 1.5 + 2.5)
     record = client.get(keys.evicted + hung)[0]
     assert record is not None and b"formation of generation" in record, record
     nxt = wait_until(
